@@ -1,0 +1,5 @@
+import sys
+
+from usi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""torchrun environment, process group, sums across ranks.
+
+timm's init_distributed_device wants its argparse namespace; this is the same few lines without it.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup(device_pref: str = "auto") -> Dist:
+    """Join the torchrun process group if there is one; pick the device. NCCL on GPU, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
+                                device_id=device if use_cuda else None)
+    return Dist(rank, world, local_rank, device)
+
+
+def env_rank() -> int:
+    """The rank before any process group exists (for deciding who prints an early error)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def sum_across(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks; a no-op outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_agree(flag: bool, device: torch.device) -> bool:
+    """True only if every rank says True (e.g. 'my checkpoint loaded')."""
+    t = torch.tensor([0 if flag else 1], device=device)
+    return int(sum_across(t).item()) == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,189 @@
+"""The frozen teacher: a timm model by name, its weights, its own normalization, BN folded.
+
+Why not timm.task.DistillationTeacher: it loads weights only through timm's pretrained machinery,
+does not fold BatchNorm, does not pin eval mode against a caller's .train(), and re-normalizes with a
+division per call. This module keeps its formula (x * std_s + mean_s - mean_t) / std_t, precomputed
+as one multiply-add per element.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import timm
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
+from timm.layers._fx import get_notrace_functions, get_notrace_modules
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from usi.errors import UsageError
+
+log = logging.getLogger("usi")
+
+
+class Teacher(nn.Module):
+    """Takes the student's normalized (and mixed) batch, returns the teacher's logits. Never trains."""
+
+    def __init__(self, model: nn.Module, student_mean, student_std, teacher_mean, teacher_std,
+                 input_size: int | None = None):
+        super().__init__()
+        self.model = model
+        s_mean, s_std, t_mean, t_std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                                        for v in (student_mean, student_std, teacher_mean, teacher_std))
+        # x_t = (x_s * std_s + mean_s - mean_t) / std_t  ==  x_s * scale + shift
+        self.register_buffer("scale", s_std / t_std, persistent=False)
+        self.register_buffer("shift", (s_mean - t_mean) / t_std, persistent=False)
+        self.identity = bool(torch.equal(self.scale, torch.ones_like(self.scale))
+                             and torch.equal(self.shift, torch.zeros_like(self.shift)))
+        self.input_size = input_size
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)  # frozen: BN statistics and dropout stay in inference mode
+
+    def renormalize(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.identity else torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.renormalize(x)
+        if self.input_size and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return self.model(x)
+
+
+def build_teacher(cfg, num_classes: int, student_mean, student_std, device: torch.device,
+                  channels_last: bool = False) -> Teacher:
+    """cfg is the recipe's teacher section."""
+    model = create_teacher_model(cfg)
+    teacher_classes = getattr(model, "num_classes", None)
+    if teacher_classes != num_classes:
+        raise UsageError(f"teacher {cfg.name} predicts {teacher_classes} classes but the dataset has "
+                         f"{num_classes}; give teacher.weights trained on this dataset's classes")
+    model.eval().requires_grad_(False)
+    data_cfg = timm.data.resolve_model_data_config(model)
+    size = cfg.input_size
+    if cfg.fold_bn:
+        probe = size or data_cfg["input_size"][-1]
+        model, n = fold_batchnorm(model, torch.randn(2, 3, probe, probe))
+        log.info(f"teacher: folded {n} BatchNorm layers into their convolutions")
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return Teacher(model, student_mean, student_std, data_cfg["mean"], data_cfg["std"], size).to(device)
+
+
+def create_teacher_model(cfg) -> nn.Module:
+    if not cfg.weights:
+        try:
+            return timm.create_model(cfg.name, pretrained=True, **cfg.kwargs)
+        except Exception as e:  # no hub access, unknown tag, ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"could not get pretrained weights for teacher {cfg.name} from timm ({first}); "
+                             f"set teacher.weights to a local .pth or .safetensors file") from None
+    state = read_weights(Path(cfg.weights))
+    num_classes = classifier_classes(cfg.name, state)
+    model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **cfg.kwargs)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = str(e).strip().splitlines()[0]
+        raise UsageError(f"teacher.weights={cfg.weights} do not fit {cfg.name}: {detail}") from None
+    return model
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or .pth/.pt loaded with weights_only (no code can run)."""
+    from usi.checkpoint import load_state_file  # one place that knows checkpoint formats
+
+    state = load_state_file(path)
+    for key in ("model", "state_dict", "student"):  # usi / common checkpoint layouts
+        if key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def classifier_classes(name: str, state: dict) -> int | None:
+    """The class count the weights were trained for, read off the classifier's weight."""
+    with torch.device("meta"):  # no memory, no init: only the classifier's name is wanted
+        classifier = timm.create_model(name, pretrained=False).pretrained_cfg.get("classifier")
+    weight = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+    return int(weight.shape[0]) if weight is not None else None
+
+
+# ---------------------------------------------------------------- BatchNorm folding
+
+
+class _Tracer(torch.fx.Tracer):
+    """Traces module calls only as far as conv and BN leaves; timm's no-trace modules stay whole."""
+
+    def __init__(self):
+        super().__init__(autowrap_functions=tuple(f for f in get_notrace_functions() if callable(f)))
+        self.leaves = tuple(get_notrace_modules())
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d) + self.leaves) or super().is_leaf_module(m, qualname)
+
+
+def fold_batchnorm(model: nn.Module, example: torch.Tensor, rtol: float = 1e-2) -> tuple[nn.Module, int]:
+    """Fold each eval-mode BatchNorm2d whose only input is a Conv2d used nowhere else into that conv.
+
+    Returns (model, number folded). The folding happens on a copy that stays an ordinary module
+    (the trace is only read, never run) and is checked against the original on `example`; on a
+    mismatch or an untraceable model the original comes back unchanged.
+    """
+    pairs = conv_bn_pairs(model)
+    if not pairs:
+        return model, 0
+    folded = copy.deepcopy(model)
+    with torch.no_grad():
+        for conv_name, bn_name in pairs:
+            conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
+            conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
+                                                          bn.running_var, bn.eps, bn.weight, bn.bias)
+            set_submodule(folded, bn_name, bn_replacement(bn))
+        before, after = model(example).float(), folded(example).float()
+        # A relative norm: elementwise tolerances fail on logits near zero after deep networks, and
+        # fp32 rounding through 100+ folded layers reaches 1e-3 on extreme weights; a wrong fold is O(1).
+        if not (after - before).norm() <= rtol * before.norm():
+            log.warning("teacher: BatchNorm folding changed the outputs; keeping the model unfolded")
+            return model, 0
+    return folded, len(pairs)
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # dynamic control flow: fine, the teacher just runs unfolded
+        log.info(f"teacher: not traceable for BatchNorm folding ({type(e).__name__}); running unfolded")
+        return []
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or type(modules.get(node.target)) not in (nn.BatchNorm2d, BatchNormAct2d):
+            continue
+        bn = modules[node.target]
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and type(modules.get(src.target)) is nn.Conv2d and bn.track_running_stats
+                and bn.running_mean is not None and src.target not in {c for c, _ in pairs}):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+def bn_replacement(bn: nn.Module) -> nn.Module:
+    if isinstance(bn, BatchNormAct2d):  # keeps its activation (and drop) after the folded norm
+        return nn.Sequential(bn.drop, bn.act)
+    return nn.Identity()
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -1,0 +1,373 @@
+"""Recipe -> objects -> loop -> run directory."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from timm.data import Mixup, resolve_model_data_config
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+
+from usi import checkpoint, distributed
+from usi.data import ImageFolder, TrainLoader, eval_loader, eval_transform, train_transform
+from usi.data.loader import seed_everything
+from usi.engine import Guard, Parts, evaluate, train_one_epoch
+from usi.errors import UsageError
+from usi.progress import Progress
+from usi.recipe import Recipe
+from usi.teacher import build_teacher
+
+log = logging.getLogger("usi")
+
+LOWER_IS_BETTER = {"nll", "ece", "kl"}
+RESUME_IGNORES = {("run", "resume")}  # keys that may differ between a run and its resumption
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def prepare_run_dir(recipe: Recipe, dist: distributed.Dist) -> tuple[Path, Path | None]:
+    """Decide where to write and what to resume from, before any heavy work; refuse to overwrite."""
+    run_dir = recipe.run_dir()
+    last = run_dir / checkpoint.LAST
+    existing = run_dir.is_dir() and any(run_dir.iterdir())
+    resume_from = None
+    if recipe.run.resume == "never":
+        if existing:
+            raise UsageError(f"run directory {run_dir} already holds a run; pass run.resume=auto to continue it "
+                             f"or choose another run.dir")
+    elif recipe.run.resume == "auto":
+        if existing and (run_dir / "recipe.yaml").is_file():
+            check_same_recipe(recipe, run_dir / "recipe.yaml")
+        resume_from = last if last.is_file() else None
+    else:
+        resume_from = Path(recipe.run.resume)
+    distributed.barrier()  # every rank has looked before rank 0 writes anything
+    if dist.main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UsageError(f"run directory {run_dir} is not writable ({e.strerror})") from None
+        recipe.save(run_dir / "recipe.yaml")
+    distributed.barrier()
+    return run_dir, resume_from
+
+
+def check_same_recipe(recipe: Recipe, saved_path: Path) -> None:
+    from usi import recipe as recipe_mod
+
+    saved = recipe_mod.from_dict(recipe_mod.read_yaml(saved_path)).to_dict()
+    now = recipe.to_dict()
+    for section, values in now.items():
+        for key, value in values.items():
+            if (section, key) not in RESUME_IGNORES and saved.get(section, {}).get(key) != value:
+                raise UsageError(f"cannot resume {saved_path.parent}: {section}.{key} was "
+                                 f"{saved[section][key]!r}, now {value!r}; use another run.dir")
+
+
+def setup_logging(run_dir: Path | None, main: bool) -> None:
+    log.handlers.clear()
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler()
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if run_dir is not None and main:
+        file = logging.FileHandler(run_dir / "log.txt")
+        file.setFormatter(fmt)
+        log.addHandler(file)
+
+
+# ---------------------------------------------------------------- building the objects
+
+
+def load_datasets(data_cfg) -> tuple[ImageFolder, ImageFolder]:
+    root = Path(data_cfg.root)
+    if not root.is_dir():
+        raise UsageError(f"data.root={data_cfg.root!r} does not exist (expected {root}/train and {root}/val)")
+    train = ImageFolder(root / data_cfg.train_split)
+    val = ImageFolder(root / data_cfg.val_split, classes=train.classes)
+    missing = sorted(set(range(len(train.classes))) - set(val.targets))
+    if missing:
+        log.warning(f"val split has no images of {len(missing)} classes (e.g. {train.classes[missing[0]]!r})")
+    return train, val
+
+
+def create_student(model_cfg, num_classes: int) -> torch.nn.Module:
+    kwargs = dict(model_cfg.kwargs)
+    if model_cfg.drop_path_rate is not None:
+        kwargs["drop_path_rate"] = model_cfg.drop_path_rate
+    try:
+        return timm.create_model(model_cfg.name, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise UsageError(f"model.kwargs {kwargs} do not fit {model_cfg.name}: {e}") from None
+
+
+def batch_plan(recipe: Recipe, world: int) -> tuple[int, float, str]:
+    """(gradient accumulation steps, lr) that reconcile this world size with optim.global_batch."""
+    per_step = recipe.data.batch_size * world
+    target, lr, rule = recipe.optim.global_batch, recipe.optim.lr, recipe.optim.batch_rule
+    if rule == "accumulate":
+        if target % per_step:
+            raise UsageError(f"optim.global_batch={target} is not a multiple of data.batch_size x processes "
+                             f"= {recipe.data.batch_size} x {world}; change one, or set optim.batch_rule=linear")
+        accum = target // per_step
+        return accum, lr, f"global batch {target} = {recipe.data.batch_size} x {world} processes x {accum} accumulation"
+    scale = {"linear": per_step / target, "sqrt": math.sqrt(per_step / target), "none": 1.0}[rule]
+    return 1, lr * scale, f"global batch {per_step} (recipe: {target}), lr {lr:g} x {scale:.4g} ({rule}) = {lr * scale:g}"
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    dist: distributed.Dist
+    run_dir: Path
+    parts: Parts
+    train_loader: TrainLoader
+    val_loader: object
+    train_set: ImageFolder
+    val_set: ImageFolder
+    steps: int
+    epochs: int
+    params: int
+
+
+def build(recipe: Recipe, dist: distributed.Dist, run_dir: Path) -> Run:
+    train_set, val_set = load_datasets(recipe.data)
+    num_classes = len(train_set.classes)
+    seed_everything(recipe.run.seed)
+    raw = create_student(recipe.model, num_classes)
+    data_cfg = resolve_model_data_config(raw)
+    input_size = recipe.data.input_size or data_cfg["input_size"][-1]
+    mean, std = data_cfg["mean"], data_cfg["std"]
+    device = dist.device
+    use_amp = device.type == "cuda" and recipe.run.amp != "none"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.run.amp) if use_amp else None
+
+    teacher = None
+    if recipe.kd:
+        teacher = build_teacher(recipe.teacher, num_classes, mean, std, device, recipe.run.channels_last)
+    raw.to(device)
+    if recipe.run.channels_last:
+        raw.to(memory_format=torch.channels_last)
+
+    train_set.transform = train_transform(recipe.aug, input_size, mean, std)
+    val_set.transform = eval_transform(recipe.aug, input_size, mean, std)
+    train_loader = TrainLoader(train_set, recipe.data.batch_size, recipe.data.workers, dist.world, dist.rank,
+                               recipe.aug.repeats, recipe.run.seed, mean, std, device)
+    steps = train_loader.steps_per_epoch()
+    if recipe.run.max_steps:
+        steps = min(steps, recipe.run.max_steps)
+    if steps == 0:
+        raise UsageError(f"data.batch_size={recipe.data.batch_size} x {dist.world} processes is larger than one "
+                         f"epoch of {train_loader.sampler.epoch_length() * dist.world} training samples")
+    val_loader = eval_loader(val_set, recipe.data.eval_batch_size or 2 * recipe.data.batch_size,
+                             recipe.data.workers, dist.world, dist.rank, mean, std, device)
+
+    accum, lr, plan = batch_plan(recipe, dist.world)
+    log.info(plan)
+    if steps % accum:
+        log.warning(f"{steps} steps per epoch is not a multiple of {accum} accumulation steps; "
+                    f"the last {steps % accum} steps of each epoch carry gradient into the next")
+    fused = recipe.optim.name in ("adamw", "adam") and all(p.dtype == torch.float32 for p in raw.parameters())
+    try:
+        optimizer = create_optimizer_v2(raw, opt=recipe.optim.name, lr=lr, weight_decay=recipe.optim.weight_decay,
+                                        eps=recipe.optim.eps, **({"fused": True} if fused else {}))
+    except (ValueError, AssertionError) as e:
+        raise UsageError(f"optim.name={recipe.optim.name!r}: {e}") from None
+    s = recipe.sched
+    scheduler, epochs = create_scheduler_v2(
+        optimizer, sched=s.name, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
+        min_lr=s.min_lr, cooldown_epochs=s.cooldown_epochs, step_on_epochs=False,
+        updates_per_epoch=max(1, steps // accum))
+    ema = ModelEmaV3(raw, decay=recipe.ema.decay) if recipe.ema.enabled else None
+
+    student = raw
+    if dist.distributed:
+        student = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    if recipe.run.compile:
+        student = torch.compile(student)
+        if teacher is not None:
+            teacher.model = torch.compile(teacher.model)
+
+    a = recipe.aug
+    mixup = None
+    if (a.mixup_alpha > 0 or a.cutmix_alpha > 0) and a.mixup_prob > 0:
+        if recipe.data.batch_size % 2:
+            raise UsageError(f"data.batch_size={recipe.data.batch_size} must be even for mixup/cutmix")
+        mixup = Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mixup_prob,
+                      switch_prob=a.mixup_switch_prob, mode=a.mixup_mode, label_smoothing=a.label_smoothing,
+                      num_classes=num_classes)
+    parts = Parts(student=student, raw=raw, teacher=teacher, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                  scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None, mixup=mixup,
+                  num_classes=num_classes, device=device, amp_dtype=amp_dtype,
+                  channels_last=recipe.run.channels_last, accum_steps=accum, clip_grad=recipe.optim.clip_grad,
+                  kd_weight=recipe.loss.kd_weight, temperature=recipe.loss.temperature,
+                  hard_label=recipe.loss.hard_label, label_smoothing=a.label_smoothing)
+    params = sum(p.numel() for p in raw.parameters())
+    log.info(f"student {recipe.model.name}: {params / 1e6:.2f}M params, input {input_size}, {num_classes} classes, "
+             f"{len(train_set)} train / {len(val_set)} val images, {steps} steps x {epochs} epochs"
+             + (f", teacher {recipe.teacher.name}" if teacher is not None else ", no teacher"))
+    return Run(recipe, dist, run_dir, parts, train_loader, val_loader, train_set, val_set, steps, epochs, params)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def state_of(run: Run, epoch: int, step: int, num_updates: int, best: dict) -> dict:
+    p = run.parts
+    return {
+        "recipe": run.recipe.to_yaml(),
+        "student": p.raw.state_dict(),
+        "ema": p.ema.module.state_dict() if p.ema is not None else {},
+        "optimizer": p.optimizer.state_dict(),
+        "scheduler": p.scheduler.state_dict(),
+        "scaler": p.scaler.state_dict() if p.scaler is not None else {},
+        "epoch": epoch,  # the epoch to run next (or the one in progress)
+        "step": step,  # the next step within it
+        "num_updates": num_updates,
+        "best": best,
+    }
+
+
+def restore(run: Run, path: Path) -> tuple[int, int, int, dict]:
+    state = checkpoint.load(path)
+    p = run.parts
+    try:
+        p.raw.load_state_dict(state["student"])
+        if p.ema is not None and state["ema"]:
+            p.ema.module.load_state_dict(state["ema"])
+        p.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(f"checkpoint {path} does not fit this recipe's model/optimizer: "
+                         f"{str(e).strip().splitlines()[0][:200]}") from None
+    p.scheduler.load_state_dict(state["scheduler"])
+    if p.scaler is not None and state["scaler"]:
+        p.scaler.load_state_dict(state["scaler"])
+    log.info(f"resumed from {path}: epoch {state['epoch'] + 1}, step {state['step']}")
+    return state["epoch"], state["step"], state["num_updates"], state["best"]
+
+
+def better(metric: str, new: float, old: float | None) -> bool:
+    if old is None or (isinstance(old, float) and math.isnan(old)):
+        return not math.isnan(new)
+    return new < old if metric in LOWER_IS_BETTER else new > old
+
+
+def rank_and_export(run: Run, metrics: dict, epoch: int, best: dict) -> dict:
+    """Rank raw and EMA by run.best_metric; export the winner's weights if it beats the best so far."""
+    metric = run.recipe.run.best_metric
+    candidates = {name: m[metric] for name, m in metrics.items() if metric in m}
+    if not candidates:
+        return best
+    name = min(candidates, key=candidates.get) if metric in LOWER_IS_BETTER else max(candidates, key=candidates.get)
+    if not better(metric, candidates[name], best.get("value")):
+        return best
+    model = run.parts.raw if name == "raw" else run.parts.ema.module
+    best = {"metric": metric, "value": candidates[name], "weights": name, "epoch": epoch + 1}
+    if run.dist.main:
+        checkpoint.export_weights(model.state_dict(), run.run_dir / checkpoint.BEST, metadata={
+            "recipe": run.recipe.to_yaml(), "model": run.recipe.model.name, "weights": name,
+            "epoch": str(epoch + 1), metric: repr(candidates[name])})
+    return best
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(recipe: Recipe) -> dict:
+    dist = distributed.setup(recipe.run.device)
+    try:
+        setup_logging(None, dist.main)
+        run_dir, resume_from = prepare_run_dir(recipe, dist)
+        setup_logging(run_dir, dist.main)
+        run = build(recipe, dist, run_dir)
+        return loop(run, resume_from)
+    finally:
+        distributed.cleanup()
+
+
+def loop(run: Run, resume_from: Path | None) -> dict:
+    recipe, p, dist = run.recipe, run.parts, run.dist
+    epoch, start_step, num_updates, best = 0, 0, 0, {}
+    if resume_from is not None:
+        epoch, start_step, num_updates, best = restore(run, resume_from)
+    start = time.time()
+    teacher_metrics, teacher_logits = {}, None
+    if p.teacher is not None:
+        # The teacher's val metrics, once; this rank's logits are kept for every epoch's fidelity metrics.
+        results, teacher_logits = evaluate({}, run.val_loader, p, recipe.run.ece_bins, teacher=p.teacher,
+                                           keep_teacher_logits=True)
+        teacher_metrics = results["teacher"]
+        log.info(f"teacher val top-1 {teacher_metrics['top1']:.2f}")
+    guard = Guard(dist.device, recipe.run.max_nonfinite)
+    progress = Progress(dist.main)
+    metrics_file = run.run_dir / "metrics.jsonl"
+    images_per_step = recipe.data.batch_size * dist.world
+    last_metrics, train_stats = {}, {}
+
+    def on_update(next_step: int, updates: int) -> None:
+        every = recipe.run.ckpt_every_steps
+        if every and updates % every == 0 and next_step < run.steps and dist.main:
+            checkpoint.save(state_of(run, epoch, next_step, updates, best), run.run_dir / checkpoint.LAST)
+
+    while epoch < run.epochs:
+        t0 = time.time()
+        batches = run.train_loader.epoch(epoch, start_step)
+        train_stats, num_updates = train_one_epoch(
+            p, batches, epoch, run.epochs, start_step, run.steps, num_updates, guard, recipe.run.log_interval,
+            progress, images_per_step, on_update)
+        start_step = 0
+        bad = int(distributed.sum_across(torch.tensor(
+            [run.train_set.bad_count() + run.val_set.bad_count()], device=dist.device)).item())
+        record = {"epoch": epoch + 1, "train": {**train_stats, "bad_images": bad, "time_s": time.time() - t0}}
+        if bad > recipe.data.max_bad_samples:
+            raise UsageError(f"{bad} unreadable images so far exceeds data.max_bad_samples="
+                             f"{recipe.data.max_bad_samples}; see the warnings above for their paths")
+        if (epoch + 1) % recipe.run.eval_every == 0 or epoch + 1 == run.epochs:
+            models = {"raw": p.raw} | ({"ema": p.ema.module} if p.ema is not None else {})
+            last_metrics, _ = evaluate(models, run.val_loader, p, recipe.run.ece_bins, teacher_logits=teacher_logits)
+            best = rank_and_export(run, last_metrics, epoch, best)
+            record.update(last_metrics)
+        epoch += 1
+        if dist.main:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            checkpoint.save(state_of(run, epoch, 0, num_updates, best), run.run_dir / checkpoint.LAST)
+            log.info(epoch_line(record))
+    summary = {
+        "model": recipe.model.name, "teacher": recipe.teacher.name if recipe.kd else None,
+        "params": run.params, "epochs": run.epochs, "num_classes": len(run.train_set.classes),
+        "best": best, "final": last_metrics, "teacher_metrics": teacher_metrics,
+        "train_img_per_s": train_stats.get("img_per_s"), "wall_time_s": time.time() - start,
+    }
+    if dist.main:
+        checkpoint.atomic_write(run.run_dir / "summary.json",
+                                lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+        log.info(f"done: best {best.get('metric')} {best.get('value', float('nan')):.2f} "
+                 f"({best.get('weights')} weights, epoch {best.get('epoch')}) -> {run.run_dir}")
+    return summary
+
+
+def epoch_line(record: dict) -> str:
+    t = record["train"]
+    text = f"epoch {record['epoch']}: task {t['task_loss']:.4f} kd {t['kd_loss']:.4f} {t['img_per_s']:.0f} img/s"
+    for name in ("raw", "ema"):
+        if name in record:
+            m = record[name]
+            text += f" | {name} top1 {m['top1']:.2f} top5 {m['top5']:.2f} nll {m['nll']:.3f}"
+            if "agreement" in m:
+                text += f" agree {m['agreement']:.1f}"
+    return text
