@@ -57,10 +57,11 @@ def sum_across(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_agree(flag: bool, device: torch.device) -> bool:
-    """True only if every rank says True (e.g. 'my checkpoint loaded')."""
-    t = torch.tensor([0 if flag else 1], device=device)
-    return int(sum_across(t).item()) == 0
+def max_across(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place element-wise max over ranks; a no-op outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def barrier() -> None:

@@ -121,6 +121,7 @@ class Run:
     ece_bins: int = 15
     max_nonfinite: int = 20  # non-finite losses in a row before the run stops
     max_steps: int = 0  # stop each epoch after this many steps (smoke tests); 0: full epochs
+    stop_after: int = 0  # train this many epochs in this invocation, then exit (time-limited jobs)
 
 
 SECTIONS = {
@@ -332,6 +333,7 @@ RANGES = {
     ("run", "ece_bins"): (1, None, True),
     ("run", "max_nonfinite"): (1, None, True),
     ("run", "max_steps"): (0, None, True),
+    ("run", "stop_after"): (0, None, True),
 }
 
 

@@ -28,14 +28,14 @@ from usi.teacher import build_teacher
 log = logging.getLogger("usi")
 
 LOWER_IS_BETTER = {"nll", "ece", "kl"}
-RESUME_IGNORES = {("run", "resume")}  # keys that may differ between a run and its resumption
+RESUME_IGNORES = {("run", "resume"), ("run", "stop_after")}  # keys that may differ between a run and its resumption
 
 
 # ---------------------------------------------------------------- run directory
 
 
-def prepare_run_dir(recipe: Recipe, dist: distributed.Dist) -> tuple[Path, Path | None]:
-    """Decide where to write and what to resume from, before any heavy work; refuse to overwrite."""
+def plan_run_dir(recipe: Recipe) -> tuple[Path, Path | None]:
+    """Decide where to write and what to resume from; refuse to overwrite. Writes nothing."""
     run_dir = recipe.run_dir()
     last = run_dir / checkpoint.LAST
     existing = run_dir.is_dir() and any(run_dir.iterdir())
@@ -50,7 +50,12 @@ def prepare_run_dir(recipe: Recipe, dist: distributed.Dist) -> tuple[Path, Path 
         resume_from = last if last.is_file() else None
     else:
         resume_from = Path(recipe.run.resume)
-    distributed.barrier()  # every rank has looked before rank 0 writes anything
+    return run_dir, resume_from
+
+
+def create_run_dir(recipe: Recipe, run_dir: Path, dist: distributed.Dist) -> None:
+    """Only once everything is built and checked: a failed start leaves nothing behind."""
+    distributed.barrier()  # every rank has looked at the directory before rank 0 writes to it
     if dist.main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +66,6 @@ def prepare_run_dir(recipe: Recipe, dist: distributed.Dist) -> tuple[Path, Path 
             raise UsageError(f"run directory {run_dir} is not writable ({e.strerror})") from None
         recipe.save(run_dir / "recipe.yaml")
     distributed.barrier()
-    return run_dir, resume_from
 
 
 def check_same_recipe(recipe: Recipe, saved_path: Path) -> None:
@@ -105,11 +109,17 @@ def load_datasets(data_cfg) -> tuple[ImageFolder, ImageFolder]:
     return train, val
 
 
-def create_student(model_cfg, num_classes: int) -> torch.nn.Module:
+def create_student(model_cfg, num_classes: int, input_size: int | None) -> torch.nn.Module:
+    """The student, built for `input_size` when its constructor takes img_size (ViTs, MLP-Mixers)."""
     kwargs = dict(model_cfg.kwargs)
     if model_cfg.drop_path_rate is not None:
         kwargs["drop_path_rate"] = model_cfg.drop_path_rate
     try:
+        if input_size and "img_size" not in kwargs:
+            try:
+                return timm.create_model(model_cfg.name, num_classes=num_classes, img_size=input_size, **kwargs)
+            except TypeError:
+                pass  # a CNN: any input size works without telling it
         return timm.create_model(model_cfg.name, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as e:
         raise UsageError(f"model.kwargs {kwargs} do not fit {model_cfg.name}: {e}") from None
@@ -148,7 +158,7 @@ def build(recipe: Recipe, dist: distributed.Dist, run_dir: Path) -> Run:
     train_set, val_set = load_datasets(recipe.data)
     num_classes = len(train_set.classes)
     seed_everything(recipe.run.seed)
-    raw = create_student(recipe.model, num_classes)
+    raw = create_student(recipe.model, num_classes, recipe.data.input_size)
     data_cfg = resolve_model_data_config(raw)
     input_size = recipe.data.input_size or data_cfg["input_size"][-1]
     mean, std = data_cfg["mean"], data_cfg["std"]
@@ -291,9 +301,10 @@ def train(recipe: Recipe) -> dict:
     dist = distributed.setup(recipe.run.device)
     try:
         setup_logging(None, dist.main)
-        run_dir, resume_from = prepare_run_dir(recipe, dist)
-        setup_logging(run_dir, dist.main)
+        run_dir, resume_from = plan_run_dir(recipe)
         run = build(recipe, dist, run_dir)
+        create_run_dir(recipe, run_dir, dist)
+        setup_logging(run_dir, dist.main)
         return loop(run, resume_from)
     finally:
         distributed.cleanup()
@@ -323,15 +334,15 @@ def loop(run: Run, resume_from: Path | None) -> dict:
         if every and updates % every == 0 and next_step < run.steps and dist.main:
             checkpoint.save(state_of(run, epoch, next_step, updates, best), run.run_dir / checkpoint.LAST)
 
-    while epoch < run.epochs:
+    stop_at = min(run.epochs, epoch + recipe.run.stop_after) if recipe.run.stop_after else run.epochs
+    while epoch < stop_at:
         t0 = time.time()
         batches = run.train_loader.epoch(epoch, start_step)
         train_stats, num_updates = train_one_epoch(
             p, batches, epoch, run.epochs, start_step, run.steps, num_updates, guard, recipe.run.log_interval,
             progress, images_per_step, on_update)
         start_step = 0
-        bad = int(distributed.sum_across(torch.tensor(
-            [run.train_set.bad_count() + run.val_set.bad_count()], device=dist.device)).item())
+        bad = bad_images(run)
         record = {"epoch": epoch + 1, "train": {**train_stats, "bad_images": bad, "time_s": time.time() - t0}}
         if bad > recipe.data.max_bad_samples:
             raise UsageError(f"{bad} unreadable images so far exceeds data.max_bad_samples="
@@ -347,6 +358,10 @@ def loop(run: Run, resume_from: Path | None) -> dict:
                 f.write(json.dumps(record) + "\n")
             checkpoint.save(state_of(run, epoch, 0, num_updates, best), run.run_dir / checkpoint.LAST)
             log.info(epoch_line(record))
+    if epoch < run.epochs:
+        log.info(f"stopped after epoch {epoch} (run.stop_after={recipe.run.stop_after}); "
+                 f"continue with run.resume=auto")
+        return {"stopped_at_epoch": epoch}
     summary = {
         "model": recipe.model.name, "teacher": recipe.teacher.name if recipe.kd else None,
         "params": run.params, "epochs": run.epochs, "num_classes": len(run.train_set.classes),
@@ -359,6 +374,12 @@ def loop(run: Run, resume_from: Path | None) -> dict:
         log.info(f"done: best {best.get('metric')} {best.get('value', float('nan')):.2f} "
                  f"({best.get('weights')} weights, epoch {best.get('epoch')}) -> {run.run_dir}")
     return summary
+
+
+def bad_images(run: Run) -> int:
+    """Distinct unreadable files met by any rank (a file two ranks met counts once)."""
+    flags = torch.cat([run.train_set.bad, run.val_set.bad]).to(run.dist.device, torch.int32)
+    return int(distributed.max_across(flags).sum().item())
 
 
 def epoch_line(record: dict) -> str:

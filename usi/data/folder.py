@@ -3,8 +3,9 @@
 torchvision's ImageFolder and timm's ImageDataset build each split's class list on their own (a val
 split missing one class silently shifts every label after it) and crash or silently substitute on
 unreadable files. Here the train split's classes define the labels for every split, an unreadable
-image is skipped with a warning naming it and counted in shared memory so the trainer can stop past
-a threshold.
+image is skipped with a warning naming it, and flagged in shared memory (one byte per sample, written
+by whichever loader worker met it) so later epochs skip it without reopening it and the trainer can
+stop past a threshold of distinct bad files.
 """
 from __future__ import annotations
 
@@ -13,14 +14,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
 from usi.errors import UsageError
 
 log = logging.getLogger("usi")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-MAX_WORKERS = 255  # slots in the shared bad-sample counter
 
 
 def find_classes(root: Path) -> list[str]:
@@ -66,8 +66,7 @@ class ImageFolder(Dataset):
             if empty:
                 raise UsageError(f"class folder {self.root / empty[0]} has no images ({len(empty)} empty classes)")
         self.transform = transform
-        # One slot per loader worker (slot 0: the main process), so workers never race on a counter.
-        self.bad = torch.zeros(MAX_WORKERS + 1, dtype=torch.int64).share_memory_()
+        self.bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -78,19 +77,19 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
+            i = (index + attempt) % len(self.samples)
+            if self.bad[i]:
+                continue
+            path, target = self.samples[i]
             try:
                 img = load_rgb(path)
             except Exception as e:  # truncated, zero bytes, not an image, ...: skip, never crash a worker
-                self.count_bad(path, e)
+                self.bad[i] = 1
+                log.warning(f"skipped unreadable image {path}: {type(e).__name__}: {str(e)[:120]}")
                 continue
             return (self.transform(img) if self.transform else img), target
         raise UsageError(f"no readable image in {self.root}")
 
-    def count_bad(self, path: str, error: Exception) -> None:
-        info = get_worker_info()
-        self.bad[0 if info is None else 1 + info.id % MAX_WORKERS] += 1
-        log.warning(f"skipped unreadable image {path}: {type(error).__name__}: {str(error)[:120]}")
-
     def bad_count(self) -> int:
+        """Distinct unreadable files met so far (by this process and its loader workers)."""
         return int(self.bad.sum())

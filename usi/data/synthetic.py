@@ -57,31 +57,31 @@ def make_image(kind: str, rng: np.random.RandomState, size: int) -> Image.Image:
     s = size * scale
     bg = rng.randint(0, 256, 3)
     fg = (bg + rng.randint(70, 186, 3)) % 256  # far enough from the background in every channel
-    noise = rng.normal(0, rng.uniform(8, 30), (s // 4, s // 4, 3))
+    noise = rng.normal(0, rng.uniform(2, 8), (s // 4, s // 4, 3))
     texture = np.clip(bg + np.kron(noise, np.ones((4, 4, 1))), 0, 255).astype(np.uint8)
     img = Image.fromarray(texture)
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.randint(0, 3)):  # distractor lines
+    for _ in range(rng.randint(0, 2)):  # distractor lines
         pts = [tuple(rng.randint(0, s, 2)) for _ in range(2)]
         draw.line(pts, fill=tuple(rng.randint(0, 256, 3)), width=int(rng.randint(1, 3)) * scale)
-    r = rng.uniform(0.22, 0.42) * s
+    r = rng.uniform(0.34, 0.48) * s
     cx, cy = rng.uniform(r * 0.8, s - r * 0.8, 2)
     draw_shape(draw, kind, cx, cy, r, rng.uniform(0, 2 * math.pi), tuple(int(v) for v in fg),
                int(max(2, r * rng.uniform(0.15, 0.3))))
-    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2) * scale))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8) * scale))
     return img.resize((size, size), Image.BICUBIC)
 
 
 def make_dataset(root: str | Path, train_per_class: int = 200, val_per_class: int = 50, size: int = 40,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, num_classes: int = len(CLASSES)) -> Path:
     """Write root/train/<class>/*.jpg and root/val/<class>/*.jpg; a finished dataset is reused."""
     root = Path(root)
     marker = root / DONE
-    want = f"{train_per_class} {val_per_class} {size} {seed}"
+    want = f"{train_per_class} {val_per_class} {size} {seed} {num_classes}"
     if marker.is_file() and marker.read_text() == want:
         return root
     for split, per_class, offset in (("train", train_per_class, 0), ("val", val_per_class, 1)):
-        for label, kind in enumerate(CLASSES):
+        for label, kind in enumerate(CLASSES[:num_classes]):
             folder = root / split / kind
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):

@@ -1,0 +1,52 @@
+"""Shared fixtures: small generated image folders and a helper that runs the real `usi` command."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from usi.data.synthetic import make_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A recipe small enough for a 2-core CPU: 4 classes, 16 px, a few steps per epoch.
+TINY = [
+    "model.name=test_resnet", "teacher.name=null", "data.input_size=16", "data.batch_size=8",
+    "data.eval_batch_size=8", "data.workers=0", "optim.global_batch=8", "sched.epochs=2",
+    "sched.warmup_epochs=1", "ema.decay=0.9", "run.amp=none", "run.channels_last=false", "run.log_interval=2",
+    "run.device=cpu",
+]
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory) -> Path:
+    """4 classes x 16 train / 3 val images."""
+    return make_dataset(tmp_path_factory.mktemp("data"), train_per_class=16, val_per_class=3, size=20,
+                        num_classes=4)
+
+
+@pytest.fixture(scope="session")
+def odd_root(tmp_path_factory) -> Path:
+    """5 classes, 3 val images each: 15 val images, not divisible by 2 ranks."""
+    return make_dataset(tmp_path_factory.mktemp("odd"), train_per_class=8, val_per_class=3, size=20,
+                        num_classes=5)
+
+
+def usi_cmd(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
+            torchrun: int = 0) -> subprocess.CompletedProcess:
+    """Run `python -m usi ...` (or under torchrun with `torchrun` processes) and capture its output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "-m", "usi", *args]
+    else:
+        cmd = [sys.executable, "-m", "usi", *args]
+    return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

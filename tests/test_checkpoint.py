@@ -1,0 +1,74 @@
+import os
+
+import pytest
+import torch
+
+from usi import checkpoint
+from usi.errors import UsageError
+
+
+def state():
+    return {"student": {"w": torch.arange(4.0)}, "epoch": 3, "step": 0}
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(state(), path)
+    checkpoint.save({**state(), "epoch": 4}, path)
+    assert checkpoint.load(path)["epoch"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(state(), path)
+
+    def crash(tmp):
+        tmp.write_bytes(b"half a checkp")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        checkpoint.atomic_write(path, crash)
+    assert checkpoint.load(path)["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_truncated_and_foreign_files_are_clear_errors(tmp_path):
+    good = tmp_path / "last.pt"
+    checkpoint.save(state(), good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(UsageError, match="not a readable checkpoint"):
+        checkpoint.load(cut)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(UsageError, match="not a usi training checkpoint"):
+        checkpoint.load(other)
+    with pytest.raises(UsageError, match="does not exist"):
+        checkpoint.load(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    with pytest.raises(UsageError, match="not a readable safetensors file"):
+        checkpoint.load_state_file(bad)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['USI_PWNED']}",))
+
+
+def test_a_pickle_payload_is_refused_without_running(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("USI_PWNED", str(marker))
+    path = tmp_path / "evil.pt"
+    torch.save({**state(), "format": 1, "extra": Payload()}, path)
+    with pytest.raises(UsageError, match="refused to load"):
+        checkpoint.load(path)
+    assert not marker.exists()
+
+
+def test_exported_weights_carry_metadata(tmp_path):
+    path = tmp_path / "best.safetensors"
+    checkpoint.export_weights({"w": torch.ones(2, 2)}, path, {"model": "resnet50"})
+    assert checkpoint.read_metadata(path)["model"] == "resnet50"
+    assert torch.equal(checkpoint.load_state_file(path)["w"], torch.ones(2, 2))
