@@ -22,6 +22,12 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Teacher-logit caches go to a temporary folder, never the user's ~/.cache (subprocesses inherit it)."""
+    os.environ["USI_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def image_root(tmp_path_factory) -> Path:
     """4 classes x 16 train / 3 val images."""

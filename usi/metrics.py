@@ -93,19 +93,21 @@ class MetricSums:
         self.bins = torch.zeros(3, n_bins, dtype=torch.float64, device=device)
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None = None) -> None:
+        # Per-example values are fp32; their sums are fp64 so that how the examples were split into
+        # batches and ranks changes nothing visible.
         logits = logits.float()
         row = [
             torch.tensor(float(len(targets)), device=logits.device),
             topk_correct(logits, targets, 1).sum(),
             topk_correct(logits, targets, 5).sum(),
-            nll_per_example(logits, targets).sum(),
+            nll_per_example(logits, targets).double().sum(),
         ]
         if teacher is not None:
-            row += [agreement_per_example(logits, teacher).sum(), kl_per_example(logits, teacher).sum(),
+            row += [agreement_per_example(logits, teacher).sum(), kl_per_example(logits, teacher).double().sum(),
                     torch.tensor(float(len(targets)), device=logits.device)]
         else:
             row += [torch.zeros((), device=logits.device)] * 3
-        self.sums += torch.stack(row).double()
+        self.sums += torch.stack([v.double() for v in row])
         self.bins += ece_bins(logits, targets, self.bins.shape[1])
 
     def flat(self) -> torch.Tensor:

@@ -5,6 +5,7 @@ The recipe knows nothing about torch: it is data. Model names are checked agains
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -167,9 +168,12 @@ class Recipe:
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """A recipe from a YAML file (or the defaults) plus `section.key=value` overrides, validated."""
-    raw: dict = {}
-    if path is not None:
-        raw = read_yaml(Path(path))
+    return from_raw(read_yaml(Path(path)) if path is not None else {}, overrides)
+
+
+def from_raw(raw: dict, overrides: list[str] = ()) -> Recipe:
+    """A validated recipe from parsed YAML (e.g. one stored in a checkpoint) plus overrides."""
+    raw = copy.deepcopy(raw)
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)

@@ -21,6 +21,7 @@ from usi.data import ImageFolder, TrainLoader, eval_loader, eval_transform, trai
 from usi.data.loader import seed_everything
 from usi.engine import Guard, Parts, evaluate, train_one_epoch
 from usi.errors import UsageError
+from usi.logit_cache import teacher_val_logits
 from usi.progress import Progress
 from usi.recipe import Recipe
 from usi.teacher import build_teacher
@@ -245,6 +246,7 @@ def state_of(run: Run, epoch: int, step: int, num_updates: int, best: dict) -> d
         "optimizer": p.optimizer.state_dict(),
         "scheduler": p.scheduler.state_dict(),
         "scaler": p.scaler.state_dict() if p.scaler is not None else {},
+        "classes": run.train_set.classes,
         "epoch": epoch,  # the epoch to run next (or the one in progress)
         "step": step,  # the next step within it
         "num_updates": num_updates,
@@ -290,6 +292,7 @@ def rank_and_export(run: Run, metrics: dict, epoch: int, best: dict) -> dict:
     if run.dist.main:
         checkpoint.export_weights(model.state_dict(), run.run_dir / checkpoint.BEST, metadata={
             "recipe": run.recipe.to_yaml(), "model": run.recipe.model.name, "weights": name,
+            "classes": json.dumps(run.train_set.classes),
             "epoch": str(epoch + 1), metric: repr(candidates[name])})
     return best
 
@@ -318,11 +321,12 @@ def loop(run: Run, resume_from: Path | None) -> dict:
     start = time.time()
     teacher_metrics, teacher_logits = {}, None
     if p.teacher is not None:
-        # The teacher's val metrics, once; this rank's logits are kept for every epoch's fidelity metrics.
-        results, teacher_logits = evaluate({}, run.val_loader, p, recipe.run.ece_bins, teacher=p.teacher,
-                                           keep_teacher_logits=True)
-        teacher_metrics = results["teacher"]
-        log.info(f"teacher val top-1 {teacher_metrics['top1']:.2f}")
+        # The teacher's val metrics, once; this rank's logits serve every epoch's fidelity metrics.
+        t0 = time.time()
+        teacher_metrics, teacher_logits, hit = teacher_val_logits(
+            p.teacher, recipe.teacher, run.val_set, run.val_loader, p, recipe.run.ece_bins, dist)
+        log.info(f"teacher val top-1 {teacher_metrics['top1']:.2f} "
+                 f"({'cached' if hit else 'computed and cached'}, {time.time() - t0:.1f} s)")
     guard = Guard(dist.device, recipe.run.max_nonfinite)
     progress = Progress(dist.main)
     metrics_file = run.run_dir / "metrics.jsonl"
@@ -349,7 +353,9 @@ def loop(run: Run, resume_from: Path | None) -> dict:
                              f"{recipe.data.max_bad_samples}; see the warnings above for their paths")
         if (epoch + 1) % recipe.run.eval_every == 0 or epoch + 1 == run.epochs:
             models = {"raw": p.raw} | ({"ema": p.ema.module} if p.ema is not None else {})
+            t_eval = time.time()
             last_metrics, _ = evaluate(models, run.val_loader, p, recipe.run.ece_bins, teacher_logits=teacher_logits)
+            record["eval_time_s"] = time.time() - t_eval
             best = rank_and_export(run, last_metrics, epoch, best)
             record.update(last_metrics)
         epoch += 1

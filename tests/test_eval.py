@@ -1,0 +1,94 @@
+"""`usi eval` and the teacher-logit cache, through the real command line."""
+import json
+import shutil
+
+import pytest
+
+from conftest import TINY, usi_cmd
+
+
+@pytest.fixture(scope="module")
+def kd_run(odd_root, tmp_path_factory):
+    """A teacher run and a KD student run on the 5-class data (15 val images)."""
+    base = tmp_path_factory.mktemp("runs")
+    common = [*TINY, f"data.root={odd_root}", "sched.epochs=1", "sched.warmup_epochs=0"]
+    assert usi_cmd("train", "quickstart", *common, f"run.dir={base / 'teacher'}").returncode == 0
+    weights = base / "teacher" / "best.safetensors"
+    out = usi_cmd("train", "quickstart", *common, f"run.dir={base / 'student'}", "model.name=test_efficientnet",
+                  "teacher.name=test_resnet", f"teacher.weights={weights}")
+    assert out.returncode == 0, out.stderr
+    return base
+
+
+def eval_json(ckpt, *overrides, torchrun=0, env=None):
+    out = usi_cmd("eval", str(ckpt), *overrides, "--json", torchrun=torchrun, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_eval_reports_accuracy_calibration_and_fidelity(kd_run, tmp_path):
+    env = {"USI_CACHE": str(tmp_path / "cache")}
+    first = eval_json(kd_run / "student" / "best.safetensors", env=env)
+    assert first["images"] == 15 and first["teacher_cached"] is False
+    (variant, m), = first["students"].items()
+    assert variant in ("raw", "ema") and m["count"] == 15
+    for key in ("top1", "top5", "nll", "ece", "agreement", "kl"):
+        assert key in m
+    second = eval_json(kd_run / "student" / "best.safetensors", env=env)
+    assert second["teacher_cached"] is True
+    assert second["students"] == first["students"] and second["teacher"] == first["teacher"]
+
+
+def test_eval_of_a_full_checkpoint_reports_raw_and_ema(kd_run):
+    report = eval_json(kd_run / "student" / "last.pt")
+    assert set(report["students"]) == {"raw", "ema"}
+
+
+def test_the_cache_is_invalidated_by_transform_files_and_teacher_weights(kd_run, odd_root, tmp_path):
+    env = {"USI_CACHE": str(tmp_path / "cache")}
+    ckpt = kd_run / "student" / "best.safetensors"
+    assert eval_json(ckpt, env=env)["teacher_cached"] is False
+    assert eval_json(ckpt, env=env)["teacher_cached"] is True
+    assert eval_json(ckpt, "aug.eval_crop_pct=0.8", env=env)["teacher_cached"] is False  # transform
+    data = tmp_path / "data"
+    shutil.copytree(odd_root, data)
+    assert eval_json(ckpt, f"data.root={data}", env=env)["teacher_cached"] is False  # other file list
+    extra = next((data / "val" / "circle").iterdir())
+    shutil.copy(extra, extra.with_name("copy.jpg"))
+    assert eval_json(ckpt, f"data.root={data}", env=env)["teacher_cached"] is False
+    weights = kd_run / "teacher" / "best.safetensors"
+    copy = tmp_path / "t2.safetensors"
+    copy.write_bytes(weights.read_bytes())
+    assert eval_json(ckpt, f"teacher.weights={copy}", env=env)["teacher_cached"] is True  # same bytes: same key
+
+
+def test_distributed_eval_is_exact_on_an_odd_val_set(kd_run):
+    one = eval_json(kd_run / "student" / "last.pt")
+    two = eval_json(kd_run / "student" / "last.pt", torchrun=2)
+    assert one["images"] == 15
+    for name in ("raw", "ema"):
+        a, b = one["students"][name], two["students"][name]
+        # every image counted once: counting metrics are identical
+        assert [b[k] for k in ("count", "top1", "top5", "agreement")] == [a[k] for k in ("count", "top1", "top5", "agreement")]
+        # continuous ones differ only by fp32 forward rounding (CPU kernels block batches of 8 and 15 differently)
+        for key in ("nll", "ece", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (name, key)
+
+
+def test_eval_at_another_resolution(kd_run):
+    report = eval_json(kd_run / "student" / "best.safetensors", "data.input_size=24")
+    assert report["input_size"] == 24
+
+
+def test_eval_prints_a_one_screen_report(kd_run):
+    out = usi_cmd("eval", str(kd_run / "student" / "best.safetensors"))
+    assert out.returncode == 0
+    assert "top-1" in out.stdout and "KL(t||s)" in out.stdout and "teacher" in out.stdout
+    assert len(out.stdout.splitlines()) < 25
+
+
+def test_eval_of_a_non_usi_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"garbage")
+    out = usi_cmd("eval", str(bad))
+    assert out.returncode == 2 and out.stderr.startswith("usi: error:")
