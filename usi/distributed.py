@@ -40,9 +40,22 @@ def setup(device_pref: str = "auto") -> Dist:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=attempt_store(rank, world),
+                                rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30),
                                 device_id=device if use_cuda else None)
     return Dist(rank, world, local_rank, device)
+
+
+def attempt_store(rank: int, world: int) -> dist.Store:
+    """torchrun's store, with keys of this restart attempt only.
+
+    Under torchrun the workers share the agent's store, which outlives a restart
+    (--max-restarts): without a per-attempt prefix, restarted ranks can read the previous
+    attempt's addresses and fail with "connection refused" (pytorch/pytorch#167288).
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world,
+                                       timeout=datetime.timedelta(minutes=30)))
+    return dist.PrefixStore(f"usi/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def env_rank() -> int:

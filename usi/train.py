@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from usi import checkpoint, distributed
 from usi.data import ImageFolder, TrainLoader, eval_loader, eval_transform, train_transform
 from usi.data.loader import seed_everything
-from usi.engine import Guard, Parts, evaluate, train_one_epoch
+from usi.engine import Guard, NonFiniteError, Parts, evaluate, train_one_epoch
 from usi.errors import UsageError
 from usi.logit_cache import teacher_val_logits
 from usi.progress import Progress
@@ -51,7 +52,17 @@ def plan_run_dir(recipe: Recipe) -> tuple[Path, Path | None]:
         resume_from = last if last.is_file() else None
     else:
         resume_from = Path(recipe.run.resume)
+    check_writable(run_dir)
     return run_dir, resume_from
+
+
+def check_writable(run_dir: Path) -> None:
+    """The nearest existing ancestor must be a writable directory (checked before any heavy work)."""
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"run directory {run_dir} cannot be created: {parent} is not a writable directory")
 
 
 def create_run_dir(recipe: Recipe, run_dir: Path, dist: distributed.Dist) -> None:
@@ -316,8 +327,11 @@ def train(recipe: Recipe) -> dict:
 def loop(run: Run, resume_from: Path | None) -> dict:
     recipe, p, dist = run.recipe, run.parts, run.dist
     epoch, start_step, num_updates, best = 0, 0, 0, {}
+    metrics_file = run.run_dir / "metrics.jsonl"
     if resume_from is not None:
         epoch, start_step, num_updates, best = restore(run, resume_from)
+        if dist.main:
+            keep_metrics_until(metrics_file, epoch)
     start = time.time()
     teacher_metrics, teacher_logits = {}, None
     if p.teacher is not None:
@@ -329,7 +343,6 @@ def loop(run: Run, resume_from: Path | None) -> dict:
                  f"({'cached' if hit else 'computed and cached'}, {time.time() - t0:.1f} s)")
     guard = Guard(dist.device, recipe.run.max_nonfinite)
     progress = Progress(dist.main)
-    metrics_file = run.run_dir / "metrics.jsonl"
     images_per_step = recipe.data.batch_size * dist.world
     last_metrics, train_stats = {}, {}
 
@@ -342,9 +355,13 @@ def loop(run: Run, resume_from: Path | None) -> dict:
     while epoch < stop_at:
         t0 = time.time()
         batches = run.train_loader.epoch(epoch, start_step)
-        train_stats, num_updates = train_one_epoch(
-            p, batches, epoch, run.epochs, start_step, run.steps, num_updates, guard, recipe.run.log_interval,
-            progress, images_per_step, on_update)
+        try:
+            train_stats, num_updates = train_one_epoch(
+                p, batches, epoch, run.epochs, start_step, run.steps, num_updates, guard, recipe.run.log_interval,
+                progress, images_per_step, on_update)
+        except NonFiniteError as e:
+            last = run.run_dir / checkpoint.LAST
+            raise NonFiniteError(f"{e}; last good checkpoint: {last if last.is_file() else 'none yet'}") from None
         start_step = 0
         bad = bad_images(run)
         record = {"epoch": epoch + 1, "train": {**train_stats, "bad_images": bad, "time_s": time.time() - t0}}
@@ -380,6 +397,15 @@ def loop(run: Run, resume_from: Path | None) -> dict:
         log.info(f"done: best {best.get('metric')} {best.get('value', float('nan')):.2f} "
                  f"({best.get('weights')} weights, epoch {best.get('epoch')}) -> {run.run_dir}")
     return summary
+
+
+def keep_metrics_until(path: Path, epochs_done: int) -> None:
+    """Drop metrics lines of epochs the checkpoint does not cover (written just before a crash)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
 
 
 def bad_images(run: Run) -> int:
