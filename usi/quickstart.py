@@ -2,16 +2,18 @@
 the identical recipe, train the same students alone, and print the table."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
+
+import torch
 
 from usi import recipe as recipe_mod
 from usi.cli import recipe_path
 from usi.data.synthetic import make_dataset
 from usi.evaluation import evaluate_checkpoint
-from usi.table import markdown, read_summary
+from usi import table
+from usi.table import model_cost, read_summary
 from usi.train import train
 
 log = logging.getLogger("usi")
@@ -21,8 +23,8 @@ TEACHER_EPOCHS = 30  # a teacher worth distilling: longer than the students, the
 # Two families at 32 px on a CPU budget. A from-scratch ViT does not learn this data in minutes
 # (test_vit stays near chance for 15 epochs with or without KD), so the second student is mobile.
 STUDENTS = (("test_resnet", "CNN"), ("test_efficientnet", "mobile"))
-COLUMNS = ["student", "family", "params (M)", "top-1 no KD", "top-1 KD", "gain", "agree no KD", "agree KD",
-           "ECE no KD", "ECE KD", "teacher top-1"]
+QUICKSTART_COLUMNS = ["model", "family", "params_m", "top1_nokd", "top1_kd", "gain", "agreement_nokd",
+                      "agreement_kd", "ece_nokd", "ece_kd", "train_img_s", "infer_img_s"]
 
 
 def run_once(overrides: list[str], run_dir: Path, rerun: bool) -> dict:
@@ -47,22 +49,28 @@ def against_teacher(run_dir: Path, teacher_overrides: list[str]) -> dict:
     return metrics
 
 
-def quickstart(out: Path, seed: int = 42, rerun: bool = False) -> list[list]:
+def quickstart(out: Path, seed: int = 42, rerun: bool = False, per_class: tuple[int, int] = (200, 50),
+               extra: list[str] = ()) -> list[dict]:
+    """per_class: train and val images per class; extra: overrides for every run (tests shrink it)."""
     start = time.time()
-    data = make_dataset(out / "data")
-    common = [f"data.root={data}", f"run.seed={seed}"]
+    data = make_dataset(out / "data", *per_class)
+    common = [f"data.root={data}", f"run.seed={seed}", *extra]
     runs = out / f"seed{seed}"
-    teacher = run_once(common + [f"model.name={TEACHER}", "teacher.name=null", f"sched.epochs={TEACHER_EPOCHS}"], runs / "teacher", rerun)
+    # The teacher's epochs come first so that `extra` (tests) can still shorten them.
+    teacher = run_once([f"sched.epochs={TEACHER_EPOCHS}", *common, f"model.name={TEACHER}", "teacher.name=null"],
+                       runs / "teacher", rerun)
     with_teacher = [f"teacher.name={TEACHER}", f"teacher.weights={runs / 'teacher' / 'best.safetensors'}"]
     rows = []
     for name, family in STUDENTS:
-        alone = run_once(common + [f"model.name={name}", "teacher.name=null"], runs / f"{name}-nokd", rerun)
-        run_once(common + [f"model.name={name}", *with_teacher], runs / f"{name}-kd", rerun)
-        a, k = (against_teacher(runs / f"{name}-{kind}", with_teacher) for kind in ("nokd", "kd"))
-        rows.append([name, family, alone["params"] / 1e6, a["top1"], k["top1"], k["top1"] - a["top1"],
-                     a["agreement"], k["agreement"], a["ece"], k["ece"], teacher["best"]["value"]])
-    table = markdown(COLUMNS, rows)
-    (out / f"table-seed{seed}.md").write_text(table + "\n")
-    (out / f"table-seed{seed}.json").write_text(json.dumps({"columns": COLUMNS, "rows": rows}, indent=2))
-    print(f"\nUSI quickstart (seed {seed}, teacher {TEACHER}, {time.time() - start:.0f} s):\n\n{table}\n")
+        run_once(common + [f"model.name={name}", "teacher.name=null"], runs / f"{name}-nokd", rerun)
+        kd_summary = run_once(common + [f"model.name={name}", *with_teacher], runs / f"{name}-kd", rerun)
+        nokd, kd = (against_teacher(runs / f"{name}-{kind}", with_teacher) for kind in ("nokd", "kd"))
+        kd["train_img_s"] = kd_summary.get("train_img_per_s")
+        cost = model_cost(name, 10, 32, torch.device("cpu"))
+        rows.append(table.row(name, nokd, kd, cost, family=family))
+    title = (f"USI quickstart: seed {seed}, teacher {TEACHER} (top-1 {teacher['best']['value']:.2f}), "
+             f"{time.time() - start:.0f} s")
+    paths = table.write(rows, out, f"table-seed{seed}", title)
+    print(f"\n{title}\n\n{table.markdown(QUICKSTART_COLUMNS, rows)}\n\nwritten: "
+          f"{', '.join(str(p) for p in paths.values())}")
     return rows

@@ -1,0 +1,26 @@
+"""The quickstart's whole path on a shrunken dataset: data, teacher, students with and without KD, table."""
+import csv
+
+from usi.quickstart import STUDENTS, quickstart
+
+
+def test_quickstart_pipeline_writes_its_table(tmp_path):
+    rows = quickstart(tmp_path, seed=1, per_class=(8, 2),
+                      extra=["sched.epochs=1", "sched.warmup_epochs=0", "data.batch_size=8", "optim.global_batch=8",
+                             "data.input_size=16", "data.workers=0"])
+    assert [r["model"] for r in rows] == [name for name, _ in STUDENTS]
+    for r in rows:
+        assert r["family"] in ("CNN", "mobile") and r["params_m"] > 0 and r["infer_img_s"] > 0
+        assert 0 <= r["top1_nokd"] <= 100 and 0 <= r["top1_kd"] <= 100
+        assert r["gain"] == r["top1_kd"] - r["top1_nokd"]
+        assert 0 <= r["agreement_nokd"] <= 100 and 0 <= r["agreement_kd"] <= 100
+        assert r["ece_kd"] >= 0 and r["train_img_s"] > 0
+    with open(tmp_path / "table-seed1.csv") as f:
+        assert [row["model"] for row in csv.DictReader(f)] == [r["model"] for r in rows]
+    assert (tmp_path / "table-seed1.png").stat().st_size > 1000
+    assert "| model |" in (tmp_path / "table-seed1.md").read_text()
+    # a second call reuses every finished run
+    again = quickstart(tmp_path, seed=1, per_class=(8, 2),
+                       extra=["sched.epochs=1", "sched.warmup_epochs=0", "data.batch_size=8",
+                              "optim.global_batch=8", "data.input_size=16", "data.workers=0"])
+    assert [r["top1_kd"] for r in again] == [r["top1_kd"] for r in rows]

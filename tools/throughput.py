@@ -1,0 +1,174 @@
+"""What distillation costs, measured: student step, teacher forward, KD step, and timm's task step.
+
+On synthetic input, per student model, in one process (so the ratios compare like with like):
+  student      usi's training step without a teacher (mixup, forward, backward, fused AdamW)
+  teacher      usi's teacher forward (BN folded, channels_last / compile when asked, autocast)
+  kd           usi's full distillation step (teacher + student on the same mixed batch)
+  timm_task    timm.task.LogitDistillationTask's step on the same student, teacher, batch and dtype
+  timm_teacher timm's DistillationTeacher forward (eager, unfolded) on the same batch
+
+Reports medians of --runs timings after --warmup, and the ratios
+  overhead      = kd / (student + teacher)          goal <= 1.05
+  vs_timm_task  = kd / timm_task                    goal <= 1.0
+  teacher_speedup = timm_teacher / teacher          goal >= 1.3 on GPU
+
+  python tools/throughput.py --models resnet50 mobilenetv3_large_100 --teacher tresnet_v2_l --batch 128 \\
+      --device cuda --amp bf16 --channels-last
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import timm
+import timm.loss
+import timm.optim
+import torch
+from timm.data import Mixup, resolve_model_data_config
+from timm.task import DistillationTeacher, LogitDistillationTask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from usi.engine import Parts, forward_backward, optimizer_update, prepare_batch  # noqa: E402
+from usi.teacher import Teacher, fold_batchnorm  # noqa: E402
+
+
+def median_ms(fn, warmup: int, runs: int, device: torch.device) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def build(student_name, teacher_name, args, device):
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
+    student = timm.create_model(student_name, num_classes=args.classes).to(device)
+    teacher_model = timm.create_model(teacher_name, num_classes=args.classes).eval().to(device)
+    size = args.input_size or resolve_model_data_config(student)["input_size"][-1]
+    s_cfg, t_cfg = resolve_model_data_config(student), resolve_model_data_config(teacher_model)
+    folded, n = fold_batchnorm(copy.deepcopy(teacher_model).cpu(), torch.randn(2, 3, size, size))
+    folded = folded.to(device)
+    if args.channels_last:
+        student.to(memory_format=torch.channels_last)
+        folded.to(memory_format=torch.channels_last)
+    usi_teacher = Teacher(folded, s_cfg["mean"], s_cfg["std"], t_cfg["mean"], t_cfg["std"]).to(device)
+    if args.compile:
+        usi_teacher.model = torch.compile(usi_teacher.model)
+    return student, teacher_model, usi_teacher, size, amp, n
+
+
+def parts_for(student, teacher, amp, args, device):
+    opt = timm.optim.create_optimizer_v2(student, "adamw", lr=1e-4, weight_decay=0.02, fused=True)
+    sched = type("NoSched", (), {"step_update": lambda self, num_updates: None})()
+    return Parts(student=torch.compile(student) if args.compile else student, raw=student, teacher=teacher,
+                 ema=None, optimizer=opt, scheduler=sched, scaler=None, num_classes=args.classes, device=device,
+                 amp_dtype=amp, channels_last=args.channels_last,
+                 mixup=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=args.classes, label_smoothing=0))
+
+
+def usi_step(parts, x, y):
+    xm, ym = prepare_batch(parts, x, y)
+    forward_backward(parts, xm, ym, sync=True)
+    optimizer_update(parts)
+
+
+def measure(student_name, args, device) -> dict:
+    student, teacher_model, usi_teacher, size, amp, folded = build(student_name, args.teacher, args, device)
+    x = torch.randn(args.batch, 3, size, size, device=device)
+    y = torch.randint(0, args.classes, (args.batch,), device=device)
+    xt = x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    out = {"model": student_name, "teacher": args.teacher, "batch": args.batch, "input_size": size,
+           "device": str(device), "amp": args.amp if amp else "fp32", "channels_last": args.channels_last,
+           "compile": args.compile, "teacher_bn_folded": folded}
+    t = lambda fn: median_ms(fn, args.warmup, args.runs, device)  # noqa: E731
+
+    alone = parts_for(student, None, amp, args, device)
+    out["student_ms"] = t(lambda: usi_step(alone, x, y))
+
+    def teacher_fwd(model):
+        with ctx(), torch.no_grad():
+            model(xt)
+
+    out["teacher_ms"] = t(lambda: teacher_fwd(usi_teacher))
+    kd = parts_for(student, usi_teacher, amp, args, device)
+    out["kd_ms"] = t(lambda: usi_step(kd, x, y))
+
+    # timm's own task on the same student (a fresh copy of its weights), teacher and batch
+    timm_teacher = DistillationTeacher(copy.deepcopy(teacher_model), device=device)
+    out["timm_teacher_ms"] = t(lambda: teacher_fwd(timm_teacher))
+    timm_student = copy.deepcopy(student)
+    task = LogitDistillationTask(timm_student, timm_teacher, criterion=timm.loss.SoftTargetCrossEntropy(),
+                                 distill_loss_weight=5.0, task_loss_weight=1.0, temperature=1.0,
+                                 device=device, verbose=False)
+    timm_opt = timm.optim.create_optimizer_v2(timm_student, "adamw", lr=1e-4, weight_decay=0.02, fused=True)
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=args.classes, label_smoothing=0)
+
+    def timm_step():
+        xm, ym = mixup(x, y)
+        if args.channels_last:
+            xm = xm.contiguous(memory_format=torch.channels_last)
+        if amp:
+            with torch.autocast(device.type, dtype=amp):
+                loss = task(xm, ym)["loss"]
+        else:
+            loss = task(xm, ym)["loss"]
+        loss.backward()
+        timm_opt.step()
+        timm_opt.zero_grad(set_to_none=True)
+
+    task.train()
+    out["timm_task_ms"] = t(timm_step)
+    out["overhead"] = out["kd_ms"] / (out["student_ms"] + out["teacher_ms"])
+    out["vs_timm_task"] = out["kd_ms"] / out["timm_task_ms"]
+    out["teacher_speedup"] = out["timm_teacher_ms"] / out["teacher_ms"]
+    out["kd_img_per_s"] = args.batch / out["kd_ms"] * 1000
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet50", "mobilenetv3_large_100"])
+    p.add_argument("--teacher", default="tresnet_v2_l")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--input-size", type=int, default=None, help="default: the student's own")
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    rows = [measure(m, args, device) for m in args.models]
+    cols = ["model", "student_ms", "teacher_ms", "kd_ms", "timm_task_ms", "timm_teacher_ms", "overhead",
+            "vs_timm_task", "teacher_speedup", "kd_img_per_s"]
+    print(f"device {device}, {rows[0]['amp']}, batch {args.batch}, teacher {args.teacher}, "
+          f"channels_last {args.channels_last}, compile {args.compile}; medians of {args.runs} after {args.warmup}")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
