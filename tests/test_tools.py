@@ -1,0 +1,50 @@
+"""tools/bench_table.py and tools/throughput.py on tiny models, CPU."""
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import timm
+from safetensors.torch import save_file
+
+from conftest import REPO, TINY
+
+
+def run_tool(*args, timeout=600):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_bench_table_runs_each_model_skips_finished_ones_and_survives_a_failure(image_root, tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=4).state_dict(), str(teacher))
+    overrides = [o for o in TINY if not o.startswith(("model.", "teacher."))] + [
+        f"data.root={image_root}", "sched.epochs=1", "sched.warmup_epochs=0", "teacher.name=test_resnet",
+        f"teacher.weights={teacher}"]
+    args = ["tools/bench_table.py", "recipes/quickstart.yaml", *overrides, "--models", "test_efficientnet",
+            "not_a_model", "--nproc", "1", "--out", str(tmp_path / "table"), "--device", "cpu"]
+    out = run_tool(*args)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(tmp_path / "table" / "table.csv") as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    good, bad = rows["test_efficientnet"], rows["not_a_model"]
+    assert float(good["top1_kd"]) >= 0 and float(good["top1_nokd"]) >= 0
+    assert 0 <= float(good["agreement_kd"]) <= 100 and float(good["kl_kd"]) >= 0 and float(good["gmacs"]) > 0
+    assert "is not a timm model" in bad["note"]
+    assert (tmp_path / "table" / "table.png").stat().st_size > 1000
+    again = run_tool(*args)
+    assert again.returncode == 0 and again.stdout.count("already finished") == 2
+
+
+def test_throughput_reports_every_timing_and_ratio(tmp_path):
+    out = run_tool("tools/throughput.py", "--models", "test_resnet", "--teacher", "test_efficientnet", "--batch", "8",
+                   "--input-size", "32", "--classes", "10", "--warmup", "1", "--runs", "2", "--device", "cpu",
+                   "--json", str(tmp_path / "t.json"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "t.json").read_text())
+    for key in ("student_ms", "teacher_ms", "kd_ms", "timm_task_ms", "timm_teacher_ms", "overhead",
+                "vs_timm_task", "teacher_speedup"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+    assert row["overhead"] == row["kd_ms"] / (row["student_ms"] + row["teacher_ms"])
+    assert "| test_resnet |" in out.stdout
