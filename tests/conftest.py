@@ -56,3 +56,10 @@ def usi_cmd(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Payload:
+    """Unpickling this runs `touch $USI_PWNED`: the hostile-file tests prove it never runs."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['USI_PWNED']}",))

@@ -1,8 +1,8 @@
-import os
 
 import pytest
 import torch
 
+from conftest import Payload
 from usi import checkpoint
 from usi.errors import UsageError
 
@@ -51,10 +51,6 @@ def test_truncated_and_foreign_files_are_clear_errors(tmp_path):
     with pytest.raises(UsageError, match="not a readable safetensors file"):
         checkpoint.load_state_file(bad)
 
-
-class Payload:
-    def __reduce__(self):
-        return (os.system, (f"touch {os.environ['USI_PWNED']}",))
 
 
 def test_a_pickle_payload_is_refused_without_running(tmp_path, monkeypatch):

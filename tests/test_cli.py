@@ -64,7 +64,8 @@ def test_resume_at_an_epoch_boundary_gives_the_same_weights(image_root, tmp_path
         assert a[key].keys() == b[key].keys()
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     strip = lambda rows: [{k: v for k, v in r.items() if k != "train"} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(tmp_path / "whole" / "metrics.jsonl")) == strip(read_jsonl(tmp_path / "cut" / "metrics.jsonl"))
+    whole, cut = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("whole", "cut"))
+    assert strip(whole) == strip(cut)
 
 
 def test_an_existing_run_is_never_overwritten(image_root, tmp_path):

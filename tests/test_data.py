@@ -1,7 +1,6 @@
 import collections
 
 import pytest
-import torch
 from PIL import Image
 
 from usi.data.folder import ImageFolder

@@ -1,11 +1,11 @@
 import copy
-import os
 
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
+from conftest import Payload
 from usi.errors import UsageError
 from usi.recipe import Teacher as TeacherCfg
 from usi.teacher import Teacher, build_teacher, fold_batchnorm
@@ -130,10 +130,6 @@ def test_teacher_weights_that_do_not_fit_the_architecture(tmp_path):
     with pytest.raises(UsageError, match="do not fit test_resnet"):
         build_teacher(cfg, 4, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
 
-
-class Payload:
-    def __reduce__(self):
-        return (os.system, (f"touch {os.environ['USI_PWNED']}",))
 
 
 def test_teacher_file_with_a_pickle_payload_is_refused_without_running_it(tmp_path, monkeypatch):

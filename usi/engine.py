@@ -6,7 +6,7 @@ only every `log_interval` steps. The engine knows nothing about YAML or files.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

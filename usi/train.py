@@ -148,7 +148,8 @@ def batch_plan(recipe: Recipe, world: int) -> tuple[int, float, str]:
         accum = target // per_step
         return accum, lr, f"global batch {target} = {recipe.data.batch_size} x {world} processes x {accum} accumulation"
     scale = {"linear": per_step / target, "sqrt": math.sqrt(per_step / target), "none": 1.0}[rule]
-    return 1, lr * scale, f"global batch {per_step} (recipe: {target}), lr {lr:g} x {scale:.4g} ({rule}) = {lr * scale:g}"
+    return 1, lr * scale, (f"global batch {per_step} (recipe: {target}), "
+                           f"lr {lr:g} x {scale:.4g} ({rule}) = {lr * scale:g}")
 
 
 @dataclass
