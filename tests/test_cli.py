@@ -66,6 +66,10 @@ def test_resume_at_an_epoch_boundary_gives_the_same_weights(image_root, tmp_path
     strip = lambda rows: [{k: v for k, v in r.items() if k != "train"} for r in rows]  # noqa: E731
     whole, cut = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("whole", "cut"))
     assert strip(whole) == strip(cut)
+    # resuming a finished run changes nothing
+    summary = (tmp_path / "cut" / "summary.json").read_text()
+    assert train(image_root, tmp_path / "cut", *extra, "run.resume=auto").returncode == 0
+    assert (tmp_path / "cut" / "summary.json").read_text() == summary
 
 
 def test_an_existing_run_is_never_overwritten(image_root, tmp_path):

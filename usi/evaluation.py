@@ -21,7 +21,8 @@ from usi.engine import Parts, evaluate
 from usi.errors import UsageError
 from usi.logit_cache import teacher_val_logits
 from usi.teacher import build_teacher
-from usi.train import create_student
+from usi.data.shards import read_index, shard_eval_loader
+from usi.train import ShardSplit, create_student
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, dict], str, list[str]]:
@@ -65,10 +66,17 @@ def run_eval(recipe, variants, classes, trained_size, dist, path) -> dict | None
     data_cfg = resolve_model_data_config(first)
     size = recipe.data.input_size or data_cfg["input_size"][-1]
     mean, std = data_cfg["mean"], data_cfg["std"]
-    val = ImageFolder(Path(recipe.data.root) / recipe.data.val_split, classes=classes,
-                      transform=eval_transform(recipe.aug, size, mean, std))
-    loader = eval_loader(val, recipe.data.eval_batch_size or 2 * recipe.data.batch_size, recipe.data.workers,
-                         dist.world, dist.rank, mean, std, dist.device)
+    transform = eval_transform(recipe.aug, size, mean, std)
+    batch = recipe.data.eval_batch_size or 2 * recipe.data.batch_size
+    if recipe.data.format == "shards":
+        val = ShardSplit(*read_index(Path(recipe.data.root) / recipe.data.val_split, recipe.data.val_shards))
+        if val.classes != classes:
+            raise UsageError(f"the val shards' classes differ from the {len(classes)} classes {path} was trained on")
+        loader = shard_eval_loader(val.urls, transform, batch, recipe.data.workers, dist.world, dist.rank, mean, std,
+                                   dist.device)
+    else:
+        val = ImageFolder(Path(recipe.data.root) / recipe.data.val_split, classes=classes, transform=transform)
+        loader = eval_loader(val, batch, recipe.data.workers, dist.world, dist.rank, mean, std, dist.device)
     use_amp = dist.device.type == "cuda" and recipe.run.amp != "none"
     parts = Parts(student=first, raw=first, teacher=None, ema=None, optimizer=None, scheduler=None, scaler=None,
                   mixup=None, num_classes=len(classes), device=dist.device,

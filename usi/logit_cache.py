@@ -44,7 +44,13 @@ def cache_key(teacher_cfg, dataset, transform, teacher) -> str:
 
 def teacher_val_logits(teacher, teacher_cfg, dataset, loader, parts_like, n_bins: int,
                        dist: distributed.Dist) -> tuple[dict, torch.Tensor, bool]:
-    """(the teacher's val metrics, this rank's logits in loader order, whether the cache was hit)."""
+    """(the teacher's val metrics, this rank's logits in loader order, whether the cache was hit).
+
+    Shards are not cached on disk: their loader order depends on the number of ranks and workers.
+    """
+    if not hasattr(dataset, "samples"):
+        results, mine = evaluate({}, loader, parts_like, n_bins, teacher=teacher, keep_teacher_logits=True)
+        return results["teacher"], mine, False
     path = cache_dir() / f"{cache_key(teacher_cfg, dataset, dataset.transform, teacher)}.pt"
     if path.is_file():
         try:

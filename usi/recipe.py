@@ -38,7 +38,10 @@ class Teacher:
 
 @dataclass
 class Data:
-    root: str = "data/imagenet"  # holds train/ and val/ class folders
+    root: str = "data/imagenet"  # holds train/ and val/: class folders, or shards with index.json
+    format: str = "folder"  # folder | shards (written by tools/make_shards.py)
+    train_shards: Optional[str] = None  # shards: a brace pattern or pipe: URL; None: the index's own files
+    val_shards: Optional[str] = None
     train_split: str = "train"
     val_split: str = "val"
     batch_size: int = 128  # per process (per GPU)
@@ -290,6 +293,7 @@ def suggest(word: str, choices) -> str:
 # ---------------------------------------------------------------- validation
 
 CHOICES = {
+    ("data", "format"): ("folder", "shards"),
     ("optim", "batch_rule"): ("accumulate", "linear", "sqrt", "none"),
     ("run", "amp"): ("bf16", "fp16", "none"),
     ("run", "device"): ("auto", "cpu", "cuda"),

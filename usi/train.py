@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from usi import checkpoint, distributed
 from usi.data import ImageFolder, TrainLoader, eval_loader, eval_transform, train_transform
 from usi.data.loader import seed_everything
+from usi.data.shards import ShardTrainLoader, read_index, shard_eval_loader
 from usi.engine import Guard, NonFiniteError, Parts, evaluate, train_one_epoch
 from usi.errors import UsageError
 from usi.logit_cache import teacher_val_logits
@@ -113,11 +114,34 @@ def load_datasets(data_cfg) -> tuple[ImageFolder, ImageFolder]:
     root = Path(data_cfg.root)
     if not root.is_dir():
         raise UsageError(f"data.root={data_cfg.root!r} does not exist (expected {root}/train and {root}/val)")
+    if data_cfg.format == "shards":
+        return load_shard_splits(data_cfg, root)
     train = ImageFolder(root / data_cfg.train_split)
     val = ImageFolder(root / data_cfg.val_split, classes=train.classes)
     missing = sorted(set(range(len(train.classes))) - set(val.targets))
     if missing:
         log.warning(f"val split has no images of {len(missing)} classes (e.g. {train.classes[missing[0]]!r})")
+    return train, val
+
+
+@dataclass
+class ShardSplit:
+    """A sharded split as the trainer sees it: where, how many, which classes, and its bad-sample counter."""
+    urls: list[str]
+    counts: list[int]
+    classes: list[str]
+    bad: torch.Tensor = None
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+
+def load_shard_splits(data_cfg, root: Path) -> tuple[ShardSplit, ShardSplit]:
+    train = ShardSplit(*read_index(root / data_cfg.train_split, data_cfg.train_shards))
+    val = ShardSplit(*read_index(root / data_cfg.val_split, data_cfg.val_shards))
+    if val.classes != train.classes:
+        raise UsageError(f"val shards' classes differ from train shards' ({len(val.classes)} vs {len(train.classes)}); "
+                         f"write val with tools/make_shards.py --classes-from <train folder>")
     return train, val
 
 
@@ -186,18 +210,26 @@ def build(recipe: Recipe, dist: distributed.Dist, run_dir: Path) -> Run:
     if recipe.run.channels_last:
         raw.to(memory_format=torch.channels_last)
 
-    train_set.transform = train_transform(recipe.aug, input_size, mean, std)
-    val_set.transform = eval_transform(recipe.aug, input_size, mean, std)
-    train_loader = TrainLoader(train_set, recipe.data.batch_size, recipe.data.workers, dist.world, dist.rank,
-                               recipe.aug.repeats, recipe.run.seed, mean, std, device)
+    t_train, t_eval = train_transform(recipe.aug, input_size, mean, std), eval_transform(recipe.aug, input_size, mean, std)
+    eval_batch = recipe.data.eval_batch_size or 2 * recipe.data.batch_size
+    if isinstance(train_set, ShardSplit):
+        train_loader = ShardTrainLoader(train_set.urls, train_set.counts, t_train, recipe.data.batch_size,
+                                        recipe.data.workers, dist.world, dist.rank, recipe.aug.repeats,
+                                        recipe.run.seed, mean, std, device)
+        val_loader = shard_eval_loader(val_set.urls, t_eval, eval_batch, recipe.data.workers, dist.world, dist.rank,
+                                       mean, std, device)
+        train_set.bad, val_set.bad = train_loader.stream.bad, val_loader.dataset.bad
+    else:
+        train_set.transform, val_set.transform = t_train, t_eval
+        train_loader = TrainLoader(train_set, recipe.data.batch_size, recipe.data.workers, dist.world, dist.rank,
+                                   recipe.aug.repeats, recipe.run.seed, mean, std, device)
+        val_loader = eval_loader(val_set, eval_batch, recipe.data.workers, dist.world, dist.rank, mean, std, device)
     steps = train_loader.steps_per_epoch()
     if recipe.run.max_steps:
         steps = min(steps, recipe.run.max_steps)
     if steps == 0:
         raise UsageError(f"data.batch_size={recipe.data.batch_size} x {dist.world} processes is larger than one "
-                         f"epoch of {train_loader.sampler.epoch_length() * dist.world} training samples")
-    val_loader = eval_loader(val_set, recipe.data.eval_batch_size or 2 * recipe.data.batch_size,
-                             recipe.data.workers, dist.world, dist.rank, mean, std, device)
+                         f"epoch of {len(train_set)} training samples")
 
     accum, lr, plan = batch_plan(recipe, dist.world)
     log.info(plan)
@@ -331,6 +363,10 @@ def loop(run: Run, resume_from: Path | None) -> dict:
     metrics_file = run.run_dir / "metrics.jsonl"
     if resume_from is not None:
         epoch, start_step, num_updates, best = restore(run, resume_from)
+        done = run.run_dir / "summary.json"
+        if epoch >= run.epochs and done.is_file():
+            log.info(f"{run.run_dir} already finished all {run.epochs} epochs; nothing to do")
+            return json.loads(done.read_text())
         if dist.main:
             keep_metrics_until(metrics_file, epoch)
     start = time.time()
@@ -410,9 +446,15 @@ def keep_metrics_until(path: Path, epochs_done: int) -> None:
 
 
 def bad_images(run: Run) -> int:
-    """Distinct unreadable files met by any rank (a file two ranks met counts once)."""
-    flags = torch.cat([run.train_set.bad, run.val_set.bad]).to(run.dist.device, torch.int32)
-    return int(distributed.max_across(flags).sum().item())
+    """Unreadable images met by any rank: distinct files for folders (a file two ranks met counts
+    once), corrupt samples read for shards (summed over ranks)."""
+    total = 0
+    for split in (run.train_set, run.val_set):
+        if isinstance(split, ShardSplit):
+            total += int(distributed.sum_across(split.bad.sum().to(run.dist.device)).item())
+        else:
+            total += int(distributed.max_across(split.bad.to(run.dist.device, torch.int32)).sum().item())
+    return total
 
 
 def epoch_line(record: dict) -> str:

@@ -1,0 +1,123 @@
+"""Webdataset shards: writer, rank/worker split, repeats, corruption, exact validation."""
+import collections
+import hashlib
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, TINY, usi_cmd
+from usi.data.folder import ImageFolder
+from usi.data.shards import ShardStream, ShardTrainLoader, read_index
+from usi.errors import UsageError
+
+
+def make_shards(src, out, *extra):
+    return subprocess.run([sys.executable, "tools/make_shards.py", str(src), str(out), "--workers", "2", *extra],
+                          cwd=REPO, capture_output=True, text=True)
+
+
+def digest(img):
+    return hashlib.sha1(np.asarray(img).tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def shards(image_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    assert make_shards(image_root / "train", out / "train", "--shard-size", "6").returncode == 0
+    assert make_shards(image_root / "val", out / "val", "--classes-from", str(image_root / "train"),
+                       "--shard-size", "5").returncode == 0
+    return out
+
+
+def read_all(urls, rank=0, world=1, **kw):
+    return list(ShardStream(urls, None, rank, world, train=False, **kw))
+
+
+def test_folder_to_shards_keeps_every_image_and_label(image_root, shards):
+    folder = ImageFolder(image_root / "train")
+    urls, counts, classes = read_index(shards / "train")
+    assert classes == folder.classes and sum(counts) == len(folder) == 64 and len(urls) == 11
+    want = collections.Counter((digest(img), y) for img, y in (folder[i] for i in range(len(folder))))
+    got = collections.Counter((digest(img), y) for img, y in read_all(urls))
+    assert got == want
+
+
+def test_two_ranks_cover_an_epoch_exactly_once_and_run_the_same_steps(shards):
+    urls, counts, _ = read_index(shards / "train")
+    seen = [digest(img) for r in range(2) for img, _ in read_all(urls, rank=r, world=2)]
+    assert len(seen) == sum(counts) == len(set(seen))
+    steps = []
+    for rank in range(2):
+        loader = ShardTrainLoader(urls, counts, lambda im: torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1),
+                                  4, 1, 2, rank, 1, 0, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+        steps.append(sum(1 for _ in loader.epoch(0)))
+    assert steps == [64 // 2 // 4] * 2
+
+
+def test_repeated_augmentation_yields_each_image_repeats_times(shards):
+    urls, counts, _ = read_index(shards / "train")
+    copies = collections.Counter(digest(img) for img, _ in read_all(urls, repeats=3))
+    assert set(copies.values()) == {3} and len(copies) == sum(counts)
+
+
+def test_too_few_shards_for_ranks_and_workers_is_refused(shards):
+    urls, counts, _ = read_index(shards / "train")
+    with pytest.raises(UsageError, match="11 shards cannot feed 4 processes x 4 loader workers"):
+        ShardTrainLoader(urls, counts, None, 4, 4, 4, 0, 1, 0, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+
+
+def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(shards, tmp_path):
+    import webdataset as wds
+    urls, _, _ = read_index(shards / "train")
+    bad = tmp_path / "bad.tar"
+    with wds.TarWriter(str(bad)) as sink:
+        good = io.BytesIO()
+        Image.new("RGB", (8, 8), (1, 2, 3)).save(good, "JPEG")
+        sink.write({"__key__": "a", "jpg": good.getvalue(), "cls": 0})
+        sink.write({"__key__": "b", "jpg": b"not a jpeg", "cls": 1})
+    cut = tmp_path / "cut.tar"
+    data = open(urls[0], "rb").read()
+    cut.write_bytes(data[: len(data) // 2])
+    stream = ShardStream([str(bad), str(cut)], None, 0, 1, train=False)
+    items = list(stream)
+    assert stream.bad_count() >= 2  # the bad jpeg and the truncated shard, each with a warning
+    assert 1 <= len(items) < 1 + 6
+
+
+def test_shard_writer_reports_bad_images_and_never_leaves_half_shards(image_root, tmp_path):
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(image_root / "train", src)
+    broken = sorted(src.rglob("*.jpg"))[5]
+    broken.write_bytes(b"broken")
+    out = make_shards(src, tmp_path / "a", "--shard-size", "64")
+    assert out.returncode == 1 and str(broken) in out.stderr
+    assert not list((tmp_path / "a").glob("*.tar")) and not list((tmp_path / "a").glob(".*tmp*"))
+    ok = make_shards(src, tmp_path / "b", "--shard-size", "16", "--skip-bad")
+    assert ok.returncode == 0 and str(broken) in ok.stderr
+    assert json.loads((tmp_path / "b" / "index.json").read_text())["total"] == 63
+    again = make_shards(src, tmp_path / "b", "--shard-size", "16", "--skip-bad")  # re-run: safe, same index
+    assert again.returncode == 0 and json.loads((tmp_path / "b" / "index.json").read_text())["total"] == 63
+
+
+def test_training_and_validation_from_shards_match_the_folder(image_root, shards, tmp_path):
+    run = tmp_path / "run"
+    out = usi_cmd("train", "quickstart", *TINY, f"data.root={shards}", "data.format=shards", f"run.dir={run}",
+                  "sched.epochs=1", "sched.warmup_epochs=0")
+    assert out.returncode == 0, out.stderr[-2000:]
+    ckpt = str(run / "last.pt")
+    from_shards = usi_cmd("eval", ckpt, f"data.root={shards}", "data.format=shards", "--json")
+    from_folder = usi_cmd("eval", ckpt, f"data.root={image_root}", "data.format=folder", "--json")
+    two_ranks = usi_cmd("eval", ckpt, f"data.root={shards}", "data.format=shards", "--json", torchrun=2)
+    reports = [json.loads(o.stdout)["students"] for o in (from_shards, from_folder, two_ranks)]
+    for r in reports[1:]:
+        for name in ("raw", "ema"):
+            assert r[name]["count"] == reports[0][name]["count"] == 12
+            assert r[name]["top1"] == reports[0][name]["top1"]
+            assert r[name]["nll"] == pytest.approx(reports[0][name]["nll"], rel=1e-5)

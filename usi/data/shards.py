@@ -1,0 +1,157 @@
+"""Webdataset tar shards (written by tools/make_shards.py): training and exact validation from them.
+
+A split is a folder with index.json (class names, shard names and sample counts) and its shards, or
+index.json plus a URL pattern (`data.train_shards`), brace-expanded, local or `pipe:` (a shell
+command that streams the shard, e.g. from an object store: a recipe's pipe: runs that command).
+
+Shards are split by rank, then by loader worker, from an order shuffled per (seed, epoch). Every
+rank runs exactly floor(total / world / batch) steps per epoch: a rank whose shards run short starts
+another pass over them, one with spare samples stops early, so per epoch and rank at most one
+shard's worth of samples is repeated or dropped (the shard sizes differ by at most one shard across
+ranks). timm's loader refuses repeated augmentation for webdataset; here each decoded image is
+augmented `repeats` times in a row (an epoch then covers 1/repeats of the images, as with
+RepeatAugSampler). Validation reads every shard exactly once across ranks and workers.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from pathlib import Path
+
+import braceexpand
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from timm.data.loader import PrefetchLoader, fast_collate
+from webdataset import tariterators
+
+from usi.data.loader import epoch_seed, seed_everything
+from usi.errors import UsageError
+
+log = logging.getLogger("usi")
+SLOTS = 256  # bad-sample counter slots, one per loader worker
+
+
+def read_index(split_dir: Path, pattern: str | None = None) -> tuple[list[str], list[int], list[str]]:
+    """(shard URLs, samples per shard, class names)."""
+    path = split_dir / "index.json"
+    if not path.is_file():
+        raise UsageError(f"{path} not found: shards need the index.json written by tools/make_shards.py")
+    index = json.loads(path.read_text())
+    names = [s["name"] for s in index["shards"]]
+    counts = [int(s["count"]) for s in index["shards"]]
+    urls = list(braceexpand.braceexpand(pattern)) if pattern else [str(split_dir / n) for n in names]
+    if len(urls) != len(names):
+        raise UsageError(f"shard pattern {pattern!r} gives {len(urls)} shards but {path} lists {len(names)}")
+    return urls, counts, index["classes"]
+
+
+def decode(sample: dict) -> tuple[Image.Image, int]:
+    data = next(v for k, v in sample.items() if k in ("jpg", "jpeg", "png", "webp", "bmp"))
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB"), int(sample["cls"])
+
+
+class ShardStream(IterableDataset):
+    """One rank's share of the shards; each loader worker takes every n-th of those."""
+
+    def __init__(self, urls: list[str], transform, rank: int, world: int, repeats: int = 1, train: bool = True,
+                 seed: int = 0, shuffle_buffer: int = 1000):
+        self.urls, self.transform, self.rank, self.world = urls, transform, rank, world
+        self.repeats, self.train, self.seed, self.shuffle_buffer = repeats, train, seed, shuffle_buffer
+        self.epoch, self.bad = 0, torch.zeros(SLOTS, dtype=torch.int64).share_memory_()
+
+    def my_shards(self) -> list[str]:
+        order = list(self.urls)
+        if self.train:
+            random.Random(epoch_seed(self.seed, self.epoch, 0)).shuffle(order)  # the same on every rank
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return order[self.rank::self.world][worker::workers]
+
+    def handler(self, error: Exception) -> bool:
+        info = get_worker_info()
+        self.bad[(info.id + 1) % SLOTS if info else 0] += 1
+        log.warning(f"skipped a corrupt sample or shard: {type(error).__name__}: {str(error)[:160]}")
+        return True  # keep going
+
+    def samples(self):
+        stream = tariterators.url_opener([{"url": u} for u in self.my_shards()], handler=self.handler)
+        stream = tariterators.tar_file_expander(stream, handler=self.handler)
+        for sample in tariterators.group_by_keys(stream, handler=self.handler):
+            try:
+                img, label = decode(sample)
+            except Exception as e:
+                self.handler(RuntimeError(f"{sample.get('__url__')}: {sample.get('__key__')}: {e}"))
+                continue
+            for _ in range(self.repeats):
+                yield (self.transform(img) if self.transform else img), label
+
+    def __iter__(self):
+        if not self.train or self.shuffle_buffer <= 1:
+            yield from self.samples()
+            return
+        rng, buffer = random.Random(), []  # seeded per epoch through the worker's seed
+        rng.seed(torch.initial_seed())
+        for item in self.samples():
+            buffer.append(item)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def bad_count(self) -> int:
+        return int(self.bad.sum())
+
+
+class ShardTrainLoader:
+    """The shard counterpart of TrainLoader: exactly steps_per_epoch batches per epoch on every rank."""
+
+    def __init__(self, urls, counts, transform, batch_size, workers, world, rank, repeats, seed, mean, std, device):
+        if len(urls) < world * max(workers, 1):
+            raise UsageError(f"{len(urls)} shards cannot feed {world} processes x {max(workers, 1)} loader workers; "
+                             f"write smaller shards (tools/make_shards.py --shard-size) or lower data.workers")
+        self.stream = ShardStream(urls, transform, rank, world, repeats, True, seed)
+        self.total, self.batch_size, self.world, self.rank, self.seed = sum(counts), batch_size, world, rank, seed
+        self.generator = torch.Generator()
+        self.loader = DataLoader(self.stream, batch_size=batch_size, num_workers=workers, collate_fn=fast_collate,
+                                 pin_memory=device.type == "cuda", drop_last=True, generator=self.generator,
+                                 prefetch_factor=4 if workers else None)
+        self.prefetch = PrefetchLoader(self.loader, mean=mean, std=std, device=device)
+        self.dataset = self.stream
+
+    def steps_per_epoch(self) -> int:
+        return self.total // self.world // self.batch_size
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        seed = epoch_seed(self.seed, epoch, self.rank)
+        seed_everything(seed)
+        self.generator.manual_seed(seed)
+        self.stream.epoch = epoch
+        return self.batches(start_step)
+
+    def batches(self, start_step: int):
+        produced, passes = 0, 0
+        while True:
+            for batch in self.prefetch:
+                produced += 1
+                if produced > start_step:  # a mid-epoch resume consumes what was already trained on
+                    yield batch
+                if produced >= self.steps_per_epoch():
+                    return
+            passes += 1  # this rank's shards ran short: another pass, bounded by one shard
+            self.stream.epoch += 10_000 * passes
+            if passes > 2:
+                raise UsageError("a rank's shards hold fewer than half an epoch of samples; check index.json")
+
+
+def shard_eval_loader(urls, transform, batch_size, workers, world, rank, mean, std, device) -> PrefetchLoader:
+    if len(urls) < world:
+        raise UsageError(f"{len(urls)} validation shards cannot be split over {world} processes")
+    stream = ShardStream(urls, transform, rank, world, train=False)
+    usable = max(1, min(workers, len(urls[rank::world])))  # no worker left without a shard
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=usable if workers else 0, collate_fn=fast_collate,
+                        pin_memory=device.type == "cuda", drop_last=False)
+    return PrefetchLoader(loader, mean=mean, std=std, device=device)  # .dataset is the stream
