@@ -106,6 +106,14 @@ def test_bad_input_ends_in_one_line_and_exit_2(image_root, tmp_path, args, messa
     assert not (tmp_path / "r").exists()  # nothing written: the corrected command can run as is
 
 
+def test_gradient_accumulation_reaches_the_global_batch(image_root, tmp_path):
+    out = train(image_root, tmp_path / "acc", "optim.global_batch=16", "sched.epochs=1", "sched.warmup_epochs=0")
+    assert out.returncode == 0, out.stderr
+    assert "global batch 16 = 8 x 1 processes x 2 accumulation" in out.stderr
+    steps = len(read_jsonl(tmp_path / "acc" / "metrics.jsonl"))
+    assert steps == 1 and torch.load(tmp_path / "acc" / "last.pt")["num_updates"] == 64 // 8 // 2
+
+
 def test_two_process_torchrun_gloo_run_end_to_end(image_root, tmp_path):
     out = train(image_root, tmp_path / "ddp", "data.batch_size=4", "optim.global_batch=8", torchrun=2)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -48,6 +48,16 @@ def test_folder_to_shards_keeps_every_image_and_label(image_root, shards):
     assert got == want
 
 
+def test_brace_patterns_and_pipe_commands_read_the_same_samples(shards):
+    urls, counts, _ = read_index(shards / "train")
+    pattern = f"pipe:cat {shards}/train/shard-{{000000..{len(urls) - 1:06d}}}.tar"
+    piped, _, _ = read_index(shards / "train", pattern)
+    assert piped[0] == f"pipe:cat {urls[0]}"
+    assert sorted(digest(i) for i, _ in read_all(piped)) == sorted(digest(i) for i, _ in read_all(urls))
+    with pytest.raises(UsageError, match="gives 2 shards but"):
+        read_index(shards / "train", f"{shards}/train/shard-{{000000..000001}}.tar")
+
+
 def test_two_ranks_cover_an_epoch_exactly_once_and_run_the_same_steps(shards):
     urls, counts, _ = read_index(shards / "train")
     seen = [digest(img) for r in range(2) for img, _ in read_all(urls, rank=r, world=2)]

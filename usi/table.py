@@ -80,7 +80,9 @@ def cell(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.2f}"
+        if abs(value) >= 1000:
+            return f"{value:.0f}"
+        return f"{value:.3g}" if 0 < abs(value) < 0.1 else f"{value:.2f}"
     return str(value)
 
 

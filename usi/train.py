@@ -210,7 +210,8 @@ def build(recipe: Recipe, dist: distributed.Dist, run_dir: Path) -> Run:
     if recipe.run.channels_last:
         raw.to(memory_format=torch.channels_last)
 
-    t_train, t_eval = train_transform(recipe.aug, input_size, mean, std), eval_transform(recipe.aug, input_size, mean, std)
+    t_train = train_transform(recipe.aug, input_size, mean, std)
+    t_eval = eval_transform(recipe.aug, input_size, mean, std)
     eval_batch = recipe.data.eval_batch_size or 2 * recipe.data.batch_size
     if isinstance(train_set, ShardSplit):
         train_loader = ShardTrainLoader(train_set.urls, train_set.counts, t_train, recipe.data.batch_size,
