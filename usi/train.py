@@ -31,7 +31,12 @@ from usi.teacher import build_teacher
 log = logging.getLogger("usi")
 
 LOWER_IS_BETTER = {"nll", "ece", "kl"}
-RESUME_IGNORES = {("run", "resume"), ("run", "stop_after")}  # keys that may differ between a run and its resumption
+# Keys that may change when a run is resumed (another machine, a moved dataset): none changes what is
+# trained, though a different data.workers gives different augmentation draws from then on.
+RESUME_IGNORES = {("run", "resume"), ("run", "stop_after"), ("run", "log_interval"), ("run", "ckpt_every_steps"),
+                  ("run", "max_nonfinite"), ("run", "device"), ("data", "root"), ("data", "workers"),
+                  ("data", "eval_batch_size"), ("data", "max_bad_samples"), ("data", "train_shards"),
+                  ("data", "val_shards")}
 
 
 # ---------------------------------------------------------------- run directory
