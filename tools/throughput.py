@@ -38,21 +38,25 @@ from usi.engine import Parts, forward_backward, optimizer_update, prepare_batch 
 from usi.teacher import Teacher, fold_batchnorm  # noqa: E402
 
 
-def median_ms(fn, warmup: int, runs: int, device: torch.device) -> float:
+def interleaved_medians(fns: dict, warmup: int, runs: int, device: torch.device) -> dict[str, float]:
+    """Median ms of each callable, timed round-robin so that drift of the machine (clocks, caches,
+    other load) falls on every candidate alike rather than on whichever ran last."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(warmup):
-        fn()
-    times = []
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(runs):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def build(student_name, teacher_name, args, device):
@@ -96,22 +100,15 @@ def measure(student_name, args, device) -> dict:
     out = {"model": student_name, "teacher": args.teacher, "batch": args.batch, "input_size": size,
            "device": str(device), "amp": args.amp if amp else "fp32", "channels_last": args.channels_last,
            "compile": args.compile, "teacher_bn_folded": folded}
-    t = lambda fn: median_ms(fn, args.warmup, args.runs, device)  # noqa: E731
-
     alone = parts_for(student, None, amp, args, device)
-    out["student_ms"] = t(lambda: usi_step(alone, x, y))
+    kd = parts_for(student, usi_teacher, amp, args, device)
 
     def teacher_fwd(model):
         with ctx(), torch.no_grad():
             model(xt)
 
-    out["teacher_ms"] = t(lambda: teacher_fwd(usi_teacher))
-    kd = parts_for(student, usi_teacher, amp, args, device)
-    out["kd_ms"] = t(lambda: usi_step(kd, x, y))
-
     # timm's own task on the same student (a fresh copy of its weights), teacher and batch
     timm_teacher = DistillationTeacher(copy.deepcopy(teacher_model), device=device)
-    out["timm_teacher_ms"] = t(lambda: teacher_fwd(timm_teacher))
     timm_student = copy.deepcopy(student)
     task = LogitDistillationTask(timm_student, timm_teacher, criterion=timm.loss.SoftTargetCrossEntropy(),
                                  distill_loss_weight=5.0, task_loss_weight=1.0, temperature=1.0,
@@ -133,7 +130,10 @@ def measure(student_name, args, device) -> dict:
         timm_opt.zero_grad(set_to_none=True)
 
     task.train()
-    out["timm_task_ms"] = t(timm_step)
+    out.update({f"{k}_ms": v for k, v in interleaved_medians({
+        "student": lambda: usi_step(alone, x, y), "teacher": lambda: teacher_fwd(usi_teacher),
+        "kd": lambda: usi_step(kd, x, y), "timm_task": timm_step, "timm_teacher": lambda: teacher_fwd(timm_teacher),
+    }, args.warmup, args.runs, device).items()})
     out["overhead"] = out["kd_ms"] / (out["student_ms"] + out["teacher_ms"])
     out["vs_timm_task"] = out["kd_ms"] / out["timm_task_ms"]
     out["teacher_speedup"] = out["timm_teacher_ms"] / out["teacher_ms"]
