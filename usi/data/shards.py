@@ -120,7 +120,6 @@ class ShardTrainLoader:
                                  pin_memory=device.type == "cuda", drop_last=True, generator=self.generator,
                                  prefetch_factor=4 if workers else None)
         self.prefetch = PrefetchLoader(self.loader, mean=mean, std=std, device=device)
-        self.dataset = self.stream
 
     def steps_per_epoch(self) -> int:
         return self.total // self.world // self.batch_size
@@ -141,10 +140,10 @@ class ShardTrainLoader:
                     yield batch
                 if produced >= self.steps_per_epoch():
                     return
-            passes += 1  # this rank's shards ran short: another pass, bounded by one shard
+            passes += 1  # this rank's shards ran short: another pass (another shard order), bounded by one shard
             self.stream.epoch += 10_000 * passes
             if passes > 2:
-                raise UsageError("a rank's shards hold fewer than half an epoch of samples; check index.json")
+                raise UsageError("a rank's shards hold less than a third of its epoch; check index.json's counts")
 
 
 def shard_eval_loader(urls, transform, batch_size, workers, world, rank, mean, std, device) -> PrefetchLoader:
