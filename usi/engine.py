@@ -6,12 +6,14 @@ only every `log_interval` steps. The engine knows nothing about YAML or files.
 from __future__ import annotations
 
 import contextlib
+import statistics
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 from timm.data import Mixup
+from timm.data.mixup import mixup_target
 
 from usi import distributed
 from usi.loss import usi_loss
@@ -80,9 +82,7 @@ def prepare_batch(parts: Parts, x: torch.Tensor, y: torch.Tensor):
     if parts.mixup is not None:
         x, y = parts.mixup(x, y)
     else:
-        off = parts.label_smoothing / parts.num_classes
-        y = torch.full((len(y), parts.num_classes), off, device=x.device).scatter_(
-            1, y[:, None], 1.0 - parts.label_smoothing + off)
+        y = mixup_target(y, parts.num_classes, smoothing=parts.label_smoothing)
     if parts.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y
@@ -138,7 +138,6 @@ def train_one_epoch(parts: Parts, batches, epoch: int, epochs: int, start_step: 
     sums = torch.zeros(2, device=parts.device)
     counted, rate, timer_images, last = 0, Rate(), 0, {}
     rates = []
-    step = start_step
     for step in range(start_step, steps):
         try:
             x, y = next(batches)
@@ -160,19 +159,19 @@ def train_one_epoch(parts: Parts, batches, epoch: int, epochs: int, start_step: 
             if on_update is not None:
                 on_update(step + 1, num_updates)
         if (step + 1) % log_interval == 0 or step + 1 == steps:
-            last = read_logs(parts, sums, counted, guard, num_updates)
+            last = read_logs(parts, sums, counted, guard)
             rates.append(rate(timer_images))
             timer_images = 0
             progress.show(step_line(epoch, epochs, step + 1, steps, {
                 "task": last["task_loss"], "kd": last["kd_loss"], "lr": last["lr"], "img/s": round(rates[-1])}))
     progress.done()
     if counted and not last:
-        last = read_logs(parts, sums, counted, guard, num_updates)
-    last["img_per_s"] = float(sorted(rates)[len(rates) // 2]) if rates else 0.0
+        last = read_logs(parts, sums, counted, guard)
+    last["img_per_s"] = float(statistics.median(rates)) if rates else 0.0
     return last, num_updates
 
 
-def read_logs(parts: Parts, sums: torch.Tensor, counted: int, guard: Guard, num_updates: int) -> dict:
+def read_logs(parts: Parts, sums: torch.Tensor, counted: int, guard: Guard) -> dict:
     """The one host sync of a logging interval; stops the run after too many bad updates in a row."""
     task, kd, skipped, worst, worst_step = torch.cat([
         sums / max(counted, 1), torch.stack([guard.skipped, guard.worst, guard.worst_step]).float()]).tolist()

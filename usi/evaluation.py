@@ -10,19 +10,18 @@ import json
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from timm.data import resolve_model_data_config
 
 from usi import checkpoint, distributed
 from usi import recipe as recipe_mod
-from usi.data import ImageFolder, eval_loader, eval_transform
+from usi.data import ImageFolder, eval_transform
 from usi.engine import Parts, evaluate
 from usi.errors import UsageError
 from usi.logit_cache import teacher_val_logits
 from usi.teacher import build_teacher
-from usi.data.shards import read_index, shard_eval_loader
-from usi.train import ShardSplit, create_student
+from usi.data.shards import ShardSplit, read_index
+from usi.train import amp_dtype, create_student, make_val_loader
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, dict], str, list[str]]:
@@ -66,21 +65,17 @@ def run_eval(recipe, variants, classes, trained_size, dist, path) -> dict | None
     data_cfg = resolve_model_data_config(first)
     size = recipe.data.input_size or data_cfg["input_size"][-1]
     mean, std = data_cfg["mean"], data_cfg["std"]
-    transform = eval_transform(recipe.aug, size, mean, std)
-    batch = recipe.data.eval_batch_size or 2 * recipe.data.batch_size
+    split_dir = Path(recipe.data.root) / recipe.data.val_split
     if recipe.data.format == "shards":
-        val = ShardSplit(*read_index(Path(recipe.data.root) / recipe.data.val_split, recipe.data.val_shards))
+        val = ShardSplit(*read_index(split_dir, recipe.data.val_shards))
         if val.classes != classes:
             raise UsageError(f"the val shards' classes differ from the {len(classes)} classes {path} was trained on")
-        loader = shard_eval_loader(val.urls, transform, batch, recipe.data.workers, dist.world, dist.rank, mean, std,
-                                   dist.device)
     else:
-        val = ImageFolder(Path(recipe.data.root) / recipe.data.val_split, classes=classes, transform=transform)
-        loader = eval_loader(val, batch, recipe.data.workers, dist.world, dist.rank, mean, std, dist.device)
-    use_amp = dist.device.type == "cuda" and recipe.run.amp != "none"
+        val = ImageFolder(split_dir, classes=classes)
+    loader = make_val_loader(recipe.data, val, eval_transform(recipe.aug, size, mean, std), dist, mean, std)
     parts = Parts(student=first, raw=first, teacher=None, ema=None, optimizer=None, scheduler=None, scaler=None,
                   mixup=None, num_classes=len(classes), device=dist.device,
-                  amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.run.amp) if use_amp else None)
+                  amp_dtype=amp_dtype(recipe.run.amp, dist.device))
     report = {"checkpoint": str(path), "model": recipe.model.name, "input_size": size,
               "crop_pct": recipe.aug.eval_crop_pct, "images": len(val)}
     logits = None

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from usi import checkpoint, distributed
 from usi.data import ImageFolder, TrainLoader, eval_loader, eval_transform, train_transform
 from usi.data.loader import seed_everything
-from usi.data.shards import ShardTrainLoader, read_index, shard_eval_loader
+from usi.data.shards import ShardSplit, ShardTrainLoader, read_index, shard_eval_loader
 from usi.engine import Guard, NonFiniteError, Parts, evaluate, train_one_epoch
 from usi.errors import UsageError
 from usi.logit_cache import teacher_val_logits
@@ -129,18 +129,6 @@ def load_datasets(data_cfg) -> tuple[ImageFolder, ImageFolder]:
     return train, val
 
 
-@dataclass
-class ShardSplit:
-    """A sharded split as the trainer sees it: where, how many, which classes, and its bad-sample counter."""
-    urls: list[str]
-    counts: list[int]
-    classes: list[str]
-    bad: torch.Tensor = None
-
-    def __len__(self) -> int:
-        return sum(self.counts)
-
-
 def load_shard_splits(data_cfg, root: Path) -> tuple[ShardSplit, ShardSplit]:
     train = ShardSplit(*read_index(root / data_cfg.train_split, data_cfg.train_shards))
     val = ShardSplit(*read_index(root / data_cfg.val_split, data_cfg.val_shards))
@@ -164,6 +152,25 @@ def create_student(model_cfg, num_classes: int, input_size: int | None) -> torch
         return timm.create_model(model_cfg.name, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as e:
         raise UsageError(f"model.kwargs {kwargs} do not fit {model_cfg.name}: {e}") from None
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16/fp16 on GPU as the recipe says; CPU always runs fp32."""
+    if device.type != "cuda":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+
+
+def make_val_loader(data_cfg, val_set, transform, dist: distributed.Dist, mean, std):
+    """The exact (every sample once across ranks) validation loader, from an image folder or shards."""
+    batch = data_cfg.eval_batch_size or 2 * data_cfg.batch_size
+    if isinstance(val_set, ShardSplit):
+        loader = shard_eval_loader(val_set.urls, transform, batch, data_cfg.workers, dist.world, dist.rank,
+                                   mean, std, dist.device)
+        val_set.bad = loader.dataset.bad
+        return loader
+    val_set.transform = transform
+    return eval_loader(val_set, batch, data_cfg.workers, dist.world, dist.rank, mean, std, dist.device)
 
 
 def batch_plan(recipe: Recipe, world: int) -> tuple[int, float, str]:
@@ -205,8 +212,7 @@ def build(recipe: Recipe, dist: distributed.Dist, run_dir: Path) -> Run:
     input_size = recipe.data.input_size or data_cfg["input_size"][-1]
     mean, std = data_cfg["mean"], data_cfg["std"]
     device = dist.device
-    use_amp = device.type == "cuda" and recipe.run.amp != "none"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.run.amp) if use_amp else None
+    amp = amp_dtype(recipe.run.amp, device)
 
     teacher = None
     if recipe.kd:
@@ -217,19 +223,16 @@ def build(recipe: Recipe, dist: distributed.Dist, run_dir: Path) -> Run:
 
     t_train = train_transform(recipe.aug, input_size, mean, std)
     t_eval = eval_transform(recipe.aug, input_size, mean, std)
-    eval_batch = recipe.data.eval_batch_size or 2 * recipe.data.batch_size
     if isinstance(train_set, ShardSplit):
         train_loader = ShardTrainLoader(train_set.urls, train_set.counts, t_train, recipe.data.batch_size,
                                         recipe.data.workers, dist.world, dist.rank, recipe.aug.repeats,
                                         recipe.run.seed, mean, std, device)
-        val_loader = shard_eval_loader(val_set.urls, t_eval, eval_batch, recipe.data.workers, dist.world, dist.rank,
-                                       mean, std, device)
-        train_set.bad, val_set.bad = train_loader.stream.bad, val_loader.dataset.bad
+        train_set.bad = train_loader.stream.bad
     else:
-        train_set.transform, val_set.transform = t_train, t_eval
+        train_set.transform = t_train
         train_loader = TrainLoader(train_set, recipe.data.batch_size, recipe.data.workers, dist.world, dist.rank,
                                    recipe.aug.repeats, recipe.run.seed, mean, std, device)
-        val_loader = eval_loader(val_set, eval_batch, recipe.data.workers, dist.world, dist.rank, mean, std, device)
+    val_loader = make_val_loader(recipe.data, val_set, t_eval, dist, mean, std)
     steps = train_loader.steps_per_epoch()
     if recipe.run.max_steps:
         steps = min(steps, recipe.run.max_steps)
@@ -272,8 +275,8 @@ def build(recipe: Recipe, dist: distributed.Dist, run_dir: Path) -> Run:
                       switch_prob=a.mixup_switch_prob, mode=a.mixup_mode, label_smoothing=a.label_smoothing,
                       num_classes=num_classes)
     parts = Parts(student=student, raw=raw, teacher=teacher, ema=ema, optimizer=optimizer, scheduler=scheduler,
-                  scaler=torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None, mixup=mixup,
-                  num_classes=num_classes, device=device, amp_dtype=amp_dtype,
+                  scaler=torch.amp.GradScaler("cuda") if amp == torch.float16 else None, mixup=mixup,
+                  num_classes=num_classes, device=device, amp_dtype=amp,
                   channels_last=recipe.run.channels_last, accum_steps=accum, clip_grad=recipe.optim.clip_grad,
                   kd_weight=recipe.loss.kd_weight, temperature=recipe.loss.temperature,
                   hard_label=recipe.loss.hard_label, label_smoothing=a.label_smoothing)

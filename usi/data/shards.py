@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
@@ -32,6 +33,18 @@ from usi.errors import UsageError
 
 log = logging.getLogger("usi")
 SLOTS = 256  # bad-sample counter slots, one per loader worker
+
+
+@dataclass
+class ShardSplit:
+    """A sharded split as the trainer sees it: where, how many, which classes, and its bad-sample counter."""
+    urls: list[str]
+    counts: list[int]
+    classes: list[str]
+    bad: torch.Tensor = None
+
+    def __len__(self) -> int:
+        return sum(self.counts)
 
 
 def read_index(split_dir: Path, pattern: str | None = None) -> tuple[list[str], list[int], list[str]]:
