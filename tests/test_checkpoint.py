@@ -1,8 +1,8 @@
 
 import pytest
 import torch
-
 from conftest import Payload
+
 from usi import checkpoint
 from usi.errors import UsageError
 

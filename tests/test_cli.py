@@ -3,9 +3,9 @@ import json
 
 import pytest
 import torch
+from conftest import TINY, read_jsonl, usi_cmd
 from safetensors.torch import load_file
 
-from conftest import TINY, read_jsonl, usi_cmd
 from usi import recipe as recipe_mod
 
 

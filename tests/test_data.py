@@ -1,10 +1,11 @@
 import collections
 
 import pytest
+import torch
 from PIL import Image
 
-from usi.data.folder import ImageFolder
-from usi.data.loader import EpochSampler, ShardSampler
+from usi.data.folder import FolderSplit
+from usi.data.loader import EpochSampler, StridedSampler
 from usi.errors import UsageError
 
 
@@ -24,36 +25,38 @@ def test_odd_images_are_converted_and_broken_ones_skipped_and_counted(tmp_path):
     full = tmp_path / "b" / "full.jpg"
     image(full, size=(64, 64))
     (tmp_path / "b" / "truncated.jpg").write_bytes(full.read_bytes()[:200])
-    ds = ImageFolder(tmp_path)
-    assert ds.classes == ["a", "b"] and len(ds) == 8
+    split = FolderSplit(tmp_path)
+    ds = split.dataset(None)
+    assert split.classes == ["a", "b"] and len(ds) == 8
     loaded = [ds[i] for i in range(len(ds))]
     assert all(img.mode == "RGB" for img, _ in loaded)
-    assert ds.bad_count() == 3  # empty, text, truncated: each replaced by the next readable image
+    cpu = torch.device("cpu")
+    assert split.bad_count(cpu) == 3  # empty, text, truncated: each replaced by the next readable image
     again = [ds[i] for i in range(len(ds))]  # a second epoch: the same 3 files, not 6
-    assert ds.bad_count() == 3 and [y for _, y in again] == [y for _, y in loaded]
+    assert split.bad_count(cpu) == 3 and [y for _, y in again] == [y for _, y in loaded]
 
 
 def test_empty_class_folder_is_refused(tmp_path):
     image(tmp_path / "a" / "x.jpg")
     (tmp_path / "b").mkdir()
     with pytest.raises(UsageError, match=r"class folder .*b has no images"):
-        ImageFolder(tmp_path)
+        FolderSplit(tmp_path)
 
 
 def test_val_class_missing_from_train_is_refused_and_labels_follow_train(tmp_path):
     for c in ("a", "b", "c"):
         image(tmp_path / "train" / c / "x.jpg")
     image(tmp_path / "val" / "c" / "x.jpg")  # a and b missing: c must keep label 2
-    train = ImageFolder(tmp_path / "train")
-    assert ImageFolder(tmp_path / "val", classes=train.classes).targets == [2]
+    train = FolderSplit(tmp_path / "train")
+    assert FolderSplit(tmp_path / "val", classes=train.classes).targets == [2]
     image(tmp_path / "val" / "zebra" / "x.jpg")
     with pytest.raises(UsageError, match="class folder 'zebra' that the training split does not have"):
-        ImageFolder(tmp_path / "val", classes=train.classes)
+        FolderSplit(tmp_path / "val", classes=train.classes)
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
-        ImageFolder(tmp_path / "nope")
+        FolderSplit(tmp_path / "nope")
 
 
 def test_repeated_augmentation_repeats_each_sample_three_times_across_ranks():
@@ -70,18 +73,18 @@ def test_repeated_augmentation_repeats_each_sample_three_times_across_ranks():
 
 
 def test_sampler_order_depends_on_seed_and_epoch_and_skips_on_resume():
-    s = EpochSampler(list(range(300)), 1, 0, 3, seed=1)
+    s = EpochSampler(list(range(300)), world=1, rank=0, repeats=3, seed=1)
     s.set_epoch(0)
     a = list(s)
     s.set_epoch(1)
     assert list(s) != a
     s.set_epoch(0, skip=10)
     assert list(s) == a[10:]
-    other = EpochSampler(list(range(300)), 1, 0, 3, seed=2)
+    other = EpochSampler(list(range(300)), world=1, rank=0, repeats=3, seed=2)
     other.set_epoch(0)
     assert list(other) != a
 
 
-def test_shard_sampler_covers_every_index_exactly_once():
-    shards = [list(ShardSampler(15, 4, r)) for r in range(4)]
+def test_strided_sampler_covers_every_index_exactly_once():
+    shards = [list(StridedSampler(15, 4, r)) for r in range(4)]
     assert sorted(i for s in shards for i in s) == list(range(15))

@@ -2,7 +2,8 @@ import pytest
 import torch
 from timm.data import Mixup
 
-from usi.engine import Guard, NonFiniteError, Parts, train_one_epoch
+from usi.engine import Compute, Guard, NonFiniteError, Position, StepConfig, TrainState, train_one_epoch
+from usi.loss import DistillLoss
 from usi.progress import Progress
 from usi.teacher import Teacher
 
@@ -22,9 +23,10 @@ class Spy(torch.nn.Module):
 def make_parts(student, teacher=None, mixup=True):
     opt = torch.optim.AdamW(student.parameters(), lr=0.1, fused=True)
     sched = type("S", (), {"step_update": lambda self, num_updates: None})()
-    return Parts(student=student, raw=student, teacher=teacher, ema=None, optimizer=opt, scheduler=sched,
-                 scaler=None, num_classes=4, device=torch.device("cpu"),
-                 mixup=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=4, label_smoothing=0) if mixup else None)
+    state = TrainState(student=student, wrapped=student, optimizer=opt, scheduler=sched, teacher=teacher,
+                       mixup=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=4, label_smoothing=0)
+                       if mixup else None)
+    return state, StepConfig(compute=Compute(torch.device("cpu")), num_classes=4, loss=DistillLoss())
 
 
 def batches(n, size=8):
@@ -34,13 +36,16 @@ def batches(n, size=8):
 
 
 def run(parts, steps, limit=100):
-    return train_one_epoch(parts, batches(steps), 0, 1, 0, steps, 0, Guard(torch.device("cpu"), limit), 1,
-                           Progress(False), 8)
+    state, cfg = parts
+    return train_one_epoch(state, cfg, batches(steps), start=Position(0, 0, 0), steps=steps, epochs=1,
+                           guard=Guard(torch.device("cpu"), limit), progress=Progress(False), log_interval=1,
+                           images_per_step=8)
 
 
 def test_teacher_and_student_receive_the_same_mixed_batch():
     teacher_model = Spy()
-    teacher = Teacher(teacher_model, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3)
+    teacher = Teacher(teacher_model, student_mean=(0.5,) * 3, student_std=(0.5,) * 3, teacher_mean=(0.5,) * 3,
+                      teacher_std=(0.5,) * 3)
     student = Spy()
     raw_inputs = [x for x, _ in batches(3)]
     run(make_parts(student, teacher), 3)

@@ -75,3 +75,13 @@ def test_sums_without_teacher_report_no_fidelity_and_empty_reports_count_zero():
     assert sums.result() == {"count": 0}
     sums.add(torch.randn(3, 4), torch.tensor([0, 1, 2]))
     assert "agreement" not in sums.result() and "kl" not in sums.result()
+
+
+def test_better_and_best_of_follow_each_metrics_direction():
+    from usi.metrics import best_of, better
+    assert better("top1", 50.0, 40.0) and not better("top1", 40.0, 50.0)
+    assert better("nll", 0.5, 0.9) and not better("nll", 0.9, 0.5)
+    assert better("kl", 1.0, None) and better("ece", 3.0, float("nan")) and not better("top1", float("nan"), 1.0)
+    assert best_of({"raw": 0.4, "ema": 0.3}, "nll") == "ema"
+    assert best_of({"raw": 70.0, "ema": 71.0}, "top1") == "ema"
+    assert best_of({"raw": float("nan"), "ema": 1.0}, "top1") == "ema"

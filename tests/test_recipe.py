@@ -64,6 +64,8 @@ def test_run_dir_template_fills_in_the_model_name():
     (["run.resume=/no/such.pt"], "run.resume='/no/such.pt' must be never, auto or an existing checkpoint file"),
     (["run.dir=runs/{model.nme}"], "run.dir 'runs/{model.nme}': unknown field"),
     (["lr=1e-3"], "must name a section and a key"),
+    (["data.batch_size=7"], "data.batch_size=7 must be even for mixup/cutmix"),
+    (["optim.name=adamww"], "optim.name='adamww' is not a timm optimizer; did you mean 'adamw'?"),
     (["optim.lr"], "must look like section.key=value"),
 ])
 def test_bad_recipes_fail_with_one_clear_line(override, message):
@@ -86,3 +88,22 @@ def test_recipe_must_be_a_mapping(tmp_path):
     path.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(UsageError, match="must be a mapping"):
         R.load(path)
+
+
+def test_each_field_declares_its_facts_once_next_to_it():
+    import dataclasses
+    for section, cls in R.SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata["help"], f"{section}.{f.name} has no help text"
+    free = R.resume_free_keys()
+    # where the data lives and how often to log may change on resume; what is trained may not
+    assert {("data", "root"), ("data", "workers"), ("run", "resume"), ("run", "log_interval")} <= free
+    assert not free & {("optim", "lr"), ("model", "name"), ("data", "batch_size"), ("run", "seed")}
+
+
+def test_best_metric_choices_are_the_metrics_table():
+    from usi.metrics import METRICS
+    for name in METRICS:
+        assert R.load(None, [f"run.best_metric={name}"]).run.best_metric == name
+    with pytest.raises(UsageError, match="run.best_metric='acc' is not one of top1, top5, nll, ece, agreement, kl"):
+        R.load(None, ["run.best_metric=acc"])

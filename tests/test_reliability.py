@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY, Payload, read_jsonl, usi_cmd
 from safetensors.torch import save_file
 
-from conftest import Payload, REPO, TINY, read_jsonl, usi_cmd
 from usi import checkpoint
 
 

@@ -9,11 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, TINY, usi_cmd
 from PIL import Image
 
-from conftest import REPO, TINY, usi_cmd
-from usi.data.folder import ImageFolder
-from usi.data.shards import ShardStream, ShardTrainLoader, read_index
+from usi.data.folder import FolderSplit
+from usi.data.loader import InputSpec
+from usi.data.shards import ShardSplit, ShardStream, ShardTrainLoader, read_index
+from usi.distributed import Dist
 from usi.errors import UsageError
 
 
@@ -36,14 +38,18 @@ def shards(image_root, tmp_path_factory):
 
 
 def read_all(urls, rank=0, world=1, **kw):
-    return list(ShardStream(urls, None, rank, world, train=False, **kw))
+    return list(ShardStream(urls, None, rank=rank, world=world, train=False, **kw))
+
+
+SPEC = InputSpec(8, (0.5,) * 3, (0.5,) * 3)
 
 
 def test_folder_to_shards_keeps_every_image_and_label(image_root, shards):
-    folder = ImageFolder(image_root / "train")
+    folder = FolderSplit(image_root / "train")
     urls, counts, classes = read_index(shards / "train")
     assert classes == folder.classes and sum(counts) == len(folder) == 64 and len(urls) == 11
-    want = collections.Counter((digest(img), y) for img, y in (folder[i] for i in range(len(folder))))
+    images = folder.dataset(None)
+    want = collections.Counter((digest(img), y) for img, y in (images[i] for i in range(len(images))))
     got = collections.Counter((digest(img), y) for img, y in read_all(urls))
     assert got == want
 
@@ -59,13 +65,15 @@ def test_brace_patterns_and_pipe_commands_read_the_same_samples(shards):
 
 
 def test_two_ranks_cover_an_epoch_exactly_once_and_run_the_same_steps(shards):
-    urls, counts, _ = read_index(shards / "train")
+    split = ShardSplit(shards / "train")
+    urls, counts = split.urls, split.counts
     seen = [digest(img) for r in range(2) for img, _ in read_all(urls, rank=r, world=2)]
     assert len(seen) == sum(counts) == len(set(seen))
     steps = []
     for rank in range(2):
-        loader = ShardTrainLoader(urls, counts, lambda im: torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1),
-                                  4, 1, 2, rank, 1, 0, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+        loader = ShardTrainLoader(split, lambda im: torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1),
+                                  batch_size=4, workers=1, repeats=1, seed=0, spec=SPEC,
+                                  dist=Dist(rank=rank, world=2))
         steps.append(sum(1 for _ in loader.epoch(0)))
     assert steps == [64 // 2 // 4] * 2
 
@@ -77,9 +85,9 @@ def test_repeated_augmentation_yields_each_image_repeats_times(shards):
 
 
 def test_too_few_shards_for_ranks_and_workers_is_refused(shards):
-    urls, counts, _ = read_index(shards / "train")
+    split = ShardSplit(shards / "train")
     with pytest.raises(UsageError, match="11 shards cannot feed 4 processes x 4 loader workers"):
-        ShardTrainLoader(urls, counts, None, 4, 4, 4, 0, 1, 0, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+        ShardTrainLoader(split, None, batch_size=4, workers=4, repeats=1, seed=0, spec=SPEC, dist=Dist(rank=0, world=4))
 
 
 def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(shards, tmp_path):
@@ -94,7 +102,7 @@ def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(shards, tm
     cut = tmp_path / "cut.tar"
     data = open(urls[0], "rb").read()
     cut.write_bytes(data[: len(data) // 2])
-    stream = ShardStream([str(bad), str(cut)], None, 0, 1, train=False)
+    stream = ShardStream([str(bad), str(cut)], None, rank=0, world=1, train=False)
     items = list(stream)
     assert stream.bad_count() >= 2  # the bad jpeg and the truncated shard, each with a warning
     assert 1 <= len(items) < 1 + 6

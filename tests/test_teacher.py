@@ -3,12 +3,15 @@ import copy
 import pytest
 import timm
 import torch
+from conftest import Payload
 from safetensors.torch import save_file
 
-from conftest import Payload
 from usi.errors import UsageError
-from usi.recipe import Teacher as TeacherCfg
+from usi.recipe import TeacherSection as TeacherCfg
 from usi.teacher import Teacher, build_teacher, fold_batchnorm
+
+SAME = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3)
+HALF = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, device=torch.device("cpu"))
 
 
 def randomize_bn(model):
@@ -36,7 +39,7 @@ def test_normalization_bridge_is_the_exact_formula():
     s_mean, s_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     t_mean, t_std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)  # std_t != 1: the published code's formula is wrong here
     rec = Recorder()
-    teacher = Teacher(rec, s_mean, s_std, t_mean, t_std)
+    teacher = Teacher(rec, student_mean=s_mean, student_std=s_std, teacher_mean=t_mean, teacher_std=t_std)
     x = torch.randn(2, 3, 8, 8)
     teacher(x)
     view = lambda v: torch.tensor(v).view(1, 3, 1, 1)  # noqa: E731
@@ -49,13 +52,13 @@ def test_normalization_bridge_is_the_exact_formula():
 
 def test_teacher_with_the_same_normalization_passes_the_batch_through():
     rec = Recorder()
-    Teacher(rec, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3)(x := torch.randn(1, 3, 4, 4))
+    Teacher(rec, **SAME)(x := torch.randn(1, 3, 4, 4))
     assert torch.equal(rec.seen, x)
 
 
 def test_teacher_stays_frozen_in_eval_mode_after_train():
     model = timm.create_model("test_resnet", num_classes=5)
-    teacher = Teacher(model, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3)
+    teacher = Teacher(model, **SAME)
     teacher.train()
     assert not teacher.training and not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -67,7 +70,7 @@ def test_teacher_stays_frozen_in_eval_mode_after_train():
 
 def test_teacher_resizes_to_its_own_input_size():
     rec = Recorder()
-    Teacher(rec, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3, (0.5,) * 3, input_size=12)(torch.randn(1, 3, 20, 20))
+    Teacher(rec, **SAME, input_size=12)(torch.randn(1, 3, 20, 20))
     assert rec.seen.shape[-2:] == (12, 12)
 
 
@@ -111,7 +114,7 @@ def test_teacher_from_a_local_file_is_folded_and_matches_the_original(tmp_path):
     save_file(model.state_dict(), str(tmp_path / "t.safetensors"))
     cfg = TeacherCfg(name="test_resnet", weights=str(tmp_path / "t.safetensors"))
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    teacher = build_teacher(cfg, 4, mean, std, torch.device("cpu"))
+    teacher = build_teacher(cfg, 4, student_mean=mean, student_std=std, device=torch.device("cpu"))
     x = torch.randn(3, 3, 24, 24)
     with torch.no_grad():
         assert torch.allclose(teacher(x), model(x), atol=1e-4)
@@ -121,14 +124,14 @@ def test_teacher_class_count_mismatch_is_a_clear_error(tmp_path):
     write_teacher(tmp_path / "t.safetensors", 1000)
     cfg = TeacherCfg(name="test_resnet", weights=str(tmp_path / "t.safetensors"))
     with pytest.raises(UsageError, match="teacher test_resnet predicts 1000 classes but the dataset has 10"):
-        build_teacher(cfg, 10, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+        build_teacher(cfg, 10, **HALF)
 
 
 def test_teacher_weights_that_do_not_fit_the_architecture(tmp_path):
     save_file(timm.create_model("test_efficientnet", num_classes=4).state_dict(), str(tmp_path / "t.safetensors"))
     cfg = TeacherCfg(name="test_resnet", weights=str(tmp_path / "t.safetensors"))
     with pytest.raises(UsageError, match="do not fit test_resnet"):
-        build_teacher(cfg, 4, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+        build_teacher(cfg, 4, **HALF)
 
 
 
@@ -138,7 +141,7 @@ def test_teacher_file_with_a_pickle_payload_is_refused_without_running_it(tmp_pa
     torch.save({"model": Payload()}, tmp_path / "evil.pth")
     cfg = TeacherCfg(name="test_resnet", weights=str(tmp_path / "evil.pth"))
     with pytest.raises(UsageError, match="refused to load"):
-        build_teacher(cfg, 4, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+        build_teacher(cfg, 4, **HALF)
     assert not marker.exists()
 
 
@@ -148,4 +151,4 @@ def test_missing_pretrained_weights_say_what_to_do(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(UsageError, match="set teacher.weights to a local"):
-        build_teacher(TeacherCfg(name="resnet50"), 1000, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+        build_teacher(TeacherCfg(name="resnet50"), 1000, **HALF)

@@ -6,9 +6,8 @@ import subprocess
 import sys
 
 import timm
-from safetensors.torch import save_file
-
 from conftest import REPO, TINY
+from safetensors.torch import save_file
 
 
 def run_tool(*args, timeout=600):

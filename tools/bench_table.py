@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from usi import recipe as recipe_mod  # noqa: E402
 from usi import table  # noqa: E402
+from usi.rundir import read_summary  # noqa: E402
 
 DEFAULT_MODELS = ["resnet50", "mobilenetv3_large_100", "efficientnet_b0", "vit_small_patch16_224", "levit_384",
                   "convnext_small", "mixer_b16_224"]
@@ -39,7 +40,7 @@ def last_error(stderr: str) -> str:
     return (errors or lines or ["no output"])[-1].strip()[:200]
 
 
-def train(recipe_path: str, model: str, run_dir: Path, overrides: list[str], nproc: int, kd: bool) -> str:
+def train(recipe_path: str, model: str, run_dir: Path, *, overrides: list[str], nproc: int, kd: bool) -> str:
     """'' when the run finished (now or before), else the reason it did not."""
     if (run_dir / "summary.json").is_file():
         print(f"[table] {run_dir} already finished")
@@ -85,19 +86,19 @@ def main(argv=None) -> int:
         notes, metrics = [], {}
         for kd in {"both": (False, True), "on": (True,), "off": (False,)}[args.kd]:
             run_dir = args.out / f"{model}-{'kd' if kd else 'nokd'}"
-            reason = train(args.recipe, model, run_dir, args.overrides, args.nproc, kd)
+            reason = train(args.recipe, model, run_dir, overrides=args.overrides, nproc=args.nproc, kd=kd)
             if reason:
                 notes.append(f"{'KD' if kd else 'no KD'} failed: {reason}")
                 continue
             m = evaluate(run_dir, teacher_overrides if base.kd else [], args.overrides, args.nproc) or {}
-            m["train_img_s"] = (table.read_summary(run_dir) or {}).get("train_img_per_s")
+            m["train_img_s"] = (read_summary(run_dir) or {}).get("train_img_per_s")
             metrics["kd" if kd else "nokd"] = m
         try:
             size = base.data.input_size or 224
             cost = table.model_cost(model, 1000, size, torch.device(args.device), **base.model.kwargs)
         except Exception as e:  # an unknown name: the row still says what happened
             cost, notes = None, notes + [f"cost: {type(e).__name__}: {str(e)[:120]}"]
-        rows.append(table.row(model, metrics.get("nokd"), metrics.get("kd"), cost, "; ".join(notes)))
+        rows.append(table.row(model, nokd=metrics.get("nokd"), kd=metrics.get("kd"), cost=cost, note="; ".join(notes)))
     paths = table.write(rows, args.out, "table", f"USI recipe {args.recipe}, teacher {base.teacher.name}")
     print(paths["md"].read_text())
     print("written:", ", ".join(str(v) for v in paths.values()))

@@ -20,14 +20,15 @@ from torch.utils.data import DataLoader
 from timm.data.loader import fast_collate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from usi.data import ImageFolder, train_transform  # noqa: E402
-from usi.data.folder import load_rgb  # noqa: E402
+from usi.data import InputSpec  # noqa: E402
+from usi.data.folder import FolderSplit, load_rgb  # noqa: E402
+from usi.data.loader import train_transform  # noqa: E402
 from usi.data.shards import ShardStream, read_index  # noqa: E402
-from usi.recipe import Aug  # noqa: E402
+from usi.recipe import AugSection  # noqa: E402
 
 
 class DecodeOnly(torch.utils.data.Dataset):
-    def __init__(self, folder: ImageFolder):
+    def __init__(self, folder: FolderSplit):
         self.paths = [p for p, _ in folder.samples]
 
     def __len__(self):
@@ -58,8 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
-    transform = train_transform(Aug(), args.input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    folder = ImageFolder(args.folder, transform=transform)
+    transform = train_transform(AugSection(), InputSpec(args.input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    split = FolderSplit(args.folder)
+    folder = split.dataset(transform)
     urls, _, _ = read_index(args.shards)
     print(f"{len(folder)} images, {len(urls)} shards, input {args.input_size}, USI train augmentation; "
           f"median of {args.runs}; images/s per worker")
@@ -67,9 +69,10 @@ def main(argv=None) -> int:
     for w in args.workers:
         def med(make):
             return statistics.median(rate(make(), w, args.images) for _ in range(args.runs)) / max(w, 1)
-        decode = med(lambda: DecodeOnly(folder))
+        decode = med(lambda: DecodeOnly(split))
         from_folder = med(lambda: folder)
-        from_shards = med(lambda: ShardStream(urls, transform, 0, 1, repeats=1, train=True, shuffle_buffer=256))
+        from_shards = med(lambda: ShardStream(urls, transform, rank=0, world=1, repeats=1, train=True,
+                                              shuffle_buffer=256))
         print(f"| {w} | {decode:.0f} | {from_folder:.0f} | {from_shards:.0f} | {from_shards / from_folder:.2f} | "
               f"{from_shards / decode:.2f} |")
     return 0

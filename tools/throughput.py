@@ -34,7 +34,8 @@ from timm.data import Mixup, resolve_model_data_config
 from timm.task import DistillationTeacher, LogitDistillationTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from usi.engine import Parts, forward_backward, optimizer_update, prepare_batch  # noqa: E402
+from usi.engine import Compute, StepConfig, TrainState, forward_backward, optimizer_update, prepare_batch  # noqa: E402
+from usi.loss import DistillLoss  # noqa: E402
 from usi.teacher import Teacher, fold_batchnorm  # noqa: E402
 
 
@@ -70,25 +71,28 @@ def build(student_name, teacher_name, args, device):
     if args.channels_last:
         student.to(memory_format=torch.channels_last)
         folded.to(memory_format=torch.channels_last)
-    usi_teacher = Teacher(folded, s_cfg["mean"], s_cfg["std"], t_cfg["mean"], t_cfg["std"]).to(device)
+    usi_teacher = Teacher(folded, student_mean=s_cfg["mean"], student_std=s_cfg["std"], teacher_mean=t_cfg["mean"],
+                          teacher_std=t_cfg["std"]).to(device)
     if args.compile:
-        usi_teacher.model = torch.compile(usi_teacher.model)
+        usi_teacher.compile()
     return student, teacher_model, usi_teacher, size, amp, n
 
 
-def parts_for(student, teacher, amp, args, device):
+def step_for(student, teacher, *, amp, args, device) -> tuple[TrainState, StepConfig]:
     opt = timm.optim.create_optimizer_v2(student, "adamw", lr=1e-4, weight_decay=0.02, fused=True)
     sched = type("NoSched", (), {"step_update": lambda self, num_updates: None})()
-    return Parts(student=torch.compile(student) if args.compile else student, raw=student, teacher=teacher,
-                 ema=None, optimizer=opt, scheduler=sched, scaler=None, num_classes=args.classes, device=device,
-                 amp_dtype=amp, channels_last=args.channels_last,
-                 mixup=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=args.classes, label_smoothing=0))
+    state = TrainState(student=student, wrapped=torch.compile(student) if args.compile else student, optimizer=opt,
+                       scheduler=sched, teacher=teacher,
+                       mixup=Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, num_classes=args.classes, label_smoothing=0))
+    cfg = StepConfig(compute=Compute(device, amp, args.channels_last), num_classes=args.classes, loss=DistillLoss())
+    return state, cfg
 
 
-def usi_step(parts, x, y):
-    xm, ym = prepare_batch(parts, x, y)
-    forward_backward(parts, xm, ym, sync=True)
-    optimizer_update(parts)
+def usi_step(step, x, y):
+    state, cfg = step
+    xm, ym = prepare_batch(state, cfg, x, y)
+    forward_backward(state, cfg, xm, ym, sync=True)
+    optimizer_update(state, cfg)
 
 
 def measure(student_name, args, device) -> dict:
@@ -100,8 +104,8 @@ def measure(student_name, args, device) -> dict:
     out = {"model": student_name, "teacher": args.teacher, "batch": args.batch, "input_size": size,
            "device": str(device), "amp": args.amp if amp else "fp32", "channels_last": args.channels_last,
            "compile": args.compile, "teacher_bn_folded": folded}
-    alone = parts_for(student, None, amp, args, device)
-    kd = parts_for(student, usi_teacher, amp, args, device)
+    alone = step_for(student, None, amp=amp, args=args, device=device)
+    kd = step_for(student, usi_teacher, amp=amp, args=args, device=device)
 
     def teacher_fwd(model):
         with ctx(), torch.no_grad():

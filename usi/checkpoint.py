@@ -80,6 +80,40 @@ def export_weights(state_dict: dict, path: Path, metadata: dict[str, str]) -> No
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def capture(state, *, recipe_yaml: str, classes: list[str], at, best: dict) -> dict:
+    """The full training state of a TrainState at Position `at`: everything a resume needs."""
+    return {
+        "recipe": recipe_yaml,
+        "student": state.student.state_dict(),
+        "ema": state.ema.module.state_dict() if state.ema is not None else {},
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else {},
+        "classes": classes,
+        "epoch": at.epoch,  # the epoch to run next (or the one in progress)
+        "step": at.step,  # the next step within it
+        "num_updates": at.updates,
+        "best": best,
+    }
+
+
+def restore(state, path: Path) -> dict:
+    """Load a checkpoint into a TrainState; returns the checkpoint (for its position and best)."""
+    saved = load(path)
+    try:
+        state.student.load_state_dict(saved["student"])
+        if state.ema is not None and saved["ema"]:
+            state.ema.module.load_state_dict(saved["ema"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UsageError(f"checkpoint {path} does not fit this recipe's model/optimizer: "
+                         f"{str(e).strip().splitlines()[0][:200]}") from None
+    state.scheduler.load_state_dict(saved["scheduler"])
+    if state.scaler is not None and saved["scaler"]:
+        state.scaler.load_state_dict(saved["scaler"])
+    return saved
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 

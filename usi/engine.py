@@ -2,6 +2,9 @@
 
 No host-device sync per step: losses and the non-finite guard accumulate on the device and are read
 only every `log_interval` steps. The engine knows nothing about YAML or files.
+
+What a step reads is split in two: `StepConfig`, the constant settings (precision, accumulation,
+clipping, the loss), and `TrainState`, the mutable objects (models, optimizer, scheduler, EMA).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
 from usi import distributed
-from usi.loss import usi_loss
+from usi.loss import DistillLoss
 from usi.metrics import MetricSums
 from usi.progress import Progress, Rate, step_line
 
@@ -25,27 +28,52 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-@dataclass
-class Parts:
-    """Everything a training step touches."""
-    student: nn.Module  # what runs forward/backward: DDP-wrapped under torchrun, possibly compiled
-    raw: nn.Module  # the unwrapped student (EMA source, checkpoints, evaluation)
-    teacher: nn.Module | None
-    ema: object | None  # timm ModelEmaV3
-    optimizer: torch.optim.Optimizer
-    scheduler: object  # timm scheduler, stepped per optimizer update
-    scaler: torch.amp.GradScaler | None
-    mixup: Mixup | None
-    num_classes: int
+@dataclass(frozen=True)
+class Compute:
+    """How tensors are computed: the device, the autocast dtype (None: fp32) and the memory format."""
     device: torch.device
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """A training step's constant settings."""
+    compute: Compute
+    num_classes: int
+    loss: DistillLoss
     accum_steps: int = 1
     clip_grad: float | None = None
-    kd_weight: float = 5.0
-    temperature: float = 1.0
-    hard_label: bool = True
     label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainState:
+    """The mutable objects a training step touches."""
+    student: nn.Module  # the plain student: EMA source, checkpoints, evaluation
+    wrapped: nn.Module  # the student as trained: DDP-wrapped under torchrun, compiled when asked
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # timm scheduler, stepped per optimizer update
+    teacher: nn.Module | None = None
+    ema: object | None = None  # timm ModelEmaV3
+    scaler: torch.amp.GradScaler | None = None
+    mixup: Mixup | None = None
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: `step` is the next step of `epoch`, after `updates` optimizer updates."""
+    epoch: int
+    step: int
+    updates: int
 
 
 @dataclass
@@ -71,55 +99,51 @@ class Guard:
         self.worst = torch.maximum(self.worst, self.streak)
 
 
-def autocast(parts: Parts):
-    if parts.amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(parts.device.type, dtype=parts.amp_dtype)
+def due(count: int, every: int, last: int | None = None) -> bool:
+    """The one predicate for periodic actions: every `every`-th count, and at `last`."""
+    return (every > 0 and count % every == 0) or count == last
 
 
-def prepare_batch(parts: Parts, x: torch.Tensor, y: torch.Tensor):
+def prepare_batch(state: TrainState, cfg: StepConfig, x: torch.Tensor, y: torch.Tensor):
     """Mixup/cutmix once: the student and the teacher see this same tensor."""
-    if parts.mixup is not None:
-        x, y = parts.mixup(x, y)
+    if state.mixup is not None:
+        x, y = state.mixup(x, y)
     else:
-        y = mixup_target(y, parts.num_classes, smoothing=parts.label_smoothing)
-    if parts.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y
+        y = mixup_target(y, cfg.num_classes, smoothing=cfg.label_smoothing)
+    return cfg.compute.layout(x), y
 
 
-def forward_backward(parts: Parts, x: torch.Tensor, y: torch.Tensor, sync: bool):
+def forward_backward(state: TrainState, cfg: StepConfig, x: torch.Tensor, y: torch.Tensor, *, sync: bool):
     """Returns detached (task, kd) losses of this micro-batch; gradients are accumulated."""
-    no_sync = getattr(parts.student, "no_sync", None)
+    no_sync = getattr(state.wrapped, "no_sync", None)
     with (no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()):
-        with autocast(parts):
-            teacher_logits = parts.teacher(x) if parts.teacher is not None else None
-            student_logits = parts.student(x)
-        task, kd = usi_loss(student_logits, y, teacher_logits, parts.kd_weight, parts.temperature,
-                            parts.hard_label)
-        loss = (task + kd) / parts.accum_steps
-        (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
+        with cfg.compute.autocast():
+            teacher_logits = state.teacher(x) if state.teacher is not None else None
+            student_logits = state.wrapped(x)
+        task, kd = cfg.loss(student_logits, y, teacher_logits)
+        loss = (task + kd) / cfg.accum_steps
+        (state.scaler.scale(loss) if state.scaler is not None else loss).backward()
     return task.detach(), kd.detach()
 
 
-def optimizer_update(parts: Parts) -> torch.Tensor:
+def optimizer_update(state: TrainState, cfg: StepConfig) -> torch.Tensor:
     """Clip, step (skipped when the gradient norm is not finite), zero. Returns the skip flag.
 
     The norm is taken after DDP's all-reduce, so every rank makes the same decision. Fused AdamW
     reads `found_inf` on the device and skips without a host sync, as it does under GradScaler.
     """
-    opt = parts.optimizer
-    if parts.scaler is not None:
-        parts.scaler.unscale_(opt)
-    params = [p for p in parts.raw.parameters() if p.grad is not None]
-    if parts.clip_grad:
-        norm = torch.nn.utils.clip_grad_norm_(params, parts.clip_grad)
+    opt = state.optimizer
+    if state.scaler is not None:
+        state.scaler.unscale_(opt)
+    params = [p for p in state.student.parameters() if p.grad is not None]
+    if cfg.clip_grad:
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     bad = ~torch.isfinite(norm)
-    if parts.scaler is not None:
-        parts.scaler.step(opt)  # skips non-finite steps itself
-        parts.scaler.update()
+    if state.scaler is not None:
+        state.scaler.step(opt)  # skips non-finite steps itself
+        state.scaler.update()
     elif getattr(opt, "_step_supports_amp_scaling", False) and opt.defaults.get("fused"):
         opt.found_inf = bad.float()
         opt.step()
@@ -130,60 +154,67 @@ def optimizer_update(parts: Parts) -> torch.Tensor:
     return bad
 
 
-def train_one_epoch(parts: Parts, batches, epoch: int, epochs: int, start_step: int, steps: int,
-                    num_updates: int, guard: Guard, log_interval: int, progress: Progress,
-                    images_per_step: int, on_update: Callable[[int, int], None] | None = None) -> tuple[dict, int]:
-    """Runs steps [start_step, steps) of `epoch`; returns (mean losses and throughput, num_updates)."""
-    parts.student.train()
-    sums = torch.zeros(2, device=parts.device)
-    counted, rate, timer_images, last = 0, Rate(), 0, {}
-    rates = []
-    for step in range(start_step, steps):
+def train_one_epoch(state: TrainState, cfg: StepConfig, batches, *, start: Position, steps: int, epochs: int,
+                    guard: Guard, progress: Progress, log_interval: int, images_per_step: int,
+                    on_update: Callable[[Position], None] | None = None) -> tuple[dict, int]:
+    """Runs steps [start.step, steps) of start.epoch; returns (mean losses and throughput, updates).
+
+    on_update(position) is called after every optimizer update with the position to resume from.
+    """
+    state.wrapped.train()
+    sums = torch.zeros(2, device=cfg.compute.device)
+    counted, rate, timer_images, last, rates = 0, Rate(), 0, {}, []
+    updates = start.updates
+    for step in range(start.step, steps):
+        # ---- forward and backward on one (mixed) batch
         try:
             x, y = next(batches)
         except StopIteration:
             break
-        x, y = prepare_batch(parts, x, y)
-        sync = (step + 1) % parts.accum_steps == 0
-        task, kd = forward_backward(parts, x, y, sync)
+        x, y = prepare_batch(state, cfg, x, y)
+        sync = (step + 1) % cfg.accum_steps == 0
+        task, kd = forward_backward(state, cfg, x, y, sync=sync)
         sums += torch.stack([task, kd])
         counted += 1
         timer_images += images_per_step
+        # ---- update: optimizer, lr, EMA, non-finite guard
         if sync:
-            bad = optimizer_update(parts)
-            num_updates += 1
-            parts.scheduler.step_update(num_updates=num_updates)
-            if parts.ema is not None:
-                parts.ema.update(parts.raw, step=num_updates)
-            guard.record(bad, num_updates)
+            bad = optimizer_update(state, cfg)
+            updates += 1
+            state.scheduler.step_update(num_updates=updates)
+            if state.ema is not None:
+                state.ema.update(state.student, step=updates)
+            guard.record(bad, updates)
             if on_update is not None:
-                on_update(step + 1, num_updates)
-        if (step + 1) % log_interval == 0 or step + 1 == steps:
-            last = read_logs(parts, sums, counted, guard)
+                on_update(Position(start.epoch, step + 1, updates))
+        # ---- logging: the one host sync of an interval
+        if due(step + 1, log_interval, last=steps):
+            last = read_logs(state, sums, counted, guard)
             rates.append(rate(timer_images))
             timer_images = 0
-            progress.show(step_line(epoch, epochs, step + 1, steps, {
-                "task": last["task_loss"], "kd": last["kd_loss"], "lr": last["lr"], "img/s": round(rates[-1])}))
+            progress.show(step_line({"task": last["task_loss"], "kd": last["kd_loss"], "lr": last["lr"],
+                                     "img/s": round(rates[-1])}, epoch=start.epoch, epochs=epochs, step=step + 1,
+                                    steps=steps))
     progress.done()
     if counted and not last:
-        last = read_logs(parts, sums, counted, guard)
+        last = read_logs(state, sums, counted, guard)
     last["img_per_s"] = float(statistics.median(rates)) if rates else 0.0
-    return last, num_updates
+    return last, updates
 
 
-def read_logs(parts: Parts, sums: torch.Tensor, counted: int, guard: Guard) -> dict:
+def read_logs(state: TrainState, sums: torch.Tensor, counted: int, guard: Guard) -> dict:
     """The one host sync of a logging interval; stops the run after too many bad updates in a row."""
     task, kd, skipped, worst, worst_step = torch.cat([
         sums / max(counted, 1), torch.stack([guard.skipped, guard.worst, guard.worst_step]).float()]).tolist()
-    lr = parts.optimizer.param_groups[-1]["lr"]
+    lr = state.optimizer.param_groups[-1]["lr"]
     if worst >= guard.limit:
         raise NonFiniteError(f"{int(worst)} non-finite updates in a row ending at update {int(worst_step)} "
-                             f"(lr {lr:.3g}); the last good checkpoint is kept")
+                             f"(lr {lr:.3g})")
     return {"task_loss": task, "kd_loss": kd, "lr": lr, "skipped_updates": int(skipped)}
 
 
 @torch.no_grad()
-def evaluate(models: dict[str, nn.Module], loader, parts_like: Parts, n_bins: int = 15,
+def evaluate(models: dict[str, nn.Module], loader, compute: Compute, *, n_bins: int = 15,
              teacher: nn.Module | None = None, teacher_logits: torch.Tensor | None = None,
              keep_teacher_logits: bool = False):
     """One pass over this rank's shard; every model sees the same batch. Exact across ranks.
@@ -194,16 +225,14 @@ def evaluate(models: dict[str, nn.Module], loader, parts_like: Parts, n_bins: in
     """
     for m in models.values():
         m.eval()
-    device = parts_like.device
     run_teacher = teacher is not None and teacher_logits is None
-    sums = {name: MetricSums(n_bins, device) for name in list(models) + (["teacher"] if run_teacher else [])}
+    sums = {name: MetricSums(n_bins, compute.device) for name in list(models) + (["teacher"] if run_teacher else [])}
     kept, offset = [], 0
     for x, y in loader:
-        if parts_like.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(parts_like):
+        x = compute.layout(x)
+        with compute.autocast():
             if teacher_logits is not None:
-                t = teacher_logits[offset:offset + len(y)].to(device, non_blocking=True)
+                t = teacher_logits[offset:offset + len(y)].to(compute.device, non_blocking=True)
             else:
                 t = teacher(x).float() if teacher is not None else None
             for name, model in models.items():

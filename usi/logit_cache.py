@@ -1,9 +1,9 @@
 """The teacher's validation logits, computed once and cached on disk.
 
 Validation is deterministic (center crop), so the teacher's logits on it depend only on the teacher's
-weights, the dataset's files and the eval transform (plus the normalization bridge). The cache key
-hashes all of them; a change of any one gives a new key. Every later evaluation of every student
-then costs one student forward.
+weights, the split's files and its eval transform (the split's cache identity), and the
+normalization bridge. The cache key hashes all of them; a change of any one gives a new key. Every
+later evaluation of every student then costs one student forward.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from usi import checkpoint, distributed
-from usi.engine import evaluate
+from usi.engine import Compute, evaluate
 
 
 def cache_dir() -> Path:
@@ -29,40 +29,38 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(teacher_cfg, dataset, transform, teacher) -> str:
+def cache_key(teacher_cfg, split_identity: str, teacher) -> str:
     h = hashlib.sha256()
     weights = teacher_cfg.weights
     h.update(f"teacher {teacher_cfg.name} {file_digest(Path(weights)) if weights else 'timm-pretrained'} "
              f"{teacher_cfg.input_size} {teacher_cfg.fold_bn} {sorted(teacher_cfg.kwargs.items())}\n".encode())
     h.update(f"bridge {teacher.scale.flatten().tolist()} {teacher.shift.flatten().tolist()}\n".encode())
-    h.update(f"transform {transform!r}\n".encode())
-    for path, label in dataset.samples:
-        stat = os.stat(path)
-        h.update(f"{path} {label} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    h.update(f"split {split_identity}\n".encode())
     return h.hexdigest()[:32]
 
 
-def teacher_val_logits(teacher, teacher_cfg, dataset, loader, parts_like, n_bins: int,
+def teacher_val_logits(teacher, teacher_cfg, split, loader, *, compute: Compute, n_bins: int,
                        dist: distributed.Dist) -> tuple[dict, torch.Tensor, bool]:
     """(the teacher's val metrics, this rank's logits in loader order, whether the cache was hit).
 
-    Shards are not cached on disk: their loader order depends on the number of ranks and workers.
+    `split` is the val split that `loader` reads; a split without a cache identity is not cached.
     """
-    if not hasattr(dataset, "samples"):
-        results, mine = evaluate({}, loader, parts_like, n_bins, teacher=teacher, keep_teacher_logits=True)
+    identity = split.cache_identity()
+    if identity is None:
+        results, mine = evaluate({}, loader, compute, n_bins=n_bins, teacher=teacher, keep_teacher_logits=True)
         return results["teacher"], mine, False
-    path = cache_dir() / f"{cache_key(teacher_cfg, dataset, dataset.transform, teacher)}.pt"
+    path = cache_dir() / f"{cache_key(teacher_cfg, identity, teacher)}.pt"
     if path.is_file():
         try:
             state = checkpoint.load_state_file(path)
             full = state["logits"]
-            if full.shape[0] == len(dataset):
+            if full.shape[0] == len(split):
                 return state_metrics(state), full[dist.rank::dist.world].clone(), True
         except Exception:  # a damaged cache entry is recomputed, never trusted
             pass
-    results, mine = evaluate({}, loader, parts_like, n_bins, teacher=teacher, keep_teacher_logits=True)
+    results, mine = evaluate({}, loader, compute, n_bins=n_bins, teacher=teacher, keep_teacher_logits=True)
     # Assemble the full [N, C] tensor: each rank fills its rows (rank::world), a sum joins them.
-    full = torch.zeros(len(dataset), mine.shape[1], device=dist.device)
+    full = torch.zeros(len(split), mine.shape[1], device=dist.device)
     full[dist.rank::dist.world] = mine.to(dist.device)
     full = distributed.sum_across(full).cpu()
     if dist.main:

@@ -1,9 +1,13 @@
 """USI's distillation loss: soft-target CE on the mixed labels + kd_weight * KL(teacher || student).
 
-timm's LogitDistillationTask computes the same KL, but bundles it with its own teacher wrapper and
-returns only the total; usi logs the two terms separately and keeps the KL in fp32 under autocast.
+timm's LogitDistillationTask computes the same two terms (and returns them apart), but inside a task
+object that owns the student, its DistillationTeacher and the forward pass. usi's step keeps the
+teacher (folded, resized, an ensemble) and the forward pass its own, so the loss is a plain function
+of logits: these few lines, with both terms computed in fp32 under autocast.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,3 +35,15 @@ def usi_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, teacher_l
         return _soft_ce(student_logits.float(), soft_targets.float()), zero
     task = _soft_ce(student_logits.float(), soft_targets.float()) if hard_label else zero
     return task, kd_weight * kd_kl(student_logits, teacher_logits, temperature)
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """The recipe's loss settings, applied: (student logits, soft targets, teacher logits) -> (task, kd)."""
+    kd_weight: float = 5.0
+    temperature: float = 1.0
+    hard_label: bool = True
+
+    def __call__(self, student_logits, soft_targets, teacher_logits):
+        return usi_loss(student_logits, soft_targets, teacher_logits, kd_weight=self.kd_weight,
+                        temperature=self.temperature, hard_label=self.hard_label)

@@ -6,8 +6,32 @@ gathering of logits. ECE is exact too: its per-bin counts, confidence sums and c
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+# Every metric a run reports, and which way is better: the one list that recipes (run.best_metric),
+# best-weight ranking and reports read.
+METRICS = {"top1": "higher", "top5": "higher", "nll": "lower", "ece": "lower", "agreement": "higher", "kl": "lower"}
+
+
+def better(metric: str, new: float, old: float | None) -> bool:
+    """Whether `new` beats `old` (None or NaN: anything finite beats it)."""
+    if math.isnan(new):
+        return False
+    if old is None or math.isnan(old):
+        return True
+    return new < old if METRICS[metric] == "lower" else new > old
+
+
+def best_of(candidates: dict[str, float], metric: str) -> str:
+    """The name whose value is best; ties go to the first."""
+    best = None
+    for name, value in candidates.items():
+        if best is None or better(metric, value, candidates[best]):
+            best = name
+    return best
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> torch.Tensor:

@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 
 from usi import recipe as recipe_mod
+from usi import table
 from usi.cli import recipe_path
 from usi.data.synthetic import make_dataset
 from usi.evaluation import evaluate_checkpoint
-from usi import table
-from usi.table import model_cost, read_summary
+from usi.rundir import read_summary
+from usi.table import model_cost
 from usi.train import train
 
 log = logging.getLogger("usi")
@@ -67,7 +68,7 @@ def quickstart(out: Path, seed: int = 42, rerun: bool = False, per_class: tuple[
         nokd, kd = (against_teacher(runs / f"{name}-{kind}", with_teacher) for kind in ("nokd", "kd"))
         kd["train_img_s"] = kd_summary.get("train_img_per_s")
         cost = model_cost(name, 10, 32, torch.device("cpu"))
-        rows.append(table.row(name, nokd, kd, cost, family=family))
+        rows.append(table.row(name, nokd=nokd, kd=kd, cost=cost, family=family))
     title = (f"USI quickstart: seed {seed}, teacher {TEACHER} (top-1 {teacher['best']['value']:.2f}), "
              f"{time.time() - start:.0f} s")
     paths = table.write(rows, out, f"table-seed{seed}", title)

@@ -1,7 +1,11 @@
 """The Recipe: typed sections, YAML load, dotted overrides, validation, save.
 
-The recipe knows nothing about torch: it is data. Model names are checked against timm's registry
-(a name lookup, no model is built) so a typo fails before any heavy work starts.
+Every fact about a recipe field lives next to the field, in `setting(...)`: its default, its
+meaning, its choices or range, and whether it may differ when a run is resumed. Validation, the
+resume check and the key listing all read those facts from the dataclasses.
+
+The recipe is data: it uses no torch. Model names are checked against timm's registry (a name
+lookup, no model is built) so a typo fails before any heavy work starts.
 """
 from __future__ import annotations
 
@@ -17,134 +21,152 @@ from typing import Any, Optional
 import yaml
 
 from usi.errors import UsageError
+from usi.metrics import METRICS
+
+
+def setting(default=None, *, help: str, choices: tuple | None = None, low: float | None = None,
+            high: float | None = None, low_open: bool = False, resume_free: bool = False, factory=None):
+    """A recipe field and its facts.
+
+    choices: the allowed values. low/high: the inclusive range (low exclusive with low_open).
+    resume_free: the value may differ when a run is resumed (it does not change what is trained).
+    """
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open,
+            "resume_free": resume_free}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
-class Model:
-    name: str = "resnet50"
-    drop_path_rate: Optional[float] = None  # None keeps the model's own default
-    kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments (e.g. img_size)
+class ModelSection:
+    name: str = setting("resnet50", help="the student: any timm model name")
+    drop_path_rate: Optional[float] = setting(None, low=0.0, help="stochastic depth; null keeps the model's own")
+    kwargs: dict = setting(factory=dict, help="extra timm.create_model arguments, e.g. {img_size: 384}")
 
 
 @dataclass
-class Teacher:
-    # None or "" trains without distillation: the baseline rows, or a teacher of your own.
-    name: Optional[str] = "tresnet_v2_l.miil_in21k_ft_in1k"
-    weights: Optional[str] = None  # a local .pth/.pt/.safetensors; None asks timm's pretrained source
-    input_size: Optional[int] = None  # None: the student's batch as is; an int: resized to that size
-    fold_bn: bool = True
-    kwargs: dict = field(default_factory=dict)
+class TeacherSection:
+    name: Optional[str] = setting("tresnet_v2_l.miil_in21k_ft_in1k",
+                                  help="the frozen teacher (timm name); null trains without distillation")
+    weights: Optional[str] = setting(None, help="a local .pth/.pt/.safetensors; null asks timm's pretrained source")
+    input_size: Optional[int] = setting(None, low=8, help="resize the student's batch for the teacher; null: as is")
+    fold_bn: bool = setting(True, help="fold BatchNorm into the preceding convolutions")
+    kwargs: dict = setting(factory=dict, help="extra timm.create_model arguments for the teacher")
 
 
 @dataclass
-class Data:
-    root: str = "data/imagenet"  # holds train/ and val/: class folders, or shards with index.json
-    format: str = "folder"  # folder | shards (written by tools/make_shards.py)
-    train_shards: Optional[str] = None  # shards: a brace pattern or pipe: URL; None: the index's own files
-    val_shards: Optional[str] = None
-    train_split: str = "train"
-    val_split: str = "val"
-    batch_size: int = 128  # per process (per GPU)
-    eval_batch_size: Optional[int] = None  # None: 2 x batch_size
-    workers: int = 8  # loader processes per GPU
-    input_size: Optional[int] = None  # None: the student's default input size
-    max_bad_samples: int = 1000  # unreadable images skipped per run before it stops
+class DataSection:
+    root: str = setting("data/imagenet", resume_free=True,
+                        help="holds the train and val splits: class folders, or shards with index.json")
+    format: str = setting("folder", choices=("folder", "shards"),
+                          help="folder: root/<split>/<class>/<image>; shards: tools/make_shards.py output")
+    train_shards: Optional[str] = setting(None, resume_free=True,
+                                          help="shards: a brace pattern or pipe: URL; null: the index's own files")
+    val_shards: Optional[str] = setting(None, resume_free=True, help="the same for the val split")
+    train_split: str = setting("train", help="the training split's folder under root")
+    val_split: str = setting("val", help="the validation split's folder under root")
+    batch_size: int = setting(128, low=1, help="per process (per GPU)")
+    eval_batch_size: Optional[int] = setting(None, low=1, resume_free=True, help="per process; null: 2 x batch_size")
+    workers: int = setting(8, low=0, resume_free=True, help="loader processes per GPU")
+    input_size: Optional[int] = setting(None, low=8, help="null: the student's default input size")
+    max_bad_samples: int = setting(1000, low=0, resume_free=True,
+                                   help="unreadable images skipped per run before it stops")
 
 
 @dataclass
-class Aug:
-    scale: list = field(default_factory=lambda: [0.08, 1.0])
-    ratio: list = field(default_factory=lambda: [0.75, 1.3333333333333333])
-    interpolation: str = "bicubic"
-    hflip: float = 0.5
-    auto_augment: Optional[str] = "rand-m7-mstd0.5-inc1"
-    color_jitter: float = 0.0
-    re_prob: float = 0.0  # random erasing
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    label_smoothing: float = 0.0
-    repeats: int = 3  # repeated augmentation (RepeatAugSampler); 1 turns it off
-    eval_crop_pct: float = 0.95
-    eval_interpolation: str = "bicubic"
+class AugSection:
+    scale: list = setting(factory=lambda: [0.08, 1.0], help="RandomResizedCrop area range")
+    ratio: list = setting(factory=lambda: [0.75, 1.3333333333333333], help="RandomResizedCrop aspect range")
+    interpolation: str = setting("bicubic", choices=("bicubic", "bilinear", "nearest", "random"),
+                                 help="resize interpolation for training crops")
+    hflip: float = setting(0.5, low=0.0, high=1.0, help="horizontal flip probability")
+    auto_augment: Optional[str] = setting("rand-m7-mstd0.5-inc1", help="timm RandAugment string; null: none")
+    color_jitter: float = setting(0.0, low=0.0, help="color jitter strength; 0: none")
+    re_prob: float = setting(0.0, low=0.0, high=1.0, help="random erasing probability")
+    mixup_alpha: float = setting(0.8, low=0.0, help="mixup Beta(alpha, alpha); 0: off")
+    cutmix_alpha: float = setting(1.0, low=0.0, help="cutmix Beta(alpha, alpha); 0: off")
+    mixup_prob: float = setting(1.0, low=0.0, high=1.0, help="probability that a batch is mixed")
+    mixup_switch_prob: float = setting(0.5, low=0.0, high=1.0, help="probability of cutmix instead of mixup")
+    mixup_mode: str = setting("batch", choices=("batch", "pair", "elem"), help="one mix per batch, pair or element")
+    label_smoothing: float = setting(0.0, low=0.0, high=1.0, help="label smoothing of the mixed targets")
+    repeats: int = setting(3, low=1, help="repeated augmentation: each image augmented this often per epoch")
+    eval_crop_pct: float = setting(0.95, low=0.0, high=1.0, low_open=True, help="center crop fraction at eval")
+    eval_interpolation: str = setting("bicubic", choices=("bicubic", "bilinear", "nearest"),
+                                      help="resize interpolation at eval")
 
 
 @dataclass
-class Loss:
-    kd_weight: float = 5.0
-    temperature: float = 1.0
-    hard_label: bool = True  # false: KD term only, no cross-entropy on mixed targets
+class LossSection:
+    kd_weight: float = setting(5.0, low=0.0, help="weight of KL(teacher || student)")
+    temperature: float = setting(1.0, low=0.0, low_open=True, help="softmax temperature of the KD term")
+    hard_label: bool = setting(True, help="false: KD term only, no cross-entropy on the mixed targets")
 
 
 @dataclass
-class Optim:
-    name: str = "adamw"
-    lr: float = 2e-3
-    weight_decay: float = 0.02
-    eps: float = 1e-8
-    global_batch: int = 1024  # the batch the lr was tuned for (128 x 8 GPUs)
-    # How a different world size or per-GPU batch is reconciled with global_batch:
-    #   accumulate: accumulate gradients to reach global_batch exactly (fails if it does not divide)
-    #   linear / sqrt: keep the batch, scale lr by (actual / global_batch) or its square root
-    #   none: keep the batch and the lr as they are
-    batch_rule: str = "accumulate"
-    clip_grad: Optional[float] = None
+class OptimSection:
+    name: str = setting("adamw", help="timm optimizer name")
+    lr: float = setting(2e-3, low=0.0, low_open=True, help="peak learning rate (not scaled with batch)")
+    weight_decay: float = setting(0.02, low=0.0, help="none on biases and 1-D (norm) parameters")
+    eps: float = setting(1e-8, low=0.0, low_open=True, help="optimizer epsilon")
+    global_batch: int = setting(1024, low=1, help="the batch the lr was tuned for (128 x 8 GPUs)")
+    batch_rule: str = setting("accumulate", choices=("accumulate", "linear", "sqrt", "none"),
+                              help="how another processes x batch_size meets global_batch: accumulate "
+                                   "gradients, scale lr linearly or by sqrt, or none")
+    clip_grad: Optional[float] = setting(None, low=0.0, low_open=True, help="gradient norm clip; null: none")
 
 
 @dataclass
-class Sched:
-    name: str = "cosine"
-    epochs: int = 300
-    warmup_epochs: int = 5
-    warmup_lr: float = 1e-4
-    min_lr: float = 1e-6
-    cooldown_epochs: int = 0
+class SchedSection:
+    name: str = setting("cosine", choices=("cosine", "step", "multistep", "plateau", "tanh", "poly", "wsd"),
+                        help="timm scheduler, stepped per optimizer update")
+    epochs: int = setting(300, low=1, help="training epochs (cool-down epochs come on top)")
+    warmup_epochs: int = setting(5, low=0, help="linear warm-up from warmup_lr")
+    warmup_lr: float = setting(1e-4, low=0.0, help="learning rate at the start of warm-up")
+    min_lr: float = setting(1e-6, low=0.0, help="learning rate at the end of the schedule")
+    cooldown_epochs: int = setting(0, low=0, help="epochs at min_lr after the schedule")
 
 
 @dataclass
-class Ema:
-    enabled: bool = True
-    decay: float = 0.99996
+class EmaSection:
+    enabled: bool = setting(True, help="keep an exponential moving average of the weights")
+    decay: float = setting(0.99996, low=0.0, high=1.0, help="EMA decay per optimizer update")
 
 
 @dataclass
-class Run:
-    dir: str = "runs/{model.name}"  # {section.key} fields are filled from the recipe
-    seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "bf16"  # bf16 | fp16 | none; CPU always runs fp32
-    channels_last: bool = False
-    compile: bool = False
-    resume: str = "never"  # never | auto | path to a checkpoint
-    log_interval: int = 50
-    ckpt_every_steps: int = 0  # extra mid-epoch checkpoints; 0: at epoch ends only
-    eval_every: int = 1
-    best_metric: str = "top1"  # top1 | top5 | nll | ece | agreement | kl; ranked over raw and EMA
-    ece_bins: int = 15
-    max_nonfinite: int = 20  # non-finite losses in a row before the run stops
-    max_steps: int = 0  # stop each epoch after this many steps (smoke tests); 0: full epochs
-    stop_after: int = 0  # train this many epochs in this invocation, then exit (time-limited jobs)
-
-
-SECTIONS = {
-    "model": Model, "teacher": Teacher, "data": Data, "aug": Aug, "loss": Loss,
-    "optim": Optim, "sched": Sched, "ema": Ema, "run": Run,
-}
+class RunSection:
+    dir: str = setting("runs/{model.name}", help="run directory; {section.key} fields are filled from the recipe")
+    seed: int = setting(42, help="all randomness derives from (seed, epoch, rank, step)")
+    device: str = setting("auto", choices=("auto", "cpu", "cuda"), resume_free=True, help="auto: cuda if available")
+    amp: str = setting("bf16", choices=("bf16", "fp16", "none"), help="mixed precision on GPU; CPU runs fp32")
+    channels_last: bool = setting(False, help="channels_last memory format for student and teacher")
+    compile: bool = setting(False, help="torch.compile the student and the teacher")
+    resume: str = setting("never", resume_free=True, help="never | auto | a checkpoint path")
+    log_interval: int = setting(50, low=1, resume_free=True, help="steps between progress lines (host syncs)")
+    ckpt_every_steps: int = setting(0, low=0, resume_free=True,
+                                    help="extra mid-epoch checkpoints every N updates; 0: epoch ends only")
+    eval_every: int = setting(1, low=1, help="evaluate every N epochs (and after the last)")
+    best_metric: str = setting("top1", choices=tuple(METRICS),
+                               help="what best.safetensors is ranked by, over raw and EMA weights")
+    ece_bins: int = setting(15, low=1, help="equal-width confidence bins of the ECE")
+    max_nonfinite: int = setting(20, low=1, resume_free=True,
+                                 help="non-finite updates in a row before the run stops")
+    max_steps: int = setting(0, low=0, help="stop each epoch after this many steps (smoke tests); 0: full epochs")
+    stop_after: int = setting(0, low=0, resume_free=True,
+                              help="train this many epochs in this invocation, then exit (time-limited jobs)")
 
 
 @dataclass
 class Recipe:
-    model: Model = field(default_factory=Model)
-    teacher: Teacher = field(default_factory=Teacher)
-    data: Data = field(default_factory=Data)
-    aug: Aug = field(default_factory=Aug)
-    loss: Loss = field(default_factory=Loss)
-    optim: Optim = field(default_factory=Optim)
-    sched: Sched = field(default_factory=Sched)
-    ema: Ema = field(default_factory=Ema)
-    run: Run = field(default_factory=Run)
+    model: ModelSection = field(default_factory=ModelSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    data: DataSection = field(default_factory=DataSection)
+    aug: AugSection = field(default_factory=AugSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    sched: SchedSection = field(default_factory=SchedSection)
+    ema: EmaSection = field(default_factory=EmaSection)
+    run: RunSection = field(default_factory=RunSection)
 
     @property
     def kd(self) -> bool:
@@ -166,21 +188,33 @@ class Recipe:
             raise UsageError(f"run.dir {self.run.dir!r}: unknown field {e}; use e.g. {{model.name}}") from None
 
 
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}
+
+
+def fields_of(section: str) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(SECTIONS[section])
+
+
+def resume_free_keys() -> set[tuple[str, str]]:
+    """(section, key) of every field that may differ when a run is resumed."""
+    return {(s, f.name) for s in SECTIONS for f in fields_of(s) if f.metadata["resume_free"]}
+
+
 # ---------------------------------------------------------------- loading
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """A recipe from a YAML file (or the defaults) plus `section.key=value` overrides, validated."""
-    return from_raw(read_yaml(Path(path)) if path is not None else {}, overrides)
+    return from_tree(read_yaml(Path(path)) if path is not None else {}, overrides)
 
 
-def from_raw(raw: dict, overrides: list[str] = ()) -> Recipe:
+def from_tree(tree: dict, overrides: list[str] = ()) -> Recipe:
     """A validated recipe from parsed YAML (e.g. one stored in a checkpoint) plus overrides."""
-    raw = copy.deepcopy(raw)
+    tree = copy.deepcopy(tree)
     for item in overrides:
         key, value = parse_override(item)
-        set_dotted(raw, key, value)
-    recipe = from_dict(raw)
+        set_dotted(tree, key, value)
+    recipe = from_dict(tree)
     validate(recipe)
     return recipe
 
@@ -190,15 +224,15 @@ def read_yaml(path: Path) -> dict:
         raise UsageError(f"recipe file {path} does not exist")
     try:
         # safe_load refuses Python object tags (!!python/object...): a recipe cannot run code.
-        data = yaml.safe_load(path.read_text())
+        tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(f"recipe {path} is not valid YAML: {first}") from None
-    if data is None:
+    if tree is None:
         return {}
-    if not isinstance(data, dict):
-        raise UsageError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
-    return data
+    if not isinstance(tree, dict):
+        raise UsageError(f"recipe {path} must be a mapping of sections, got {type(tree).__name__}")
+    return tree
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -212,11 +246,11 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def set_dotted(raw: dict, key: str, value: Any) -> None:
+def set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     if len(parts) < 2:
         raise UsageError(f"override key {key!r} must name a section and a key, e.g. optim.lr")
-    node = raw
+    node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -224,20 +258,21 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(raw: dict) -> Recipe:
+def from_dict(tree: dict) -> Recipe:
     sections = {}
-    for name, values in raw.items():
+    for name, values in tree.items():
         if name not in SECTIONS:
             raise UsageError(f"unknown recipe section {name!r}{suggest(name, SECTIONS)}")
         if values is None:
             values = {}
         if not isinstance(values, dict):
             raise UsageError(f"recipe section {name!r} must be a mapping, got {values!r}")
-        sections[name] = build_section(name, SECTIONS[name], values)
+        sections[name] = build_section(name, values)
     return Recipe(**sections)
 
 
-def build_section(section: str, cls: type, values: dict):
+def build_section(section: str, values: dict):
+    cls = SECTIONS[section]
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():
@@ -292,73 +327,12 @@ def suggest(word: str, choices) -> str:
 
 # ---------------------------------------------------------------- validation
 
-CHOICES = {
-    ("data", "format"): ("folder", "shards"),
-    ("optim", "batch_rule"): ("accumulate", "linear", "sqrt", "none"),
-    ("run", "amp"): ("bf16", "fp16", "none"),
-    ("run", "device"): ("auto", "cpu", "cuda"),
-    ("run", "best_metric"): ("top1", "top5", "nll", "ece", "agreement", "kl"),
-    ("aug", "mixup_mode"): ("batch", "pair", "elem"),
-    ("aug", "interpolation"): ("bicubic", "bilinear", "nearest", "random"),
-    ("aug", "eval_interpolation"): ("bicubic", "bilinear", "nearest"),
-    ("sched", "name"): ("cosine", "step", "multistep", "plateau", "tanh", "poly", "wsd"),
-}
-
-# (section, key): (low, high, include_low); high is inclusive; None is unbounded.
-RANGES = {
-    ("optim", "lr"): (0.0, None, False),
-    ("optim", "weight_decay"): (0.0, None, True),
-    ("optim", "eps"): (0.0, None, False),
-    ("optim", "global_batch"): (1, None, True),
-    ("optim", "clip_grad"): (0.0, None, False),
-    ("sched", "epochs"): (1, None, True),
-    ("sched", "warmup_epochs"): (0, None, True),
-    ("sched", "warmup_lr"): (0.0, None, True),
-    ("sched", "min_lr"): (0.0, None, True),
-    ("sched", "cooldown_epochs"): (0, None, True),
-    ("data", "batch_size"): (1, None, True),
-    ("data", "eval_batch_size"): (1, None, True),
-    ("data", "workers"): (0, None, True),
-    ("data", "input_size"): (8, None, True),
-    ("data", "max_bad_samples"): (0, None, True),
-    ("teacher", "input_size"): (8, None, True),
-    ("aug", "hflip"): (0.0, 1.0, True),
-    ("aug", "color_jitter"): (0.0, None, True),
-    ("aug", "re_prob"): (0.0, 1.0, True),
-    ("aug", "mixup_alpha"): (0.0, None, True),
-    ("aug", "cutmix_alpha"): (0.0, None, True),
-    ("aug", "mixup_prob"): (0.0, 1.0, True),
-    ("aug", "mixup_switch_prob"): (0.0, 1.0, True),
-    ("aug", "label_smoothing"): (0.0, 1.0, True),
-    ("aug", "repeats"): (1, None, True),
-    ("aug", "eval_crop_pct"): (0.0, 1.0, False),
-    ("loss", "kd_weight"): (0.0, None, True),
-    ("loss", "temperature"): (0.0, None, False),
-    ("ema", "decay"): (0.0, 1.0, True),
-    ("run", "log_interval"): (1, None, True),
-    ("run", "ckpt_every_steps"): (0, None, True),
-    ("run", "eval_every"): (1, None, True),
-    ("run", "ece_bins"): (1, None, True),
-    ("run", "max_nonfinite"): (1, None, True),
-    ("run", "max_steps"): (0, None, True),
-    ("run", "stop_after"): (0, None, True),
-}
-
 
 def validate(recipe: Recipe) -> None:
-    for (section, key), allowed in CHOICES.items():
-        value = getattr(getattr(recipe, section), key)
-        if value not in allowed:
-            raise UsageError(f"{section}.{key}={value!r} is not one of {', '.join(allowed)}"
-                             f"{suggest(value, allowed)}")
-    for (section, key), (low, high, include_low) in RANGES.items():
-        value = getattr(getattr(recipe, section), key)
-        if value is None:
-            continue
-        too_low = value < low if include_low else value <= low
-        if too_low or (high is not None and value > high):
-            bound = f"{'>=' if include_low else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-            raise UsageError(f"{section}.{key}={value} is out of range: must be {bound}")
+    """Every error the recipe alone can reveal, before any model or data is touched."""
+    for section in SECTIONS:
+        for f in fields_of(section):
+            check_field(f"{section}.{f.name}", getattr(getattr(recipe, section), f.name), f.metadata)
     for key in ("scale", "ratio"):
         pair = getattr(recipe.aug, key)
         if len(pair) != 2 or not all(isinstance(v, (int, float)) for v in pair) or not 0 < pair[0] <= pair[1]:
@@ -366,17 +340,51 @@ def validate(recipe: Recipe) -> None:
     if recipe.sched.warmup_epochs >= recipe.sched.epochs + recipe.sched.cooldown_epochs:
         raise UsageError(f"sched.warmup_epochs={recipe.sched.warmup_epochs} must be less than "
                          f"sched.epochs={recipe.sched.epochs}")
+    if mixes(recipe.aug) and recipe.data.batch_size % 2:
+        raise UsageError(f"data.batch_size={recipe.data.batch_size} must be even for mixup/cutmix")
     if recipe.run.amp == "fp16" and recipe.run.device == "cpu":
         raise UsageError("run.amp=fp16 needs a GPU; use run.amp=none or bf16 on CPU (CPU runs fp32 anyway)")
     resume = recipe.run.resume
     if resume not in ("never", "auto") and not Path(resume).is_file():
         raise UsageError(f"run.resume={resume!r} must be never, auto or an existing checkpoint file")
+    check_optimizer(recipe.optim.name)
     check_model_name("model.name", recipe.model.name)
     if recipe.kd:
         check_model_name("teacher.name", recipe.teacher.name)
         if recipe.teacher.weights and not Path(recipe.teacher.weights).is_file():
             raise UsageError(f"teacher.weights={recipe.teacher.weights!r} does not exist")
     recipe.run_dir()  # fails early on a bad template
+
+
+def check_field(key: str, value: Any, meta) -> None:
+    if value is None:
+        return
+    allowed = meta["choices"]
+    if allowed is not None and value not in allowed:
+        raise UsageError(f"{key}={value!r} is not one of {', '.join(allowed)}{suggest(value, allowed)}")
+    low, high, low_open = meta["low"], meta["high"], meta["low_open"]
+    if low is None and high is None:
+        return
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        bound = " and ".join(part for part in (
+            f"{'>' if low_open else '>='} {low}" if low is not None else "",
+            f"<= {high}" if high is not None else "") if part)
+        raise UsageError(f"{key}={value} is out of range: must be {bound}")
+
+
+def mixes(aug: AugSection) -> bool:
+    """Whether batches are mixed (mixup or cutmix), which pairs samples within a batch."""
+    return (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0) and aug.mixup_prob > 0
+
+
+def check_optimizer(name: str) -> None:
+    from timm.optim import list_optimizers  # deferred, as for model names
+
+    names = list_optimizers()
+    parts = name.lower().split("_")  # timm's own parsing: an optional lookahead_ prefix, then the name
+    if parts[-1] not in names or (len(parts) > 1 and parts[0] != "lookahead"):
+        raise UsageError(f"optim.name={name!r} is not a timm optimizer{suggest(name, names)}")
 
 
 def check_model_name(key: str, name: str) -> None:

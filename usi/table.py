@@ -7,7 +7,6 @@ adds no dependency.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import statistics
 import time
@@ -35,11 +34,6 @@ COLUMNS = ["model", "family", "params_m", "gmacs", "top1_nokd", "top1_kd", "gain
            "agreement_nokd", "agreement_kd", "kl_kd", "ece_nokd", "ece_kd", "train_img_s", "infer_img_s", "note"]
 
 
-def read_summary(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def model_cost(name: str, num_classes: int, input_size: int, device: torch.device, batch: int = 64,
                runs: int = 5, **kwargs) -> dict:
     """Params, GMACs of one forward at input_size, and eval-mode images/s (median of `runs`)."""
@@ -60,7 +54,7 @@ def model_cost(name: str, num_classes: int, input_size: int, device: torch.devic
             "gmacs": counter.get_total_flops() / 2 / 1e9, "infer_img_s": batch / statistics.median(times)}
 
 
-def row(model: str, nokd: dict | None, kd: dict | None, cost: dict | None, note: str = "",
+def row(model: str, *, nokd: dict | None, kd: dict | None, cost: dict | None, note: str = "",
         family: str | None = None) -> dict:
     """nokd / kd: evaluation metrics of the best weights ({top1, ece, agreement, kl}); train_img_s
     comes from the KD run's summary when given as kd['train_img_s']."""

@@ -28,7 +28,7 @@ log = logging.getLogger("usi")
 class Teacher(nn.Module):
     """Takes the student's normalized (and mixed) batch, returns the teacher's logits. Never trains."""
 
-    def __init__(self, model: nn.Module, student_mean, student_std, teacher_mean, teacher_std,
+    def __init__(self, model: nn.Module, *, student_mean, student_std, teacher_mean, teacher_std,
                  input_size: int | None = None):
         super().__init__()
         self.model = model
@@ -46,6 +46,11 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # frozen: BN statistics and dropout stay in inference mode
 
+    def compile(self, **kwargs) -> "Teacher":
+        """Compile the teacher's network (not the bridge), as timm's DistillationTeacher.compile does."""
+        self.model = torch.compile(self.model, **kwargs)
+        return self
+
     def renormalize(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.identity else torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
 
@@ -58,7 +63,7 @@ class Teacher(nn.Module):
         return self.model(x)
 
 
-def build_teacher(cfg, num_classes: int, student_mean, student_std, device: torch.device,
+def build_teacher(cfg, num_classes: int, *, student_mean, student_std, device: torch.device,
                   channels_last: bool = False) -> Teacher:
     """cfg is the recipe's teacher section."""
     model = create_teacher_model(cfg)
@@ -67,16 +72,17 @@ def build_teacher(cfg, num_classes: int, student_mean, student_std, device: torc
         raise UsageError(f"teacher {cfg.name} predicts {teacher_classes} classes but the dataset has "
                          f"{num_classes}; give teacher.weights trained on this dataset's classes")
     model.eval().requires_grad_(False)
-    data_cfg = timm.data.resolve_model_data_config(model)
+    timm_cfg = timm.data.resolve_model_data_config(model)
     size = cfg.input_size
     if cfg.fold_bn:
-        probe = size or data_cfg["input_size"][-1]
+        probe = size or timm_cfg["input_size"][-1]
         model, n = fold_batchnorm(model, torch.randn(2, 3, probe, probe))
         log.info(f"teacher: folded {n} BatchNorm layers into their convolutions")
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return Teacher(model, student_mean, student_std, data_cfg["mean"], data_cfg["std"], size).to(device)
+    return Teacher(model, student_mean=student_mean, student_std=student_std, teacher_mean=timm_cfg["mean"],
+                   teacher_std=timm_cfg["std"], input_size=size).to(device)
 
 
 def create_teacher_model(cfg) -> nn.Module:
@@ -146,8 +152,9 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, rtol: float = 1e-2) 
     with torch.no_grad():
         for conv_name, bn_name in pairs:
             conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
-            conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
-                                                          bn.running_var, bn.eps, bn.weight, bn.bias)
+            conv.weight, conv.bias = fuse_conv_bn_weights(
+                conv_w=conv.weight, conv_b=conv.bias, bn_rm=bn.running_mean, bn_rv=bn.running_var, bn_eps=bn.eps,
+                bn_w=bn.weight, bn_b=bn.bias)
             set_submodule(folded, bn_name, bn_replacement(bn))
         before, after = model(example).float(), folded(example).float()
         # A relative norm: elementwise tolerances fail on logits near zero after deep networks, and

@@ -1,5 +1,67 @@
-"""Where images come from (image folders, the generated quickstart set) and how they are loaded."""
-from usi.data.folder import ImageFolder
-from usi.data.loader import TrainLoader, eval_loader, eval_transform, train_transform
+"""Where images come from, behind one interface: open a recipe's splits, then make their loaders.
 
-__all__ = ["ImageFolder", "TrainLoader", "eval_loader", "eval_transform", "train_transform"]
+The data format (image folders or webdataset shards) is decided here and nowhere else. A split, of
+either format, offers:
+  classes, len(split)          the labels and the sample count
+  train_loader(transform, ...) batches on the device, a fixed number of steps per epoch on every rank
+  eval_loader(transform, ...)  every sample exactly once across ranks
+  bad_count(device)            unreadable samples met by any rank (a collective call)
+  cache_identity()             what the teacher's val logits depend on (files, transform), or None
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from usi.data.folder import FolderSplit
+from usi.data.loader import InputSpec, eval_transform, train_transform
+from usi.data.shards import ShardSplit
+from usi.distributed import Dist
+from usi.errors import UsageError
+
+log = logging.getLogger("usi")
+Split = FolderSplit | ShardSplit
+
+__all__ = ["InputSpec", "Split", "open_splits", "open_val_split", "train_loader", "val_loader"]
+
+
+def open_split(cfg, name: str, classes: list[str] | None = None) -> Split:
+    """cfg is the recipe's data section; name is 'train' or 'val'."""
+    folder = Path(cfg.root) / getattr(cfg, f"{name}_split")
+    if cfg.format == "shards":
+        split = ShardSplit(folder, getattr(cfg, f"{name}_shards"))
+        if classes is not None and split.classes != classes:
+            raise UsageError(f"{name} shards' classes differ from the {len(classes)} expected ones; write them "
+                             f"with tools/make_shards.py --classes-from <train folder>")
+        return split
+    return FolderSplit(folder, classes=classes)
+
+
+def open_splits(cfg) -> tuple[Split, Split]:
+    """The train and val splits of a recipe's data section; val takes train's classes."""
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise UsageError(f"data.root={cfg.root!r} does not exist (expected {root}/train and {root}/val)")
+    train = open_split(cfg, "train")
+    val = open_split(cfg, "val", classes=train.classes)
+    missing = val.missing_classes()
+    if missing:
+        log.warning(f"val split has no images of {len(missing)} classes (e.g. {train.classes[missing[0]]!r})")
+    return train, val
+
+
+def open_val_split(cfg, classes: list[str]) -> Split:
+    """The val split alone, labelled with `classes` (those a checkpoint was trained on)."""
+    return open_split(cfg, "val", classes=classes)
+
+
+def train_loader(split: Split, cfg, aug, spec: InputSpec, *, seed: int, dist: Dist):
+    """cfg and aug: the recipe's data and aug sections."""
+    return split.train_loader(train_transform(aug, spec), batch_size=cfg.batch_size, workers=cfg.workers,
+                              repeats=aug.repeats, seed=seed, spec=spec, dist=dist)
+
+
+def val_loader(split: Split, cfg, aug, spec: InputSpec, *, dist: Dist):
+    """The exact (every sample once across ranks) validation loader."""
+    return split.eval_loader(eval_transform(aug, spec), batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+                             workers=cfg.workers, spec=spec, dist=dist)

@@ -9,13 +9,17 @@ stop past a threshold of distinct bad files.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from usi import distributed
+from usi.data.loader import InputSpec, TrainLoader, eval_loader
 from usi.errors import UsageError
 
 log = logging.getLogger("usi")
@@ -53,20 +57,23 @@ def load_rgb(path: str) -> Image.Image:
         return img.convert("RGB")
 
 
-class ImageFolder(Dataset):
-    def __init__(self, root: str | Path, classes: list[str] | None = None, transform=None):
+class FolderSplit:
+    """One split of an image folder: its files and labels, its unreadable-file flags, and its loaders."""
+
+    def __init__(self, root: str | Path, classes: list[str] | None = None):
         self.root = Path(root)
         self.classes = classes or find_classes(self.root)
         self.samples = list_images(self.root, self.classes)
         if not self.samples:
             raise UsageError(f"image folder {self.root} has no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
         if classes is None:  # the split that defines the classes must have each of them
-            counts = torch.bincount(torch.tensor([y for _, y in self.samples]), minlength=len(self.classes))
+            counts = torch.bincount(torch.tensor(self.targets), minlength=len(self.classes))
             empty = [self.classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
             if empty:
                 raise UsageError(f"class folder {self.root / empty[0]} has no images ({len(empty)} empty classes)")
-        self.transform = transform
+        # One byte per file, shared with loader workers: 1 once the file turned out unreadable.
         self.bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+        self.transform = None  # set by the loader made from this split
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -75,21 +82,55 @@ class ImageFolder(Dataset):
     def targets(self) -> list[int]:
         return [y for _, y in self.samples]
 
+    def missing_classes(self) -> list[int]:
+        return sorted(set(range(len(self.classes))) - set(self.targets))
+
+    def dataset(self, transform) -> "FolderDataset":
+        self.transform = transform
+        return FolderDataset(self, transform)
+
+    def train_loader(self, transform, *, batch_size: int, workers: int, repeats: int, seed: int,
+                     spec: InputSpec, dist: distributed.Dist) -> TrainLoader:
+        return TrainLoader(self.dataset(transform), batch_size=batch_size, workers=workers, repeats=repeats,
+                           seed=seed, spec=spec, dist=dist)
+
+    def eval_loader(self, transform, *, batch_size: int, workers: int, spec: InputSpec, dist: distributed.Dist):
+        return eval_loader(self.dataset(transform), batch_size=batch_size, workers=workers, spec=spec, dist=dist)
+
+    def bad_count(self, device: torch.device) -> int:
+        """Distinct unreadable files met by any rank (a file two ranks met counts once). Collective."""
+        return int(distributed.max_across(self.bad.to(device, torch.int32)).sum().item())
+
+    def cache_identity(self) -> str:
+        """What the teacher's logits on this split depend on: its files and its (eval) transform."""
+        h = hashlib.sha256(f"transform {self.transform!r}\n".encode())
+        for path, label in self.samples:
+            stat = os.stat(path)
+            h.update(f"{path} {label} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+class FolderDataset(Dataset):
+    """A split's images through one transform; an unreadable file is replaced by the next readable one."""
+
+    def __init__(self, split: FolderSplit, transform=None):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
     def __getitem__(self, index: int):
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            if self.bad[i]:
+        samples, bad = self.split.samples, self.split.bad
+        for attempt in range(len(samples)):
+            i = (index + attempt) % len(samples)
+            if bad[i]:
                 continue
-            path, target = self.samples[i]
+            path, target = samples[i]
             try:
                 img = load_rgb(path)
             except Exception as e:  # truncated, zero bytes, not an image, ...: skip, never crash a worker
-                self.bad[i] = 1
+                bad[i] = 1
                 log.warning(f"skipped unreadable image {path}: {type(e).__name__}: {str(e)[:120]}")
                 continue
             return (self.transform(img) if self.transform else img), target
-        raise UsageError(f"no readable image in {self.root}")
-
-    def bad_count(self) -> int:
-        """Distinct unreadable files met so far (by this process and its loader workers)."""
-        return int(self.bad.sum())
+        raise UsageError(f"no readable image in {self.split.root}")

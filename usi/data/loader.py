@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,6 +18,16 @@ from timm.data import create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import PrefetchLoader, fast_collate
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from usi.distributed import Dist
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the student expects: its square input size and the mean/std it was normalized with."""
+    size: int
+    mean: tuple
+    std: tuple
 
 
 def epoch_seed(seed: int, epoch: int, rank: int, step: int = 0) -> int:
@@ -31,23 +42,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_transform(aug, input_size: int, mean, std):
+def train_transform(aug, spec: InputSpec):
     return create_transform(
-        input_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
+        spec.size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
         color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment or None,
-        interpolation=aug.interpolation, mean=mean, std=std, re_prob=0.0, use_prefetcher=True)
+        interpolation=aug.interpolation, mean=spec.mean, std=spec.std, re_prob=0.0, use_prefetcher=True)
 
 
-def eval_transform(aug, input_size: int, mean, std, crop_pct: float | None = None):
+def eval_transform(aug, spec: InputSpec):
     return create_transform(
-        input_size, is_training=False, interpolation=aug.eval_interpolation, mean=mean, std=std,
-        crop_pct=crop_pct or aug.eval_crop_pct, crop_mode="center", use_prefetcher=True)
+        spec.size, is_training=False, interpolation=aug.eval_interpolation, mean=spec.mean, std=spec.std,
+        crop_pct=aug.eval_crop_pct, crop_mode="center", use_prefetcher=True)
+
+
+def to_device(loader: DataLoader, spec: InputSpec, dist: Dist) -> PrefetchLoader:
+    """uint8 batches -> normalized float batches on the device (timm's PrefetchLoader)."""
+    return PrefetchLoader(loader, mean=spec.mean, std=spec.std, device=dist.device)
 
 
 class EpochSampler(Sampler):
     """Wraps the training sampler: the epoch's order from (seed, epoch), and skipping to a step on resume."""
 
-    def __init__(self, dataset, world: int, rank: int, repeats: int, seed: int):
+    def __init__(self, dataset, *, world: int, rank: int, repeats: int, seed: int):
         if repeats > 1:
             self.inner = RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True, num_repeats=repeats)
         else:
@@ -71,7 +87,7 @@ class EpochSampler(Sampler):
         return len(self.inner)
 
 
-class ShardSampler(Sampler):
+class StridedSampler(Sampler):
     """Every index exactly once across ranks (rank r takes r, r + world, ...): no padding, no drop."""
 
     def __init__(self, size: int, world: int, rank: int):
@@ -87,18 +103,18 @@ class ShardSampler(Sampler):
 class TrainLoader:
     """Normalized batches on the device, with a fixed number of steps per epoch on every rank."""
 
-    def __init__(self, dataset, batch_size: int, workers: int, world: int, rank: int, repeats: int,
-                 seed: int, mean, std, device: torch.device):
-        self.sampler = EpochSampler(dataset, world, rank, repeats, seed)
-        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+    def __init__(self, dataset, *, batch_size: int, workers: int, repeats: int, seed: int, spec: InputSpec,
+                 dist: Dist):
+        self.sampler = EpochSampler(dataset, world=dist.world, rank=dist.rank, repeats=repeats, seed=seed)
+        self.batch_size, self.seed, self.rank = batch_size, seed, dist.rank
         self.generator = torch.Generator()
         # Workers are not persistent: each epoch starts them from a seed of its own, so a resumed
         # run sees the same augmentations as an uninterrupted one.
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-                                 collate_fn=fast_collate, pin_memory=device.type == "cuda", drop_last=True,
+                                 collate_fn=fast_collate, pin_memory=dist.device.type == "cuda", drop_last=True,
                                  generator=self.generator, persistent_workers=False,
                                  prefetch_factor=4 if workers else None)
-        self.prefetch = PrefetchLoader(self.loader, mean=mean, std=std, device=device)
+        self.prefetch = to_device(self.loader, spec, dist)
 
     def steps_per_epoch(self) -> int:
         return self.sampler.epoch_length() // self.batch_size
@@ -112,10 +128,9 @@ class TrainLoader:
         return iter(self.prefetch)
 
 
-def eval_loader(dataset, batch_size: int, workers: int, world: int, rank: int, mean, std,
-                device: torch.device) -> PrefetchLoader:
-    sampler = ShardSampler(len(dataset), world, rank)
+def eval_loader(dataset, *, batch_size: int, workers: int, spec: InputSpec, dist: Dist) -> PrefetchLoader:
+    sampler = StridedSampler(len(dataset), dist.world, dist.rank)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=fast_collate, pin_memory=device.type == "cuda", drop_last=False,
+                        collate_fn=fast_collate, pin_memory=dist.device.type == "cuda", drop_last=False,
                         persistent_workers=workers > 0)
-    return PrefetchLoader(loader, mean=mean, std=std, device=device)
+    return to_device(loader, spec, dist)

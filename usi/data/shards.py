@@ -18,33 +18,51 @@ import io
 import json
 import logging
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
 import torch
 from PIL import Image
+from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from timm.data.loader import PrefetchLoader, fast_collate
 from webdataset import tariterators
 
-from usi.data.loader import epoch_seed, seed_everything
+from usi import distributed
+from usi.data.loader import InputSpec, epoch_seed, seed_everything, to_device
 from usi.errors import UsageError
 
 log = logging.getLogger("usi")
 SLOTS = 256  # bad-sample counter slots, one per loader worker
 
 
-@dataclass
 class ShardSplit:
-    """A sharded split as the trainer sees it: where, how many, which classes, and its bad-sample counter."""
-    urls: list[str]
-    counts: list[int]
-    classes: list[str]
-    bad: torch.Tensor = None
+    """One sharded split: its shard URLs and sample counts, its classes, its bad-sample counter and loaders."""
+
+    def __init__(self, split_dir: Path, pattern: str | None = None):
+        self.urls, self.counts, self.classes = read_index(split_dir, pattern)
+        self.bad = torch.zeros(SLOTS, dtype=torch.int64).share_memory_()  # one slot per loader worker
 
     def __len__(self) -> int:
         return sum(self.counts)
+
+    def missing_classes(self) -> list[int]:
+        return []  # an index does not say which classes its samples hold
+
+    def train_loader(self, transform, *, batch_size: int, workers: int, repeats: int, seed: int,
+                     spec: InputSpec, dist: distributed.Dist) -> "ShardTrainLoader":
+        return ShardTrainLoader(self, transform, batch_size=batch_size, workers=workers, repeats=repeats,
+                                seed=seed, spec=spec, dist=dist)
+
+    def eval_loader(self, transform, *, batch_size: int, workers: int, spec: InputSpec, dist: distributed.Dist):
+        return shard_eval_loader(self, transform, batch_size=batch_size, workers=workers, spec=spec, dist=dist)
+
+    def bad_count(self, device: torch.device) -> int:
+        """Corrupt samples read by any rank (summed over ranks). Collective."""
+        return int(distributed.sum_across(self.bad.sum().to(device)).item())
+
+    def cache_identity(self) -> None:
+        """Not cached on disk: the loader order of shards depends on the number of ranks and workers."""
+        return None
 
 
 def read_index(split_dir: Path, pattern: str | None = None) -> tuple[list[str], list[int], list[str]]:
@@ -70,11 +88,12 @@ def decode(sample: dict) -> tuple[Image.Image, int]:
 class ShardStream(IterableDataset):
     """One rank's share of the shards; each loader worker takes every n-th of those."""
 
-    def __init__(self, urls: list[str], transform, rank: int, world: int, repeats: int = 1, train: bool = True,
-                 seed: int = 0, shuffle_buffer: int = 1000):
+    def __init__(self, urls: list[str], transform, *, rank: int, world: int, repeats: int = 1, train: bool = True,
+                 seed: int = 0, shuffle_buffer: int = 1000, bad: torch.Tensor | None = None):
         self.urls, self.transform, self.rank, self.world = urls, transform, rank, world
         self.repeats, self.train, self.seed, self.shuffle_buffer = repeats, train, seed, shuffle_buffer
-        self.epoch, self.bad = 0, torch.zeros(SLOTS, dtype=torch.int64).share_memory_()
+        self.epoch = 0
+        self.bad = bad if bad is not None else torch.zeros(SLOTS, dtype=torch.int64).share_memory_()
 
     def my_shards(self) -> list[str]:
         order = list(self.urls)
@@ -122,17 +141,20 @@ class ShardStream(IterableDataset):
 class ShardTrainLoader:
     """The shard counterpart of TrainLoader: exactly steps_per_epoch batches per epoch on every rank."""
 
-    def __init__(self, urls, counts, transform, batch_size, workers, world, rank, repeats, seed, mean, std, device):
-        if len(urls) < world * max(workers, 1):
-            raise UsageError(f"{len(urls)} shards cannot feed {world} processes x {max(workers, 1)} loader workers; "
-                             f"write smaller shards (tools/make_shards.py --shard-size) or lower data.workers")
-        self.stream = ShardStream(urls, transform, rank, world, repeats, True, seed)
-        self.total, self.batch_size, self.world, self.rank, self.seed = sum(counts), batch_size, world, rank, seed
+    def __init__(self, split: ShardSplit, transform, *, batch_size: int, workers: int, repeats: int, seed: int,
+                 spec: InputSpec, dist: distributed.Dist):
+        if len(split.urls) < dist.world * max(workers, 1):
+            raise UsageError(f"{len(split.urls)} shards cannot feed {dist.world} processes x {max(workers, 1)} loader "
+                             f"workers; write smaller shards (tools/make_shards.py --shard-size) or lower data.workers")
+        self.stream = ShardStream(split.urls, transform, rank=dist.rank, world=dist.world, repeats=repeats,
+                                  train=True, seed=seed, bad=split.bad)
+        self.total, self.batch_size, self.seed = len(split), batch_size, seed
+        self.world, self.rank = dist.world, dist.rank
         self.generator = torch.Generator()
         self.loader = DataLoader(self.stream, batch_size=batch_size, num_workers=workers, collate_fn=fast_collate,
-                                 pin_memory=device.type == "cuda", drop_last=True, generator=self.generator,
+                                 pin_memory=dist.device.type == "cuda", drop_last=True, generator=self.generator,
                                  prefetch_factor=4 if workers else None)
-        self.prefetch = PrefetchLoader(self.loader, mean=mean, std=std, device=device)
+        self.prefetch = to_device(self.loader, spec, dist)
 
     def steps_per_epoch(self) -> int:
         return self.total // self.world // self.batch_size
@@ -159,11 +181,13 @@ class ShardTrainLoader:
                 raise UsageError("a rank's shards hold less than a third of its epoch; check index.json's counts")
 
 
-def shard_eval_loader(urls, transform, batch_size, workers, world, rank, mean, std, device) -> PrefetchLoader:
-    if len(urls) < world:
-        raise UsageError(f"{len(urls)} validation shards cannot be split over {world} processes")
-    stream = ShardStream(urls, transform, rank, world, train=False)
-    usable = max(1, min(workers, len(urls[rank::world])))  # no worker left without a shard
+def shard_eval_loader(split: ShardSplit, transform, *, batch_size: int, workers: int, spec: InputSpec,
+                      dist: distributed.Dist):
+    """Every sample exactly once across ranks and workers, in order."""
+    if len(split.urls) < dist.world:
+        raise UsageError(f"{len(split.urls)} validation shards cannot be split over {dist.world} processes")
+    stream = ShardStream(split.urls, transform, rank=dist.rank, world=dist.world, train=False, bad=split.bad)
+    usable = max(1, min(workers, len(split.urls[dist.rank::dist.world])))  # no worker left without a shard
     loader = DataLoader(stream, batch_size=batch_size, num_workers=usable if workers else 0, collate_fn=fast_collate,
-                        pin_memory=device.type == "cuda", drop_last=False)
-    return PrefetchLoader(loader, mean=mean, std=std, device=device)  # .dataset is the stream
+                        pin_memory=dist.device.type == "cuda", drop_last=False)
+    return to_device(loader, spec, dist)

@@ -15,7 +15,7 @@ CLASSES = ("circle", "ring", "square", "frame", "triangle", "diamond", "cross", 
 DONE = ".complete"
 
 
-def polygon(cx, cy, r, n, rot, inner=None):
+def polygon(cx, cy, r, *, n, rot, inner=None):
     """A regular n-gon, or an n-pointed star when `inner` (the inner radius) is given."""
     corners = n * 2 if inner else n
     pts = []
@@ -26,17 +26,17 @@ def polygon(cx, cy, r, n, rot, inner=None):
     return pts
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx, cy, r, rot, color, width):
+def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx, cy, *, r, rot, color, width):
     if kind == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
     elif kind == "ring":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=color, width=width)
     elif kind == "square":
-        draw.polygon(polygon(cx, cy, r, 4, rot), fill=color)
+        draw.polygon(polygon(cx, cy, r, n=4, rot=rot), fill=color)
     elif kind == "frame":
-        draw.polygon(polygon(cx, cy, r, 4, rot), outline=color, width=width)
+        draw.polygon(polygon(cx, cy, r, n=4, rot=rot), outline=color, width=width)
     elif kind == "triangle":
-        draw.polygon(polygon(cx, cy, r, 3, rot), fill=color)
+        draw.polygon(polygon(cx, cy, r, n=3, rot=rot), fill=color)
     elif kind == "diamond":
         draw.polygon([(cx, cy - r), (cx + 0.6 * r, cy), (cx, cy + r), (cx - 0.6 * r, cy)], fill=color)
     elif kind == "cross":
@@ -44,9 +44,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx, cy, r, rot, color, widt
             dx, dy = r * math.cos(a), r * math.sin(a)
             draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=color, width=width)
     elif kind == "star":
-        draw.polygon(polygon(cx, cy, r, 5, rot, inner=0.45 * r), fill=color)
+        draw.polygon(polygon(cx, cy, r, n=5, rot=rot, inner=0.45 * r), fill=color)
     elif kind == "hexagon":
-        draw.polygon(polygon(cx, cy, r, 6, rot), fill=color)
+        draw.polygon(polygon(cx, cy, r, n=6, rot=rot), fill=color)
     elif kind == "bar":
         dx, dy = r * math.cos(rot), r * math.sin(rot)
         draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=color, width=max(2, width))
@@ -66,8 +66,9 @@ def make_image(kind: str, rng: np.random.RandomState, size: int) -> Image.Image:
         draw.line(pts, fill=tuple(rng.randint(0, 256, 3)), width=int(rng.randint(1, 3)) * scale)
     r = rng.uniform(0.34, 0.48) * s
     cx, cy = rng.uniform(r * 0.8, s - r * 0.8, 2)
-    draw_shape(draw, kind, cx, cy, r, rng.uniform(0, 2 * math.pi), tuple(int(v) for v in fg),
-               int(max(2, r * rng.uniform(0.15, 0.3))))
+    # keyword order = the order of the random draws
+    draw_shape(draw, kind, cx, cy, r=r, rot=rng.uniform(0, 2 * math.pi), color=tuple(int(v) for v in fg),
+               width=int(max(2, r * rng.uniform(0.15, 0.3))))
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8) * scale))
     return img.resize((size, size), Image.BICUBIC)
 
