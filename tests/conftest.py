@@ -1,15 +1,28 @@
 """Shared fixtures: small generated image folders and a helper that runs the real `usi` command."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from usi.data.synthetic import make_dataset
+# No test reaches a model hub (this machine has none to reach): fail at once instead of after network
+# timeouts. Set before timm (and huggingface_hub) are imported; subprocesses inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from usi.data.synthetic import make_dataset  # noqa: E402
+
+# Runs in this process (usi_main) compute as the subprocesses do (OMP_NUM_THREADS=1): one thread, so both
+# give the same bits (a different thread count reorders float sums).
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,6 +65,29 @@ def usi_cmd(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     else:
         cmd = [sys.executable, "-m", "usi", *args]
     return subprocess.run(cmd, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def usi_main(*args: str, env: dict | None = None) -> SimpleNamespace:
+    """Run `usi ...` in this process: no interpreter start-up, for commands that fail before training
+    (or only evaluate). Returns what usi_cmd returns: returncode, stdout, stderr."""
+    from usi.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse
+                code = e.code
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -3,19 +3,20 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, read_jsonl, usi_cmd
+from conftest import TINY, read_jsonl, usi_cmd, usi_main
 from safetensors.torch import load_file
 
 from usi import recipe as recipe_mod
 
 
-def train(root, run_dir, *extra, torchrun=0):
-    return usi_cmd("train", "quickstart", *TINY, f"data.root={root}", f"run.dir={run_dir}", *extra,
-                   torchrun=torchrun)
+def train(root, run_dir, *extra, torchrun=0, process=False):
+    """In this process (fast) unless under torchrun or asked for a process of its own."""
+    args = ("train", "quickstart", *TINY, f"data.root={root}", f"run.dir={run_dir}", *extra)
+    return usi_cmd(*args, torchrun=torchrun) if torchrun or process else usi_main(*args)
 
 
 def test_a_run_writes_metrics_checkpoints_recipe_and_summary(image_root, tmp_path):
-    out = train(image_root, tmp_path / "run")
+    out = train(image_root, tmp_path / "run", process=True)  # the real command line, once
     assert out.returncode == 0, out.stderr
     run = tmp_path / "run"
     epochs = read_jsonl(run / "metrics.jsonl")
@@ -33,7 +34,7 @@ def test_a_run_writes_metrics_checkpoints_recipe_and_summary(image_root, tmp_pat
     # the effective recipe reproduces the run
     saved = recipe_mod.load(run / "recipe.yaml")
     assert saved.model.name == "test_resnet" and saved.data.batch_size == 8 and saved.run.dir == str(run)
-    assert "epoch 2/2" in out.stderr and "img/s" in out.stderr  # progress on rank 0
+    assert "epoch 2/2" in out.stderr and "img/s" in out.stderr and " run" in out.stderr and "eta " in out.stderr
 
 
 def test_kd_run_from_a_trained_teacher_reports_fidelity(image_root, tmp_path):
@@ -51,8 +52,10 @@ def test_kd_run_from_a_trained_teacher_reports_fidelity(image_root, tmp_path):
     assert summary["teacher_metrics"]["top1"] == pytest.approx(teacher_summary["best"]["value"])
 
 
-def test_resume_at_an_epoch_boundary_gives_the_same_weights(image_root, tmp_path):
-    extra = ["sched.epochs=3", "data.workers=1"]  # a loader worker: its seeding must be exact too
+@pytest.mark.parametrize("randaugment_on", ["workers", "device"])
+def test_resume_at_an_epoch_boundary_gives_the_same_weights(image_root, tmp_path, randaugment_on):
+    # a loader worker: its seeding must be exact too; and RandAugment's on the device
+    extra = ["sched.epochs=3", "data.workers=1", f"aug.randaugment_on={randaugment_on}"]
     assert train(image_root, tmp_path / "whole", *extra).returncode == 0
     first = train(image_root, tmp_path / "cut", *extra, "run.stop_after=1")
     assert first.returncode == 0 and not (tmp_path / "cut" / "summary.json").exists()
@@ -99,7 +102,7 @@ def test_resume_refuses_a_different_recipe(image_root, tmp_path):
     (["model.name=test_vit", "model.kwargs={depth: oops}"], "model.kwargs"),
 ])
 def test_bad_input_ends_in_one_line_and_exit_2(image_root, tmp_path, args, message):
-    out = usi_cmd("train", "quickstart", *TINY, f"data.root={image_root}", f"run.dir={tmp_path / 'r'}", *args)
+    out = usi_main("train", "quickstart", *TINY, f"data.root={image_root}", f"run.dir={tmp_path / 'r'}", *args)
     assert out.returncode == 2
     lines = [line for line in out.stderr.strip().splitlines() if "usi: error" in line or "Traceback" in line]
     assert len(lines) == 1 and message in lines[0], out.stderr

@@ -58,8 +58,8 @@ def test_teacher_and_student_receive_the_same_mixed_batch():
 def test_non_finite_updates_are_skipped_and_counted():
     student = Spy(poison=True)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    stats, updates = run(make_parts(student, mixup=False), 3)
-    assert updates == 3 and stats["skipped_updates"] == 3
+    result = run(make_parts(student, mixup=False), 3)
+    assert result.end.updates == 3 and result.stats["skipped_updates"] == 3
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
 
 
@@ -71,5 +71,94 @@ def test_too_many_non_finite_updates_in_a_row_stop_the_run():
 def test_finite_updates_change_the_weights():
     student = Spy()
     before = student.fc.weight.clone()
-    stats, _ = run(make_parts(student), 2)
-    assert stats["skipped_updates"] == 0 and not torch.equal(before, student.fc.weight)
+    result = run(make_parts(student), 2)
+    assert result.stats["skipped_updates"] == 0 and not torch.equal(before, student.fc.weight)
+
+
+def epoch(parts, batches_, *, start=Position(0, 0, 0), steps=10, accum=1, should_stop=None):
+    state, cfg = parts
+    cfg = StepConfig(compute=cfg.compute, num_classes=4, loss=cfg.loss, accum_steps=accum)
+    return train_one_epoch(state, cfg, batches_, start=start, steps=steps, epochs=3,
+                           guard=Guard(torch.device("cpu"), 100), progress=Progress(False), log_interval=3,
+                           images_per_step=8, should_stop=should_stop)
+
+
+def test_a_stop_request_ends_the_epoch_after_the_update_in_progress():
+    answers = iter([0, 0, 0, 0, 15, 15, 15])  # the signal arrives before micro-batch 5, mid-update 3
+    result = epoch(make_parts(Spy()), batches(10), accum=2, should_stop=lambda failed: (next(answers), failed))
+    # update 3 (micro-batches 5 and 6) is finished: the next step to run is 6, nothing half-accumulated
+    assert result.stopped_by == 15 and result.end == Position(0, 6, 3)
+    assert result.stats["task_loss"] > 0
+
+
+def test_a_stop_at_the_last_update_ends_the_epoch_as_usual():
+    parts = make_parts(Spy())
+    result = epoch(parts, batches(4), start=Position(2, 0, 8), steps=4, should_stop=lambda failed: (2, failed))
+    assert result.end == Position(2, 1, 9)  # stopped after its first update, mid-epoch
+    result = epoch(parts, batches(1), start=Position(2, 3, 11), steps=4, should_stop=lambda failed: (2, failed))
+    assert result.end == Position(3, 0, 12) and result.stopped_by == 2  # the epoch's last update: a whole epoch
+
+
+def dying(n):
+    """A loader whose workers a SIGTERM killed after n batches."""
+    yield from batches(n)
+    raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+
+
+def test_a_loader_killed_by_the_signal_stops_at_the_last_finished_update():
+    student = Spy()
+    result = epoch(make_parts(student), dying(3), accum=2, should_stop=lambda failed: (15 if failed else 0, failed))
+    # updates end at micro-batches 2 and 4; the 4th never came: back to the end of update 1, gradients dropped
+    assert result.stopped_by == 15 and result.end == Position(0, 2, 1)
+    assert all(p.grad is None for p in student.parameters())
+
+
+def test_a_loader_failure_without_a_signal_is_an_error():
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        epoch(make_parts(Spy()), dying(3), should_stop=lambda failed: (0, failed))
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        epoch(make_parts(Spy()), dying(3))
+
+
+class Split(torch.nn.Module):
+    """A timm-like model: body and head apart; logits near 100, where bf16 steps are 0.5 apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Conv2d(3, 8, 1)
+        self.head = torch.nn.Linear(8, 5)
+        with torch.no_grad():
+            self.head.bias.copy_(torch.tensor([100.0, 100.1, 100.2, 100.3, 100.4]))
+
+    def forward_features(self, x):
+        return self.body(x).mean((2, 3))
+
+    def forward_head(self, f):
+        return self.head(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_evaluation_logits_come_from_an_fp32_head_under_bf16():
+    from usi.engine import fp32_logits
+    model, x = Split().eval(), torch.randn(4, 3, 6, 6)
+    bf16 = Compute(torch.device("cpu"), amp_dtype=torch.bfloat16)
+    with torch.no_grad():
+        logits = fp32_logits(model, x, bf16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            all_bf16 = model(x).float()
+            features = model.forward_features(x)
+        expected = model.forward_head(features.float())
+    assert logits.dtype == torch.float32 and torch.equal(logits, expected)
+    assert len(set(all_bf16[0].tolist())) < 5  # what a bf16 head does: ties among the 5 classes
+    assert len(set(logits[0].tolist())) == 5
+
+
+
+def test_the_progress_line_tells_the_time_left_in_the_epoch_and_the_run():
+    from usi.progress import step_line
+    line = step_line({"task": 1.5}, epoch=1, epochs=3, step=8, steps=10, seconds_per_step=2.0)
+    # 2 steps of this epoch, then 10 more of the last epoch: 4 s and 24 s
+    assert line == "epoch 2/3  step 8/10  task 1.5  eta 0:04 epoch, 0:24 run"
+    assert "1:00:00 run" in step_line({}, epoch=0, epochs=1, step=0, steps=3600, seconds_per_step=1.0)

@@ -3,7 +3,7 @@ import json
 import shutil
 
 import pytest
-from conftest import TINY, usi_cmd
+from conftest import TINY, usi_cmd, usi_main
 
 
 @pytest.fixture(scope="module")
@@ -11,16 +11,22 @@ def kd_run(odd_root, tmp_path_factory):
     """A teacher run and a KD student run on the 5-class data (15 val images)."""
     base = tmp_path_factory.mktemp("runs")
     common = [*TINY, f"data.root={odd_root}", "sched.epochs=1", "sched.warmup_epochs=0"]
-    assert usi_cmd("train", "quickstart", *common, f"run.dir={base / 'teacher'}").returncode == 0
+    assert usi_main("train", "quickstart", *common, f"run.dir={base / 'teacher'}").returncode == 0
     weights = base / "teacher" / "best.safetensors"
-    out = usi_cmd("train", "quickstart", *common, f"run.dir={base / 'student'}", "model.name=test_efficientnet",
-                  "teacher.name=test_resnet", f"teacher.weights={weights}")
+    out = usi_main("train", "quickstart", *common, f"run.dir={base / 'student'}", "model.name=test_efficientnet",
+                   "teacher.name=test_resnet", f"teacher.weights={weights}")
     assert out.returncode == 0, out.stderr
+    KD_RUN_PATHS[:] = [f"data.root={odd_root}", f"teacher.weights={weights}"]
     return base
 
 
+# usi eval takes every path from its command line (never from the checkpoint): the data and the teacher
+KD_RUN_PATHS = []
+
+
 def eval_json(ckpt, *overrides, torchrun=0, env=None):
-    out = usi_cmd("eval", str(ckpt), *overrides, "--json", torchrun=torchrun, env=env)
+    args = ("eval", str(ckpt), *KD_RUN_PATHS, *overrides, "--json")
+    out = usi_cmd(*args, torchrun=torchrun, env=env) if torchrun else usi_main(*args, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
@@ -81,7 +87,7 @@ def test_eval_at_another_resolution(kd_run):
 
 
 def test_eval_prints_a_one_screen_report(kd_run):
-    out = usi_cmd("eval", str(kd_run / "student" / "best.safetensors"))
+    out = usi_main("eval", str(kd_run / "student" / "best.safetensors"), *KD_RUN_PATHS)
     assert out.returncode == 0
     assert "top-1" in out.stdout and "KL(t||s)" in out.stdout and "teacher" in out.stdout
     assert len(out.stdout.splitlines()) < 25
@@ -90,5 +96,5 @@ def test_eval_prints_a_one_screen_report(kd_run):
 def test_eval_of_a_non_usi_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"garbage")
-    out = usi_cmd("eval", str(bad))
+    out = usi_main("eval", str(bad))
     assert out.returncode == 2 and out.stderr.startswith("usi: error:")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, Payload, read_jsonl, usi_cmd
+from conftest import REPO, TINY, Payload, read_jsonl, usi_cmd, usi_main
 from safetensors.torch import save_file
 
 from usi import checkpoint
@@ -51,7 +51,7 @@ def same(a, b):
 
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(image_root, tmp_path):
     extra = ["sched.epochs=3", "run.log_interval=1"]
-    whole = usi_cmd(*train_args(image_root, tmp_path / "whole", *extra))
+    whole = usi_main(*train_args(image_root, tmp_path / "whole", *extra))
     assert whole.returncode == 0, whole.stderr
     proc = start(train_args(image_root, tmp_path / "cut", *extra))
     wait_for_epochs(tmp_path / "cut", 1, proc)
@@ -59,7 +59,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(image_root, t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert checkpoint.load(tmp_path / "cut" / checkpoint.LAST)["epoch"] >= 1  # the last checkpoint still loads
-    again = usi_cmd(*train_args(image_root, tmp_path / "cut", *extra, "run.resume=auto"))
+    again = usi_main(*train_args(image_root, tmp_path / "cut", *extra, "run.resume=auto"))
     assert again.returncode == 0, again.stderr
     assert [r["epoch"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")] == [1, 2, 3]
     for a, b in zip(weights(tmp_path / "whole"), weights(tmp_path / "cut")):
@@ -68,13 +68,13 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(image_root, t
 
 def test_mid_epoch_checkpoints_resume_without_losing_the_epoch(image_root, tmp_path):
     extra = ["sched.epochs=2", "run.ckpt_every_steps=3", "run.log_interval=1", "run.stop_after=1"]
-    assert usi_cmd(*train_args(image_root, tmp_path / "r", *extra)).returncode == 0
+    assert usi_main(*train_args(image_root, tmp_path / "r", *extra)).returncode == 0
     state = checkpoint.load(tmp_path / "r" / checkpoint.LAST)
     steps = state["num_updates"]
     # rewind to the mid-epoch checkpoint of epoch 2 by training it partly: write one from a fresh process
     mid = {**state, "epoch": 1, "step": 3, "num_updates": steps + 3}
     checkpoint.save(mid, tmp_path / "r" / checkpoint.LAST)
-    out = usi_cmd(*train_args(image_root, tmp_path / "r", *extra[:-1], "run.resume=auto"))
+    out = usi_main(*train_args(image_root, tmp_path / "r", *extra[:-1], "run.resume=auto"))
     assert out.returncode == 0, out.stderr
     assert "resumed from" in out.stderr and "epoch 2, step 3" in out.stderr
     assert "step 4/" in out.stderr and "step 1/" not in out.stderr.split("resumed from")[1]
@@ -135,7 +135,7 @@ def test_a_rank_killed_under_torchrun_max_restarts_resumes_by_itself(image_root,
 
 
 def test_a_diverging_run_stops_naming_the_update_lr_and_checkpoint(image_root, tmp_path):
-    out = usi_cmd(*train_args(image_root, tmp_path / "r", "optim.lr=1e30", "run.max_nonfinite=2", "sched.epochs=3",
+    out = usi_main(*train_args(image_root, tmp_path / "r", "optim.lr=1e30", "run.max_nonfinite=2", "sched.epochs=3",
                               "sched.warmup_epochs=0", "ema.enabled=false"))
     assert out.returncode == 1
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("usi: stopped")]
@@ -148,12 +148,13 @@ def test_unreadable_images_are_skipped_counted_and_stop_past_the_limit(image_roo
     shutil.copytree(image_root, data)
     for i, path in enumerate(sorted((data / "train").rglob("*.jpg"))[:3]):
         path.write_bytes(b"" if i == 0 else b"junk")
+    # a process of its own: the loader workers' warnings go to its stderr (this process's capture misses them)
     ok = usi_cmd(*train_args(data, tmp_path / "ok", "data.workers=2"))
     assert ok.returncode == 0, ok.stderr
     rows = read_jsonl(tmp_path / "ok" / "metrics.jsonl")
     assert rows[-1]["train"]["bad_images"] == 3  # distinct files, over both loader workers and epochs
     assert "skipped unreadable image" in ok.stderr
-    stop = usi_cmd(*train_args(data, tmp_path / "stop", "data.max_bad_samples=2"))
+    stop = usi_main(*train_args(data, tmp_path / "stop", "data.max_bad_samples=2"))
     assert stop.returncode == 2 and "3 unreadable images so far exceeds data.max_bad_samples=2" in stop.stderr
 
 
@@ -167,7 +168,7 @@ def test_unreadable_images_are_skipped_counted_and_stop_past_the_limit(image_roo
 def test_bad_files_end_in_one_line_exit_2_and_no_side_effect(image_root, tmp_path, make, message):
     os.environ["USI_PWNED"] = str(tmp_path / "pwned")
     args = train_args(image_root, tmp_path / "r") + make(tmp_path)
-    out = usi_cmd(*args)
+    out = usi_main(*args)
     assert out.returncode == 2, out.stderr
     errors = [x for x in out.stderr.splitlines() if x.startswith("usi: error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in out.stderr

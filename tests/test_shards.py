@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, usi_cmd
+from conftest import REPO, TINY, usi_cmd, usi_main
 from PIL import Image
 
 from usi.data.folder import FolderSplit
@@ -50,7 +50,7 @@ def test_folder_to_shards_keeps_every_image_and_label(image_root, shards):
     assert classes == folder.classes and sum(counts) == len(folder) == 64 and len(urls) == 11
     images = folder.dataset(None)
     want = collections.Counter((digest(img), y) for img, y in (images[i] for i in range(len(images))))
-    got = collections.Counter((digest(img), y) for img, y in read_all(urls))
+    got = collections.Counter((digest(img), y) for img, y, _ in read_all(urls))
     assert got == want
 
 
@@ -59,7 +59,7 @@ def test_brace_patterns_and_pipe_commands_read_the_same_samples(shards):
     pattern = f"pipe:cat {shards}/train/shard-{{000000..{len(urls) - 1:06d}}}.tar"
     piped, _, _ = read_index(shards / "train", pattern)
     assert piped[0] == f"pipe:cat {urls[0]}"
-    assert sorted(digest(i) for i, _ in read_all(piped)) == sorted(digest(i) for i, _ in read_all(urls))
+    assert sorted(digest(i) for i, *_ in read_all(piped)) == sorted(digest(i) for i, *_ in read_all(urls))
     with pytest.raises(UsageError, match="gives 2 shards but"):
         read_index(shards / "train", f"{shards}/train/shard-{{000000..000001}}.tar")
 
@@ -67,7 +67,7 @@ def test_brace_patterns_and_pipe_commands_read_the_same_samples(shards):
 def test_two_ranks_cover_an_epoch_exactly_once_and_run_the_same_steps(shards):
     split = ShardSplit(shards / "train")
     urls, counts = split.urls, split.counts
-    seen = [digest(img) for r in range(2) for img, _ in read_all(urls, rank=r, world=2)]
+    seen = [digest(img) for r in range(2) for img, *_ in read_all(urls, rank=r, world=2)]
     assert len(seen) == sum(counts) == len(set(seen))
     steps = []
     for rank in range(2):
@@ -80,7 +80,8 @@ def test_two_ranks_cover_an_epoch_exactly_once_and_run_the_same_steps(shards):
 
 def test_repeated_augmentation_yields_each_image_repeats_times(shards):
     urls, counts, _ = read_index(shards / "train")
-    copies = collections.Counter(digest(img) for img, _ in read_all(urls, repeats=3))
+    stream = ShardStream(urls, None, rank=0, world=1, repeats=3, train=True, shuffle_buffer=0)
+    copies = collections.Counter(digest(img) for img, _ in stream)
     assert set(copies.values()) == {3} and len(copies) == sum(counts)
 
 
@@ -126,12 +127,12 @@ def test_shard_writer_reports_bad_images_and_never_leaves_half_shards(image_root
 
 def test_training_and_validation_from_shards_match_the_folder(image_root, shards, tmp_path):
     run = tmp_path / "run"
-    out = usi_cmd("train", "quickstart", *TINY, f"data.root={shards}", "data.format=shards", f"run.dir={run}",
+    out = usi_main("train", "quickstart", *TINY, f"data.root={shards}", "data.format=shards", f"run.dir={run}",
                   "sched.epochs=1", "sched.warmup_epochs=0")
     assert out.returncode == 0, out.stderr[-2000:]
     ckpt = str(run / "last.pt")
-    from_shards = usi_cmd("eval", ckpt, f"data.root={shards}", "data.format=shards", "--json")
-    from_folder = usi_cmd("eval", ckpt, f"data.root={image_root}", "data.format=folder", "--json")
+    from_shards = usi_main("eval", ckpt, f"data.root={shards}", "data.format=shards", "--json")
+    from_folder = usi_main("eval", ckpt, f"data.root={image_root}", "data.format=folder", "--json")
     two_ranks = usi_cmd("eval", ckpt, f"data.root={shards}", "data.format=shards", "--json", torchrun=2)
     reports = [json.loads(o.stdout)["students"] for o in (from_shards, from_folder, two_ranks)]
     for r in reports[1:]:

@@ -11,7 +11,7 @@ from usi.recipe import TeacherSection as TeacherCfg
 from usi.teacher import Teacher, build_teacher, fold_batchnorm
 
 SAME = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3)
-HALF = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, device=torch.device("cpu"))
+HALF = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, student_size=24, device=torch.device("cpu"))
 
 
 def randomize_bn(model):
@@ -114,7 +114,7 @@ def test_teacher_from_a_local_file_is_folded_and_matches_the_original(tmp_path):
     save_file(model.state_dict(), str(tmp_path / "t.safetensors"))
     cfg = TeacherCfg(name="test_resnet", weights=str(tmp_path / "t.safetensors"))
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    teacher = build_teacher(cfg, 4, student_mean=mean, student_std=std, device=torch.device("cpu"))
+    teacher = build_teacher(cfg, 4, student_mean=mean, student_std=std, student_size=24, device=torch.device("cpu"))
     x = torch.randn(3, 3, 24, 24)
     with torch.no_grad():
         assert torch.allclose(teacher(x), model(x), atol=1e-4)
@@ -152,3 +152,39 @@ def test_missing_pretrained_weights_say_what_to_do(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(UsageError, match="set teacher.weights to a local"):
         build_teacher(TeacherCfg(name="resnet50"), 1000, **HALF)
+
+
+def test_folding_falls_back_when_one_batchnorm_follows_two_convolutions():
+    class TwoConvs(torch.nn.Module):  # the same BN module after two convs: no single conv to fold it into
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 4, 1)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.a(x)) + self.bn(self.b(x))
+
+    model, x = randomize_bn(TwoConvs()).eval(), torch.randn(2, 3, 8, 8)
+    folded, n = fold_batchnorm(model, x)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x))
+    assert n == 0 and folded is model
+
+
+def test_folding_survives_any_failure(monkeypatch):
+    import usi.teacher as T
+    monkeypatch.setattr(T, "fuse_conv_bn_weights", lambda **kw: (_ for _ in ()).throw(AttributeError("boom")))
+    model = randomize_bn(timm.create_model("test_resnet", num_classes=3)).eval()
+    folded, n = fold_batchnorm(model, torch.randn(2, 3, 16, 16))
+    assert folded is model and n == 0
+
+
+def test_teacher_logit_cache_key_depends_on_the_precision_of_the_pass():
+    from usi.engine import Compute
+    from usi.logit_cache import cache_key
+    teacher = Teacher(torch.nn.Identity(), **SAME)
+    cfg = TeacherCfg(name="test_resnet")
+    cpu = torch.device("cpu")
+    computes = [Compute(cpu), Compute(cpu, torch.bfloat16), Compute(cpu, None, True)]
+    keys = {cache_key(cfg, "files", teacher, c) for c in computes} | {cache_key(cfg, "other", teacher, computes[0])}
+    assert len(keys) == 4

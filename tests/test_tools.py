@@ -32,6 +32,7 @@ def test_bench_table_runs_each_model_skips_finished_ones_and_survives_a_failure(
     assert 0 <= float(good["agreement_kd"]) <= 100 and float(good["kl_kd"]) >= 0 and float(good["gmacs"]) > 0
     assert "is not a timm model" in bad["note"]
     assert (tmp_path / "table" / "table.png").stat().st_size > 1000
+    assert (tmp_path / "table" / "test_efficientnet-kd.eval.json").is_file()  # kept: a re-run evaluates nothing
     again = run_tool(*args)
     assert again.returncode == 0 and again.stdout.count("already finished") == 2
 
@@ -47,3 +48,33 @@ def test_throughput_reports_every_timing_and_ratio(tmp_path):
         assert math.isfinite(row[key]) and row[key] > 0, key
     assert row["overhead"] == row["kd_ms"] / (row["student_ms"] + row["teacher_ms"])
     assert "| test_resnet |" in out.stdout
+
+
+def test_gpu_report_measures_every_section_on_this_device(tmp_path):
+    out = run_tool("tools/gpu_report.py", "--small", "--out", str(tmp_path / "report.md"), timeout=900)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = (tmp_path / "report.md").read_text()
+    for heading in ("Training step, teacher forward, MFU", "RandAugment on the device", "Loader", "End-to-end"):
+        assert f"## {heading}" in report
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [r["model"] for r in data["steps"]] == ["test_resnet", "test_efficientnet", "test_vit"]
+    for row in data["steps"]:
+        for key in ("student_ms", "teacher_ms", "teacher_compiled_ms", "timm_teacher_ms", "kd_ms", "timm_task_ms"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+        assert row["overhead"] == row["kd_ms"] / (row["student_ms"] + row["teacher_ms"])
+        assert row["tflops_per_step"] > 0 and row["mfu"] is None  # no peak known for a CPU
+    assert data["randaugment"]["ms_per_batch"] > 0 and data["train"]["img_per_s"] > 0
+
+
+def test_loader_bench_times_both_paths_from_folders_and_shards(tmp_path):
+    from PIL import Image
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):
+        Image.new("RGB", (96, 72), (i * 40, 100, 200 - i * 30)).save(photos / f"n0000000{i % 2}_{i}.JPEG")
+    out = run_tool("tools/loader_bench.py", str(photos), "--workers", "1", "--copies", "4", "--rounds", "1",
+                   "--batch", "4", "--input-size", "32", "--shard-size", "6")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = [line for line in out.stdout.splitlines() if line.startswith("| 1 |")]
+    cells = [float(c) for c in row.strip("| \n").split(" | ")[1:]]
+    assert len(cells) == 8 and all(c > 0 for c in cells)

@@ -1,80 +1,121 @@
-"""Loader throughput per worker: decode + USI augmentation from shards and from the image folder, and
-PIL decode alone on the same images (the ceiling), in one process, median of --runs.
+"""Training loader throughput per core, from an image folder and from shards: decode only, today's path
+(timm's transform with RandAugment in the workers) and the new one (the workers decode, crop, resize
+and flip; RandAugment runs batched on the device).
 
-  python tools/make_shards.py /data/imagenette/train /tmp/shards/train --shard-size 500
-  python tools/loader_bench.py /data/imagenette/train /tmp/shards/train --workers 1 2 --images 2000
+  tar xf in1k-val-sample-334.tar -C /tmp/in1k-val
+  python tools/loader_bench.py /tmp/in1k-val --workers 1 2 --copies 3 --rounds 3
 
-Goals (issue 4): shards >= folder, and shards >= 80% of decode-only, per worker.
+The images (a flat folder, or class folders) are laid out as an image folder of `--copies` links to each
+file and written as shards once, in a temporary folder. Each candidate is a real DataLoader with
+`w` workers over the same images; images/s are divided by w (per core). Candidates are timed
+round-robin, so drift of a shared machine falls on all alike; medians over rounds; ratios within the run.
+The device's part of the new path (RandAugment per batch) is timed by tools/gpu_report.py.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from timm.data.loader import fast_collate
+from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from usi.data import InputSpec  # noqa: E402
-from usi.data.folder import FolderSplit, load_rgb  # noqa: E402
-from usi.data.loader import train_transform  # noqa: E402
+from usi.data.folder import FolderSplit  # noqa: E402
+from usi.data.images import IMAGE_EXTENSIONS  # noqa: E402
+from usi.data.loader import InputSpec, train_transform  # noqa: E402
 from usi.data.shards import ShardStream, read_index  # noqa: E402
 from usi.recipe import AugSection  # noqa: E402
 
-
-class DecodeOnly(torch.utils.data.Dataset):
-    def __init__(self, folder: FolderSplit):
-        self.paths = [p for p, _ in folder.samples]
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        load_rgb(self.paths[i]).load()
-        return torch.zeros(1, dtype=torch.uint8), 0
+SPEC = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-def rate(dataset, workers: int, images: int, batch: int = 64) -> float:
-    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=fast_collate,
-                        shuffle=not isinstance(dataset, torch.utils.data.IterableDataset) or None, drop_last=True)
+class DecodeOnly:
+    """The decode alone (what every path pays at least): a full decode to RGB, a token tensor out."""
+
+    def __call__(self, img):
+        img.convert("RGB").load()
+        return torch.zeros(3, 1, 1, dtype=torch.uint8)
+
+    def __repr__(self) -> str:
+        return "DecodeOnly()"
+
+
+def layout(src: Path, work: Path, copies: int) -> Path:
+    """An image folder of `copies` links to each image: class folders kept, or one per flat file."""
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise SystemExit(f"no images under {src}")
+    root = work / "folder"
+    for f in files:
+        cls = f.parent.name if f.parent != src else f.stem.split("_")[0]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for c in range(copies):
+            (root / cls / f"{f.stem}-{c}{f.suffix}").symlink_to(f.resolve())
+    return root
+
+
+def rate(dataset, workers: int, batch: int) -> float:
+    """Images/s of one pass (after the first batch: worker start-up is not the loader's pace)."""
+    sampler = None if isinstance(dataset, torch.utils.data.IterableDataset) else RandomSampler(dataset)
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, collate_fn=fast_collate,
+                        drop_last=True)
     it = iter(loader)
-    next(it)  # worker start-up and the first batch are not measured
+    next(it)
     n, t0 = 0, time.perf_counter()
-    for x, _ in itertools.islice(it, max(1, images // batch)):
+    for x, _ in it:
         n += len(x)
     return n / (time.perf_counter() - t0)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", type=Path)
-    p.add_argument("shards", type=Path)
+    p.add_argument("images", type=Path, help="a folder of images (flat, or class folders)")
     p.add_argument("--workers", type=int, nargs="+", default=[1])
-    p.add_argument("--images", type=int, default=1500)
+    p.add_argument("--copies", type=int, default=3, help="links to each image (a longer pass)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--shard-size", type=int, default=100)
     args = p.parse_args(argv)
-    transform = train_transform(AugSection(), InputSpec(args.input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
-    split = FolderSplit(args.folder)
-    folder = split.dataset(transform)
-    urls, _, _ = read_index(args.shards)
-    print(f"{len(folder)} images, {len(urls)} shards, input {args.input_size}, USI train augmentation; "
-          f"median of {args.runs}; images/s per worker")
-    print("| workers | decode only | folder | shards | shards / folder | shards / decode |\n|---|---|---|---|---|---|")
-    for w in args.workers:
-        def med(make):
-            return statistics.median(rate(make(), w, args.images) for _ in range(args.runs)) / max(w, 1)
-        decode = med(lambda: DecodeOnly(split))
-        from_folder = med(lambda: folder)
-        from_shards = med(lambda: ShardStream(urls, transform, rank=0, world=1, repeats=1, train=True,
-                                              shuffle_buffer=256))
-        print(f"| {w} | {decode:.0f} | {from_folder:.0f} | {from_shards:.0f} | {from_shards / from_folder:.2f} | "
-              f"{from_shards / decode:.2f} |")
+    torch.set_num_threads(1)
+    spec = InputSpec(args.input_size, SPEC.mean, SPEC.std)
+    aug = AugSection()  # the published recipe's augmentation
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = layout(args.images, Path(tmp), args.copies)
+        subprocess.run([sys.executable, str(Path(__file__).parent / "make_shards.py"), str(folder),
+                        str(Path(tmp) / "shards"), "--shard-size", str(args.shard_size), "--workers", "2"],
+                       check=True, capture_output=True)
+        urls, _, _ = read_index(Path(tmp) / "shards")
+        split = FolderSplit(folder)
+        today, new = train_transform(aug, spec, on_device=False), train_transform(aug, spec, on_device=True)
+        print(f"{len(split)} images ({args.copies} links to each of {len(split) // args.copies}), {len(urls)} shards, "
+              f"input {spec.size}, recipe augmentation {aug.auto_augment}; images/s per worker, median of "
+              f"{args.rounds} rounds")
+        cols = ["decode only", "folder today", "folder new", "shards today", "shards new"]
+        print("| workers | " + " | ".join(cols) + " | new / today (folder) | new / today (shards) |"
+              " shards / folder (new) |\n|" + "---|" * (len(cols) + 4))
+        for w in args.workers:
+            candidates = {
+                "decode only": lambda: split.dataset(DecodeOnly()),
+                "folder today": lambda: split.dataset(today),
+                "folder new": lambda: split.dataset(new),
+                "shards today": lambda: ShardStream(urls, today, rank=0, world=1, train=True, shuffle_buffer=64),
+                "shards new": lambda: ShardStream(urls, new, rank=0, world=1, train=True, shuffle_buffer=64),
+            }
+            times = {name: [] for name in candidates}
+            for _ in range(args.rounds):  # round-robin: drift falls on every candidate alike
+                for name, make in candidates.items():
+                    times[name].append(rate(make(), w, args.batch) / max(w, 1))
+            m = {name: statistics.median(v) for name, v in times.items()}
+            print(f"| {w} | " + " | ".join(f"{m[c]:.0f}" for c in cols) +
+                  f" | {m['folder new'] / m['folder today']:.2f} | {m['shards new'] / m['shards today']:.2f} | "
+                  f"{m['shards new'] / m['folder new']:.2f} |")
     return 0
 
 

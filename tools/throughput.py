@@ -134,10 +134,14 @@ def measure(student_name, args, device) -> dict:
         timm_opt.zero_grad(set_to_none=True)
 
     task.train()
-    out.update({f"{k}_ms": v for k, v in interleaved_medians({
+    candidates = {
         "student": lambda: usi_step(alone, x, y), "teacher": lambda: teacher_fwd(usi_teacher),
         "kd": lambda: usi_step(kd, x, y), "timm_task": timm_step, "timm_teacher": lambda: teacher_fwd(timm_teacher),
-    }, args.warmup, args.runs, device).items()})
+    }
+    if getattr(args, "teacher_compile", False):  # the folded teacher compiled too (a copy: the others stay eager)
+        compiled = copy.deepcopy(usi_teacher).compile()
+        candidates["teacher_compiled"] = lambda: teacher_fwd(compiled)
+    out.update({f"{k}_ms": v for k, v in interleaved_medians(candidates, args.warmup, args.runs, device).items()})
     out["overhead"] = out["kd_ms"] / (out["student_ms"] + out["teacher_ms"])
     out["vs_timm_task"] = out["kd_ms"] / out["timm_task_ms"]
     out["teacher_speedup"] = out["timm_teacher_ms"] / out["teacher_ms"]
@@ -156,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "none"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--teacher-compile", action="store_true", help="also time the folded teacher compiled")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--json", type=Path, help="also write the results here")

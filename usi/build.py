@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import timm
 import torch
@@ -13,9 +16,12 @@ from timm.data import Mixup, resolve_model_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
 
+from usi import checkpoint, data, distributed, environment, tracking
 from usi.data import InputSpec
-from usi.engine import Compute, StepConfig
+from usi.data.loader import seed_everything
+from usi.engine import Compute, StepConfig, TrainState
 from usi.errors import UsageError
 from usi.loss import DistillLoss
 from usi.recipe import Recipe, mixes
@@ -24,20 +30,72 @@ from usi.teacher import Teacher, build_teacher
 log = logging.getLogger("usi")
 
 
-def create_student(model_cfg, num_classes: int, input_size: int | None) -> torch.nn.Module:
-    """The student, built for `input_size` when its constructor takes img_size (ViTs, MLP-Mixers)."""
+def create_student(model_cfg, num_classes: int, input_size: int | None, starting_weights: bool = False
+                   ) -> torch.nn.Module:
+    """The student, built for `input_size` when its constructor takes img_size (ViTs, MLP-Mixers); from
+    model.pretrained or model.weights when `starting_weights` (training; evaluation loads its own)."""
+    pretrained = starting_weights and model_cfg.pretrained
     kwargs = dict(model_cfg.kwargs)
     if model_cfg.drop_path_rate is not None:
         kwargs["drop_path_rate"] = model_cfg.drop_path_rate
     try:
+        model = None
         if input_size and "img_size" not in kwargs:
             try:
-                return timm.create_model(model_cfg.name, num_classes=num_classes, img_size=input_size, **kwargs)
+                model = timm.create_model(model_cfg.name, pretrained=pretrained, num_classes=num_classes,
+                                          img_size=input_size, **kwargs)
             except TypeError:
                 pass  # a CNN: any input size works without telling it
-        return timm.create_model(model_cfg.name, pretrained=False, num_classes=num_classes, **kwargs)
-    except TypeError as e:
-        raise UsageError(f"model.kwargs {kwargs} do not fit {model_cfg.name}: {e}") from None
+        # timm re-initializes a pretrained classifier for another class count
+        model = model or timm.create_model(model_cfg.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if pretrained and not isinstance(e, TypeError):  # no hub access, no weights for this name, ...
+            raise UsageError(f"could not get pretrained weights for {model_cfg.name} from timm ({first}); "
+                             f"set model.weights to a local .safetensors or .pth file instead") from None
+        if isinstance(e, (TypeError, ValueError, AssertionError, RuntimeError)):  # e.g. a dropout rate of 2
+            raise UsageError(f"model.kwargs {kwargs} do not fit {model_cfg.name}: {first}") from None
+        raise
+    if starting_weights and model_cfg.weights:
+        log.info(load_starting_weights(model, Path(model_cfg.weights)))
+    return model
+
+
+def load_starting_weights(model: torch.nn.Module, path: Path) -> str:
+    """Weights from a local file (checked, weights_only); a classifier of another shape is left freshly
+    initialized, as timm does for pretrained weights. Returns a line saying what was loaded."""
+    from usi.teacher import read_weights
+
+    state = read_weights(path)
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier")
+    heads = [classifier] if isinstance(classifier, str) else list(classifier or [])
+    dropped = [k for k in list(state) if any(k.startswith(h + ".") for h in heads)
+               and k in own and state[k].shape != own[k].shape]
+    for key in dropped:
+        del state[key]
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) - set(dropped):
+        raise UsageError(f"model.weights={path} do not fit {type(model).__name__}: "
+                         f"{checkpoint.mismatch(model, state)}")
+    reinit = f"; classifier re-initialized ({len(dropped)} tensors of another class count)" if dropped else ""
+    return f"student weights from {path}{reinit}"
+
+
+def check_input_size(model_cfg, num_classes: int, size: int) -> None:
+    """A forward pass on the meta device (no memory, no compute): a ViT whose patch does not divide
+    data.input_size fails here in one line, before anything is written."""
+    with torch.device("meta"):
+        model = create_student(model_cfg, num_classes, size).eval()
+        try:
+            with torch.no_grad():
+                model(torch.empty(2, 3, size, size))
+        except NotImplementedError:
+            return  # an op without a meta kernel: nothing to learn here
+        except (AssertionError, RuntimeError, ValueError) as e:
+            kwargs = f" with model.kwargs {model_cfg.kwargs}" if model_cfg.kwargs else ""
+            raise UsageError(f"model.name={model_cfg.name}{kwargs} fails on {size} px inputs (data.input_size): "
+                             f"{str(e).strip().splitlines()[0][:160]}") from None
 
 
 def input_spec(model: torch.nn.Module, input_size: int | None) -> InputSpec:
@@ -46,15 +104,22 @@ def input_spec(model: torch.nn.Module, input_size: int | None) -> InputSpec:
     return InputSpec(size=input_size or cfg["input_size"][-1], mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16/fp16 on GPU as the recipe says; CPU always runs fp32."""
+def amp_dtype(run_cfg, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16/fp16 on GPU as the recipe says; CPU runs fp32 unless run.amp_on_cpu (bf16)."""
     if device.type != "cuda":
-        return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        return torch.bfloat16 if run_cfg.amp_on_cpu and run_cfg.amp == "bf16" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run_cfg.amp)
+
+
+def channels_last(run_cfg, device: torch.device) -> bool:
+    """auto: on CUDA, where it speeds convolutions up; off on CPU, where torch 2.14's channels_last
+    backward crashes for some families (fastvit, mobileone, repvgg) and gains little."""
+    return run_cfg.channels_last == "true" or (run_cfg.channels_last == "auto" and device.type == "cuda")
 
 
 def compute_for(recipe: Recipe, device: torch.device) -> Compute:
-    return Compute(device=device, amp_dtype=amp_dtype(recipe.run.amp, device), channels_last=recipe.run.channels_last)
+    return Compute(device=device, amp_dtype=amp_dtype(recipe.run, device),
+                   channels_last=channels_last(recipe.run, device))
 
 
 def place(model: torch.nn.Module, compute: Compute) -> torch.nn.Module:
@@ -68,7 +133,7 @@ def teacher_for(recipe: Recipe, num_classes: int, spec: InputSpec, compute: Comp
     if not recipe.kd:
         return None
     return build_teacher(recipe.teacher, num_classes, student_mean=spec.mean, student_std=spec.std,
-                         device=compute.device, channels_last=compute.channels_last)
+                         student_size=spec.size, device=compute.device, channels_last=compute.channels_last)
 
 
 def batch_plan(recipe: Recipe, world: int) -> tuple[int, float, str]:
@@ -91,7 +156,8 @@ def create_optimizer(recipe: Recipe, student: torch.nn.Module, lr: float) -> tor
     fused = recipe.optim.name in ("adamw", "adam") and all(p.dtype == torch.float32 for p in student.parameters())
     try:
         return create_optimizer_v2(student, opt=recipe.optim.name, lr=lr, weight_decay=recipe.optim.weight_decay,
-                                   eps=recipe.optim.eps, **({"fused": True} if fused else {}))
+                                   eps=recipe.optim.eps, layer_decay=recipe.optim.layer_decay,
+                                   **({"fused": True} if fused else {}))
     except (ValueError, AssertionError) as e:
         raise UsageError(f"optim.name={recipe.optim.name!r}: {e}") from None
 
@@ -127,3 +193,116 @@ def step_config(recipe: Recipe, compute: Compute, num_classes: int, accum_steps:
 def grad_scaler(compute: Compute) -> torch.amp.GradScaler | None:
     """fp16 needs loss scaling; bf16 and fp32 do not."""
     return torch.amp.GradScaler("cuda") if compute.amp_dtype == torch.float16 else None
+
+
+# ---------------------------------------------------------------- a whole training run
+
+
+@dataclass
+class Training:
+    """Everything a run holds once built."""
+    recipe: Recipe
+    dist: distributed.Dist
+    run_dir: Path
+    state: TrainState
+    cfg: StepConfig
+    train_split: data.Split
+    val_split: data.Split
+    train_loader: object
+    val_loader: object
+    steps: int  # per epoch
+    epochs: int  # including cool-down
+    params: int
+    versions: dict  # usi, torch, timm, CUDA, cuDNN, git: recorded in every checkpoint
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train_split.classes
+
+
+def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path) -> Training:
+    """Every object a training run needs, checked, before anything is written."""
+    accum, lr, plan = batch_plan(recipe, dist.world)  # the world size is known: fail before any work
+    tracking.check_available(recipe.run.loggers)
+    train_split, val_split = data.open_splits(recipe.data)
+    num_classes = len(train_split.classes)
+    seed_everything(recipe.run.seed)
+    student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=True)
+    spec = input_spec(student, recipe.data.input_size)
+    check_input_size(recipe.model, num_classes, spec.size)
+    compute = compute_for(recipe, dist.device)
+    environment.set_backend_flags(recipe.run, dist.device)
+    teacher = teacher_for(recipe, num_classes, spec, compute)
+    place(student, compute)
+
+    train_loader = data.train_loader(train_split, recipe.data, recipe.aug, spec, seed=recipe.run.seed, dist=dist)
+    val_loader = data.val_loader(val_split, recipe.data, recipe.aug, spec, dist=dist)
+    steps = train_loader.steps_per_epoch()
+    if recipe.run.max_steps:
+        steps = min(steps, recipe.run.max_steps)
+    if steps == 0:
+        raise UsageError(f"data.batch_size={recipe.data.batch_size} x {dist.world} processes is larger than one "
+                         f"epoch of {len(train_split)} training samples")
+
+    log.info(plan)
+    if steps % accum:
+        log.warning(f"{steps} steps per epoch is not a multiple of {accum} accumulation steps; "
+                    f"the last {steps % accum} steps of each epoch carry gradient into the next")
+    optimizer = create_optimizer(recipe, student, lr)
+    scheduler, epochs = create_scheduler(recipe, optimizer, steps // accum)
+    ema = create_ema(recipe, student)
+    wrapped = student
+    if dist.distributed:
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(student, device_ids=device_ids)
+    if recipe.run.compile:
+        wrapped = torch.compile(wrapped)
+        if teacher is not None:
+            teacher.compile()
+    state = TrainState(student=student, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
+                       ema=ema, scaler=grad_scaler(compute), mixup=create_mixup(recipe, num_classes))
+    params = sum(p.numel() for p in student.parameters())
+    log.info(f"student {recipe.model.name}: {params / 1e6:.2f}M params, input {spec.size}, {num_classes} classes, "
+             f"{len(train_split)} train / {len(val_split)} val images, {steps} steps x {epochs} epochs"
+             + (f", teacher {recipe.teacher.name}" if teacher is not None else ", no teacher"))
+    return Training(recipe=recipe, dist=dist, run_dir=run_dir, state=state,
+                    cfg=step_config(recipe, compute, num_classes, accum), train_split=train_split,
+                    val_split=val_split, train_loader=train_loader, val_loader=val_loader, steps=steps, epochs=epochs,
+                    params=params, versions=environment.versions())
+
+
+def dry_run(recipe: Recipe) -> str:
+    """`usi train --dry-run`: everything a start checks (recipe, run directory, data layout and counts, the
+    student, the teacher's weights and classes), and the plan it would follow. Writes nothing."""
+    from usi import rundir
+
+    dist = distributed.Dist(world=int(os.environ.get("WORLD_SIZE", "1")))  # no process group is joined
+    accum, lr, plan = batch_plan(recipe, dist.world)
+    run_dir = recipe.run_dir()
+    resume_from = rundir.resume_source(recipe, run_dir)
+    train_split, val_split = data.open_splits(recipe.data)
+    classes = len(train_split.classes)
+    student = create_student(recipe.model, classes, recipe.data.input_size)
+    spec = input_spec(student, recipe.data.input_size)
+    check_input_size(recipe.model, classes, spec.size)
+    teacher = teacher_for(recipe, classes, spec, Compute(torch.device("cpu")))
+    steps = data.train_loader(train_split, recipe.data, recipe.aug, spec, seed=recipe.run.seed,
+                              dist=dist).steps_per_epoch()
+    steps = min(steps, recipe.run.max_steps) if recipe.run.max_steps else steps
+    epochs = recipe.sched.epochs + recipe.sched.cooldown_epochs
+    params = sum(p.numel() for p in student.parameters())
+    teacher_line = "none" if teacher is None else (
+        f"{recipe.teacher.name}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, "
+        f"{recipe.teacher.weights or 'timm pretrained weights'}, {classes} classes, "
+        f"sees {teacher.input_size or spec.size} px")
+    return "\n".join([
+        "# the effective recipe", recipe.to_yaml().rstrip(), "",
+        "# the plan (nothing was written)",
+        f"run directory: {run_dir} ({'resume from ' + str(resume_from) if resume_from else 'a fresh start'})",
+        f"data: {recipe.data.format} at {recipe.data.root}: {len(train_split)} train / {len(val_split)} val images, "
+        f"{classes} classes",
+        f"student: {recipe.model.name}, {params / 1e6:.2f}M params, input {spec.size} px",
+        f"teacher: {teacher_line}",
+        f"batch: {plan}; lr {lr:g}",
+        f"steps: {steps} per epoch x {epochs} epochs = {steps * epochs} steps, {steps // accum * epochs} updates",
+    ])

@@ -1,18 +1,19 @@
-"""Atomic checkpoint writes, safe loads, and the student's exported weights.
+"""Atomic checkpoint writes, safe and checked loads, and the student's exported weights.
 
 A checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed
 over the old one: a crash at any point leaves either the old or the new file, never half of one.
 Loading uses weights_only=True (or safetensors), so a file carrying a pickled payload is refused
-without running it.
+without running it, and checks the file's checksums, so damaged bytes are refused too.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from usi.errors import UsageError
@@ -53,20 +54,29 @@ def load(path: Path) -> dict:
 
 
 def load_state_file(path: Path) -> dict:
-    """A dict of tensors (and plain values) from .safetensors or a torch file, without running code."""
+    """A dict of tensors (and plain values) from a safetensors or torch file, without running code.
+
+    The format is read off the file's first bytes, not its name. Torch's zip checkpoints carry a
+    CRC per member that torch.load never checks; they are checked here, so damaged bytes are refused
+    rather than resumed from. Exported safetensors carry a digest of their tensors, checked likewise.
+    """
+    path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UsageError(f"{path} is not a readable safetensors file ({e})") from None
+    kind = file_kind(path)
+    if kind == "safetensors":
+        return load_safetensors(path)
+    if kind == "zip":
+        check_zip(path)
+    elif kind != "pickle":
+        what = "a readable safetensors file" if path.suffix == ".safetensors" else "a checkpoint"
+        raise UsageError(f"{path} is not {what}: neither a torch file nor safetensors")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UsageError(f"refused to load {path}: it holds objects other than tensors ({first[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UsageError(f"refused to load {path}: it holds objects other than tensors "
+                         f"({unpickling_reason(e)})") from None
+    except Exception as e:  # the weights-only unpickler raises IndexError, KeyError, ... on damaged input
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: {first[:160]})") from None
     if not isinstance(state, dict):
@@ -74,9 +84,76 @@ def load_state_file(path: Path) -> dict:
     return state
 
 
+def file_kind(path: Path) -> str:
+    """safetensors (an 8-byte header length, then JSON), zip (torch >= 1.6), pickle (older torch), or other."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size:
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
+    return "other"
+
+
+def check_zip(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: {e})") from None
+    if bad is not None:
+        raise UsageError(f"{path} is damaged: its part {bad!r} fails its checksum; use an earlier copy")
+
+
+def unpickling_reason(error: Exception) -> str:
+    """The line of torch's long weights-only message that names what was refused."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported" in line or "global" in line.lower()]
+    return (named or lines or [type(error).__name__])[0][:200]
+
+
+def load_safetensors(path: Path) -> dict:
+    try:
+        state = load_file(str(path))
+        expected = read_metadata(path).get("sha256")
+    except Exception as e:  # SafetensorError, OSError, a header that is not JSON, ...
+        raise UsageError(f"{path} is not a readable safetensors file ({str(e)[:160]})") from None
+    if expected is not None and tensor_digest(state) != expected:
+        raise UsageError(f"{path} is damaged: its tensors do not match the digest written with them")
+    return state
+
+
+def tensor_digest(state: dict) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu").contiguous()
+        h.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def mismatch(model: torch.nn.Module, state: dict) -> str:
+    """Why `state` does not load into `model`, in one line: missing and unexpected keys, shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    for name, items in (("shapes differ (file vs model)", shapes), ("missing", missing), ("unexpected", unexpected)):
+        if items:
+            more = f" (+{len(items) - 2} more)" if len(items) > 2 else ""
+            parts.append(f"{name}: {', '.join(items[:2])}{more}")
+    return "; ".join(parts) or "unknown mismatch"
+
+
 def export_weights(state_dict: dict, path: Path, metadata: dict[str, str]) -> None:
     """The student's weights as safetensors: what leaves the program, and what a teacher loads."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    metadata = {**metadata, "sha256": tensor_digest(tensors)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -100,15 +177,20 @@ def capture(state, *, recipe_yaml: str, classes: list[str], at, best: dict) -> d
 def restore(state, path: Path) -> dict:
     """Load a checkpoint into a TrainState; returns the checkpoint (for its position and best)."""
     saved = load(path)
+    models = [("student", state.student)] + ([("ema", state.ema.module)] if state.ema is not None and saved["ema"]
+                                             else [])
+    for key, model in models:
+        try:
+            model.load_state_dict(saved[key])
+        except (RuntimeError, KeyError) as e:
+            raise UsageError(f"checkpoint {path} does not fit this recipe's model ({key}): "
+                             f"{mismatch(model, saved[key]) if key in saved else e}") from None
     try:
-        state.student.load_state_dict(saved["student"])
-        if state.ema is not None and saved["ema"]:
-            state.ema.module.load_state_dict(saved["ema"])
         state.optimizer.load_state_dict(saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UsageError(f"checkpoint {path} does not fit this recipe's model/optimizer: "
+        raise UsageError(f"checkpoint {path} does not fit this recipe's optimizer: "
                          f"{str(e).strip().splitlines()[0][:200]}") from None
-    state.scheduler.load_state_dict(saved["scheduler"])
     if state.scaler is not None and saved["scaler"]:
         state.scaler.load_state_dict(saved["scaler"])
     return saved

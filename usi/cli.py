@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
-from usi.errors import UsageError
+from usi import __version__
+from usi.errors import UsageError, one_line
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+PACKAGE = Path(__file__).resolve().parent
+# An installed wheel carries the recipes inside the package (setup.py copies them); a checkout, or an
+# editable install, reads them from recipes/ beside the package.
+RECIPES = PACKAGE / "recipes" if (PACKAGE / "recipes").is_dir() else PACKAGE.parent / "recipes"
 
 
 def recipe_path(name: str) -> Path:
@@ -24,10 +29,32 @@ def recipe_path(name: str) -> Path:
 
 def cmd_train(args) -> int:
     from usi import recipe as recipe_mod
+    from usi.build import dry_run
     from usi.train import train
 
     recipe = recipe_mod.load(recipe_path(args.recipe), args.overrides)
+    if args.dry_run:
+        print(dry_run(recipe))
+        return 0
     train(recipe)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from usi.export import export
+
+    report = export(Path(args.checkpoint), Path(args.out), weights=args.weights, onnx=args.onnx)
+    print(f"{report['model']} ({report['weights']} weights) -> {report['out']}: timm loads it as "
+          f"timm.create_model('local-dir:{report['out']}', pretrained=True) (max |logit difference| "
+          f"{report['timm_max_abs_diff']:.2g})"
+          + (f"; model.onnx (max |logit difference| {report['onnx_max_abs_diff']:.2g})" if args.onnx else ""))
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from usi import recipe as recipe_mod
+
+    print(recipe_mod.describe(args.section))
     return 0
 
 
@@ -47,13 +74,35 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_tool(name: str, argv: list[str]) -> int:
+    """`usi shards ...` and `usi table ...`: tools with arguments of their own (see --help of each)."""
+    if name == "shards":
+        from usi.make_shards import main as tool
+    else:
+        from usi.bench_table import main as tool
+    return tool(argv)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="usi", description="Distill any timm backbone with the USI recipe.")
+    p.add_argument("--version", action="version", version=f"usi {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a student (run under torchrun for several GPUs)")
+    t = sub.add_parser("train", help="train a student (run under torchrun for several GPUs)",
+                       epilog="every recipe key, its default and meaning: usi keys")
     t.add_argument("recipe", help="a recipe YAML file, or a built-in name: usi, quickstart")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.name=resnet50 optim.lr=1e-3")
+    t.add_argument("--dry-run", action="store_true",
+                   help="check the recipe, data and teacher, print the plan; write nothing, train nothing")
     t.set_defaults(run=cmd_train)
+    x = sub.add_parser("export", help="the student as a folder timm loads without usi (and as ONNX)")
+    x.add_argument("checkpoint", help="a run's best.safetensors or last.pt")
+    x.add_argument("out", help="a new folder: model.safetensors + config.json (+ model.onnx)")
+    x.add_argument("--weights", choices=["raw", "ema"], help="from last.pt: which weights (default: ema)")
+    x.add_argument("--onnx", action="store_true", help="also write model.onnx (needs pip install 'usi[onnx]')")
+    x.set_defaults(run=cmd_export)
+    k = sub.add_parser("keys", help="every recipe key with its default, choices and meaning")
+    k.add_argument("section", nargs="?", help="one section only, e.g. optim")
+    k.set_defaults(run=cmd_keys)
     e = sub.add_parser("eval", help="evaluate a checkpoint: accuracy, calibration, fidelity to the teacher")
     e.add_argument("checkpoint", help="a run's best.safetensors or last.pt")
     e.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.root=... data.input_size=288")
@@ -64,24 +113,51 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=42)
     q.add_argument("--rerun", action="store_true", help="train again even where a finished run exists")
     q.set_defaults(run=cmd_quickstart)
+    # parsed by the tools themselves (main() hands them their arguments); listed here for --help
+    sub.add_parser("shards", help="write image folders as webdataset shards (usi shards --help)")
+    sub.add_parser("table", help="one recipe, many backbones: the benchmark table (usi table --help)")
     return p
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Overrides may come before or after the flags (`usi train usi --dry-run model.name=resnet50`)."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("shards", "table"):
+        run = partial(cmd_tool, argv[0], argv[1:])
+    else:
+        args = parse(argv)
+        run = partial(args.run, args)
     from usi.distributed import env_rank
     from usi.engine import NonFiniteError
+    from usi.preempt import Interrupted
 
     try:
-        return args.run(args)
+        return run()
     except UsageError as e:
         if env_rank() == 0:
-            print(f"usi: error: {e}", file=sys.stderr)
+            print(f"usi: error: {one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
-        print(f"usi: stopped: {e}", file=sys.stderr)
+        if env_rank() == 0:
+            print(f"usi: stopped: {one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except Interrupted as e:  # SIGTERM / SIGINT during training: the checkpoint is written
+        if env_rank() == 0:
+            print(f"usi: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing to save yet
+        if env_rank() == 0:
+            print("usi: interrupted", file=sys.stderr)
         return 130
 
 

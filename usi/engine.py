@@ -154,24 +154,48 @@ def optimizer_update(state: TrainState, cfg: StepConfig) -> torch.Tensor:
     return bad
 
 
+@dataclass(frozen=True)
+class EpochResult:
+    stats: dict  # mean losses, lr, skipped updates, images/s
+    end: Position  # where the next step starts: (epoch + 1, 0) after a whole epoch
+    stopped_by: int = 0  # the signal that stopped the epoch early, 0 if none
+
+
 def train_one_epoch(state: TrainState, cfg: StepConfig, batches, *, start: Position, steps: int, epochs: int,
                     guard: Guard, progress: Progress, log_interval: int, images_per_step: int,
-                    on_update: Callable[[Position], None] | None = None) -> tuple[dict, int]:
-    """Runs steps [start.step, steps) of start.epoch; returns (mean losses and throughput, updates).
+                    on_update: Callable[[Position], None] | None = None,
+                    should_stop: Callable[[bool], tuple[int, bool]] | None = None,
+                    on_log: Callable[[int, dict], None] | None = None) -> EpochResult:
+    """Runs steps [start.step, steps) of start.epoch.
 
-    on_update(position) is called after every optimizer update with the position to resume from.
+    After every optimizer update, on_update(position) is called with the position to resume from; at every
+    logging interval, on_log(updates, the interval's losses, lr and images/s).
+    Before every micro-batch, should_stop(loader_failed) -> (signal number or 0, any loader failed)
+    is asked on every rank at once: a signal ends the epoch once the update in progress is done; a
+    loader that broke after a signal ends it at once, at the last finished update.
     """
     state.wrapped.train()
     sums = torch.zeros(2, device=cfg.compute.device)
     counted, rate, timer_images, last, rates = 0, Rate(), 0, {}, []
-    updates = start.updates
+    updates, stopped_by, end = start.updates, 0, None
+    boundary = start  # the last position between two updates
     for step in range(start.step, steps):
-        # ---- forward and backward on one (mixed) batch
-        try:
-            x, y = next(batches)
-        except StopIteration:
+        # ---- the next batch, and whether to go on
+        batch, error = next_batch(batches)
+        if should_stop is None and error is not None:
+            raise error
+        if should_stop is not None:
+            stopped_by, failed = should_stop(error is not None)
+            if failed and not stopped_by:  # a loader broke with no signal: a real failure, on every rank
+                raise error or RuntimeError("another rank's data loader failed")
+            if failed:  # a signal killed the loader: the rest of this update cannot be fetched
+                state.optimizer.zero_grad(set_to_none=True)  # back to the last update's end
+                end = boundary
+                break
+        if batch is None:
             break
-        x, y = prepare_batch(state, cfg, x, y)
+        # ---- forward and backward on one (mixed) batch
+        x, y = prepare_batch(state, cfg, *batch)
         sync = (step + 1) % cfg.accum_steps == 0
         task, kd = forward_backward(state, cfg, x, y, sync=sync)
         sums += torch.stack([task, kd])
@@ -185,8 +209,9 @@ def train_one_epoch(state: TrainState, cfg: StepConfig, batches, *, start: Posit
             if state.ema is not None:
                 state.ema.update(state.student, step=updates)
             guard.record(bad, updates)
+            boundary = Position(start.epoch, step + 1, updates)
             if on_update is not None:
-                on_update(Position(start.epoch, step + 1, updates))
+                on_update(boundary)
         # ---- logging: the one host sync of an interval
         if due(step + 1, log_interval, last=steps):
             last = read_logs(state, sums, counted, guard)
@@ -194,12 +219,31 @@ def train_one_epoch(state: TrainState, cfg: StepConfig, batches, *, start: Posit
             timer_images = 0
             progress.show(step_line({"task": last["task_loss"], "kd": last["kd_loss"], "lr": last["lr"],
                                      "img/s": round(rates[-1])}, epoch=start.epoch, epochs=epochs, step=step + 1,
-                                    steps=steps))
+                                    steps=steps, seconds_per_step=images_per_step / max(rates[-1], 1e-9)))
+            if on_log is not None:
+                on_log(updates, {"task_loss": last["task_loss"], "kd_loss": last["kd_loss"], "lr": last["lr"],
+                                 "img_per_s": rates[-1]})
+        if stopped_by and sync and step + 1 < steps:  # at the epoch's last step, the epoch ends as usual
+            end = boundary
+            break
     progress.done()
-    if counted and not last:
+    end = end or Position(start.epoch + 1, 0, updates)
+    if counted and (not last or stopped_by):
         last = read_logs(state, sums, counted, guard)
     last["img_per_s"] = float(statistics.median(rates)) if rates else 0.0
-    return last, updates
+    last["images"] = counted * images_per_step
+    return EpochResult(last, end, stopped_by)
+
+
+def next_batch(batches) -> tuple:
+    """(batch or None at the epoch's end, the loader's error or None). A SIGTERM sent to every process
+    kills the loader's workers; whether that is a stop or a failure is for all ranks to decide."""
+    try:
+        return next(batches), None
+    except StopIteration:
+        return None, None
+    except RuntimeError as e:  # "DataLoader worker (pid ...) exited unexpectedly"
+        return None, e
 
 
 def read_logs(state: TrainState, sums: torch.Tensor, counted: int, guard: Guard) -> dict:
@@ -213,39 +257,73 @@ def read_logs(state: TrainState, sums: torch.Tensor, counted: int, guard: Guard)
     return {"task_loss": task, "kd_loss": kd, "lr": lr, "skipped_updates": int(skipped)}
 
 
+def fp32_logits(model: nn.Module, x: torch.Tensor, compute: Compute) -> torch.Tensor:
+    """Logits for metrics: the body under autocast, the classifier head in fp32. Rounding 1000-class
+    logits to bf16 ties or flips the top class of about 1% of rows; the head is a small part of the cost."""
+    if compute.amp_dtype is None:
+        return model(x).float()
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        return model(x).float()  # not split into body and head: the whole forward in fp32
+    with compute.autocast():
+        features = model.forward_features(x)
+    with torch.autocast(compute.device.type, enabled=False):
+        return model.forward_head(features.float()).float()
+
+
 @torch.no_grad()
 def evaluate(models: dict[str, nn.Module], loader, compute: Compute, *, n_bins: int = 15,
              teacher: nn.Module | None = None, teacher_logits: torch.Tensor | None = None,
              keep_teacher_logits: bool = False):
     """One pass over this rank's shard; every model sees the same batch. Exact across ranks.
 
-    Teacher logits come from `teacher_logits` (this rank's shard, in loader order) when given, else
-    from running `teacher`, whose own metrics are then reported as "teacher". Returns
-    ({name: metrics}, this rank's teacher logits if kept, else None).
+    Teacher logits come from `teacher_logits` (this rank's samples, by position in its pass) when given,
+    else from running `teacher`, whose own metrics are then reported as "teacher". Returns
+    ({name: metrics}, this rank's teacher logits by position if kept, else None).
     """
     for m in models.values():
         m.eval()
     run_teacher = teacher is not None and teacher_logits is None
     sums = {name: MetricSums(n_bins, compute.device) for name in list(models) + (["teacher"] if run_teacher else [])}
-    kept, offset = [], 0
-    for x, y in loader:
+    if teacher_logits is not None:
+        teacher_logits = teacher_logits.to(compute.device)
+    kept = []  # (positions, logits) of this rank's samples
+    for x, target in loader:  # target rows: [label, the sample's position in this rank's pass]
+        if len(target) == 0:
+            continue  # every image of this batch was unreadable
+        y, pos = target[:, 0], target[:, 1]
         x = compute.layout(x)
-        with compute.autocast():
-            if teacher_logits is not None:
-                t = teacher_logits[offset:offset + len(y)].to(compute.device, non_blocking=True)
-            else:
-                t = teacher(x).float() if teacher is not None else None
-            for name, model in models.items():
-                sums[name].add(model(x).float(), y, t)
+        if teacher_logits is not None:
+            t = teacher_logits.index_select(0, pos)
+        else:
+            t = fp32_logits(teacher, x, compute) if teacher is not None else None
+        for name, model in models.items():
+            sums[name].add(fp32_logits(model, x, compute), y, t)
         if run_teacher:
             sums["teacher"].add(t, y)
         if keep_teacher_logits and t is not None:
-            kept.append(t.float().cpu())  # fp32: cached and live metrics match exactly
-        offset += len(y)
+            kept.append((pos.cpu(), t.float().cpu()))  # fp32: cached and live metrics match exactly
     results = {}
     if sums:
         flat = distributed.sum_across(torch.stack([s.flat() for s in sums.values()]))
         for (name, s), row in zip(sums.items(), flat):
             s.load_flat(row)
             results[name] = s.result()
-    return results, (torch.cat(kept) if kept else None)
+    return results, (by_position(kept, local_size(loader)) if kept else None)
+
+
+def local_size(loader) -> int:
+    """How many samples this rank's pass holds, when its sampler knows (image folders); else 0."""
+    try:
+        return len(loader.sampler)
+    except TypeError:  # an iterable dataset (shards): as many as were seen
+        return 0
+
+
+def by_position(chunks: list, size: int) -> torch.Tensor:
+    """[max(size, last position + 1), classes] logits, row p for the sample at position p; rows of
+    samples that could not be read stay NaN."""
+    positions = torch.cat([p for p, _ in chunks])
+    logits = torch.cat([v for _, v in chunks])
+    out = torch.full((max(size, int(positions.max()) + 1), logits.shape[1]), float("nan"))
+    out[positions] = logits
+    return out

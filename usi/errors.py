@@ -3,3 +3,14 @@
 
 class UsageError(Exception):
     """Bad recipe, data, model name or file: the user can fix it from the message alone."""
+
+
+def one_line(error: Exception) -> str:
+    """The message of `error` as one line. An error raised in a DataLoader worker reaches the main
+    process with the worker's whole traceback in its message: its last line is the message."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if any("Traceback (most recent call last)" in line for line in lines):
+        return lines[-1].split("Error: ", 1)[-1]
+    return lines[0]

@@ -2,11 +2,13 @@
 
 The checkpoint carries its recipe and class list, so the val folder alone is needed. Overrides
 change evaluation only: data.root, data.input_size (test-time resolution), aug.eval_crop_pct,
-teacher.*, run.device. Runs under torchrun too; the metrics are exact either way.
+teacher.*, run.device. Paths and commands (data.root, shard URLs, teacher.weights) come from the
+command line only, never from the checkpoint. Runs under torchrun too; the metrics are exact.
 """
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,10 @@ from usi.engine import evaluate
 from usi.errors import UsageError
 from usi.logit_cache import teacher_val_logits
 from usi.metrics import METRICS
+from usi.progress import setup_logging
+from usi.rundir import json_safe
+
+log = logging.getLogger("usi")
 
 
 @dataclass
@@ -33,9 +39,9 @@ class Saved:
 
 def read_checkpoint(path: Path) -> Saved:
     """The weights (raw, and EMA from a full last.pt), recipe and classes of best.safetensors or last.pt."""
-    if path.suffix == ".safetensors":
-        meta = checkpoint.read_metadata(path) if path.is_file() else {}
-        state = checkpoint.load_state_file(path)
+    if path.is_file() and checkpoint.file_kind(path) == "safetensors":
+        state = checkpoint.load_state_file(path)  # checks the file before its metadata is read
+        meta = checkpoint.read_metadata(path)
         if "recipe" not in meta or "classes" not in meta:
             raise UsageError(f"{path} has no usi metadata (recipe, classes); evaluate a usi run's best.safetensors")
         return Saved(path, {meta.get("weights", "raw"): state}, meta["recipe"], json.loads(meta["classes"]))
@@ -44,11 +50,36 @@ def read_checkpoint(path: Path) -> Saved:
     return Saved(path, variants, state["recipe"], state["classes"])
 
 
+# Recipe fields that name files or run commands (a pipe: URL): a checkpoint may come from anyone, so
+# these come from the user's command line only, never from the recipe stored in the checkpoint.
+LOCATIONS = {"data": ("root", "train_shards", "val_shards", "train_split", "val_split"), "teacher": ("weights",),
+             "run": ("dir", "resume")}
+
+
+def eval_recipe(stored: dict, overrides: list[str]):
+    """The checkpoint's recipe without its locations, plus the user's overrides."""
+    given = {recipe_mod.parse_override(item)[0] for item in overrides}
+    tree = {section: dict(values or {}) for section, values in stored.items()}
+    stored_weights = (tree.get("teacher") or {}).get("weights")
+    for section, keys in LOCATIONS.items():
+        for key in keys:
+            (tree.get(section) or {}).pop(key, None)
+    if "data.root" not in given:
+        raise UsageError("usi eval needs data.root=<folder with the val split> on the command line: paths and "
+                         "commands stored in a checkpoint are never used")
+    if stored_weights and not given & {"teacher.weights", "teacher.name"}:
+        log.warning("teacher not evaluated: the checkpoint names a teacher file, and files named in a checkpoint "
+                    "are never opened; pass teacher.weights=... to measure agreement")
+        tree.setdefault("teacher", {})["name"] = None
+    return recipe_mod.from_tree(tree, [*overrides, "run.resume=never"])
+
+
 def evaluate_checkpoint(path: Path, overrides: list[str]) -> dict | None:
+    setup_logging(None, distributed.env_rank() == 0)
     saved = read_checkpoint(path)
     stored = yaml.safe_load(saved.recipe_yaml)
     trained_size = recipe_mod.from_dict(stored).data.input_size
-    recipe = recipe_mod.from_tree(stored, [*overrides, "run.resume=never"])
+    recipe = eval_recipe(stored, overrides)
     dist = distributed.setup(recipe.run.device)
     try:
         return run_eval(recipe, saved, trained_size, dist)
@@ -63,9 +94,9 @@ def load_students(recipe, saved: Saved, trained_size: int | None, dist) -> dict:
         model = make.create_student(recipe.model, len(saved.classes), trained_size)
         try:
             model.load_state_dict(state)
-        except RuntimeError as e:
+        except RuntimeError:
             raise UsageError(f"{saved.path} does not fit {recipe.model.name}: "
-                             f"{str(e).splitlines()[0][:200]}") from None
+                             f"{checkpoint.mismatch(model, state)}") from None
         size = recipe.data.input_size
         if size and size != trained_size and hasattr(model, "set_input_size"):
             model.set_input_size(img_size=size)  # ViTs: resample position embeddings
@@ -77,11 +108,12 @@ def run_eval(recipe, saved: Saved, trained_size: int | None, dist) -> dict | Non
     classes, path = saved.classes, saved.path
     models = load_students(recipe, saved, trained_size, dist)
     spec = make.input_spec(next(iter(models.values())), recipe.data.input_size)
+    make.check_input_size(recipe.model, len(classes), spec.size)
     compute = make.compute_for(recipe, dist.device)
     val = data.open_val_split(recipe.data, classes)
     loader = data.val_loader(val, recipe.data, recipe.aug, spec, dist=dist)
     report = {"checkpoint": str(path), "model": recipe.model.name, "input_size": spec.size,
-              "crop_pct": recipe.aug.eval_crop_pct, "images": len(val)}
+              "crop_pct": recipe.aug.eval_crop_pct}
     logits = None
     teacher = make.teacher_for(recipe, len(classes), spec, compute)
     if teacher is not None:
@@ -94,6 +126,9 @@ def run_eval(recipe, saved: Saved, trained_size: int | None, dist) -> dict | Non
     results, _ = evaluate(models, loader, compute, n_bins=recipe.run.ece_bins, teacher_logits=logits)
     report["eval_time_s"] = time.time() - t0
     report["students"] = results
+    # every val image counted once: evaluated, or reported unreadable (and left out)
+    report["unreadable"] = val.bad_count(dist.device)
+    report["images"] = next(iter(results.values()))["count"]
     return report if dist.main else None
 
 
@@ -104,9 +139,10 @@ assert COLUMNS.keys() == METRICS.keys()  # one column per metric
 
 def format_report(report: dict, as_json: bool = False) -> str:
     if as_json:
-        return json.dumps(report, indent=2)
+        return json.dumps(json_safe(report), indent=2)
+    unreadable = f" ({report['unreadable']} unreadable, left out)" if report["unreadable"] else ""
     lines = [f"{report['model']} from {report['checkpoint']}",
-             f"{report['images']} val images at {report['input_size']} px, crop_pct {report['crop_pct']}"]
+             f"{report['images']} val images{unreadable} at {report['input_size']} px, crop_pct {report['crop_pct']}"]
     widths = {key: int(fmt.split(".")[0]) for key, (_, fmt) in COLUMNS.items()}
     header = f"{'weights':10s} " + " ".join(f"{title:>{widths[key]}s}" for key, (title, _) in COLUMNS.items())
     lines += ["", header, "-" * len(header)]

@@ -1,13 +1,14 @@
 """The teacher's validation logits, computed once and cached on disk.
 
 Validation is deterministic (center crop), so the teacher's logits on it depend only on the teacher's
-weights, the split's files and its eval transform (the split's cache identity), and the
-normalization bridge. The cache key hashes all of them; a change of any one gives a new key. Every
-later evaluation of every student then costs one student forward.
+weights, the split's files and its eval transform (the split's cache identity), the
+normalization bridge, and the precision and device of the pass. The cache key hashes all of them; a
+change of any one gives a new key. Every later evaluation of every student then costs one student forward.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -16,9 +17,18 @@ import torch
 from usi import checkpoint, distributed
 from usi.engine import Compute, evaluate
 
+log = logging.getLogger("usi")
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("USI_CACHE", Path.home() / ".cache" / "usi")) / "teacher-logits"
+
+
+def is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # USI_CACHE inside a file: "Not a directory"
+        return False
 
 
 def file_digest(path: Path) -> str:
@@ -29,13 +39,15 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(teacher_cfg, split_identity: str, teacher) -> str:
-    h = hashlib.sha256()
+def cache_key(teacher_cfg, split_identity: str, teacher, compute: Compute) -> str:
+    h = hashlib.sha256(b"usi teacher logits v2 (fp32 head)\n")
     weights = teacher_cfg.weights
     h.update(f"teacher {teacher_cfg.name} {file_digest(Path(weights)) if weights else 'timm-pretrained'} "
              f"{teacher_cfg.input_size} {teacher_cfg.fold_bn} {sorted(teacher_cfg.kwargs.items())}\n".encode())
     h.update(f"bridge {teacher.scale.flatten().tolist()} {teacher.shift.flatten().tolist()}\n".encode())
     h.update(f"split {split_identity}\n".encode())
+    # The teacher pass's precision and layout change its logits' last bits (bf16: more than that).
+    h.update(f"compute {compute.device.type} {compute.amp_dtype} {compute.channels_last}\n".encode())
     return h.hexdigest()[:32]
 
 
@@ -49,8 +61,8 @@ def teacher_val_logits(teacher, teacher_cfg, split, loader, *, compute: Compute,
     if identity is None:
         results, mine = evaluate({}, loader, compute, n_bins=n_bins, teacher=teacher, keep_teacher_logits=True)
         return results["teacher"], mine, False
-    path = cache_dir() / f"{cache_key(teacher_cfg, identity, teacher)}.pt"
-    if path.is_file():
+    path = cache_dir() / f"{cache_key(teacher_cfg, identity, teacher, compute)}.pt"
+    if is_file(path):
         try:
             state = checkpoint.load_state_file(path)
             full = state["logits"]
@@ -59,16 +71,20 @@ def teacher_val_logits(teacher, teacher_cfg, split, loader, *, compute: Compute,
         except Exception:  # a damaged cache entry is recomputed, never trusted
             pass
     results, mine = evaluate({}, loader, compute, n_bins=n_bins, teacher=teacher, keep_teacher_logits=True)
+    if distributed.max_across(torch.tensor([int(mine is None)], device=dist.device)).item():
+        return results["teacher"], mine, False  # a rank read no image at all: nothing worth caching
     # Assemble the full [N, C] tensor: each rank fills its rows (rank::world), a sum joins them.
     full = torch.zeros(len(split), mine.shape[1], device=dist.device)
     full[dist.rank::dist.world] = mine.to(dist.device)
     full = distributed.sum_across(full).cpu()
     if dist.main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        metrics = results["teacher"]
-        checkpoint.atomic_write(path, lambda tmp: torch.save(
-            {"logits": full, "metrics": {k: torch.tensor(float(v), dtype=torch.float64) for k, v in metrics.items()}},
-            tmp))
+        metrics = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in results["teacher"].items()}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write(path, lambda tmp: torch.save({"logits": full, "metrics": metrics}, tmp))
+        except OSError as e:  # the cache only saves time: a run never fails for it
+            log.warning(f"teacher logits not cached: {path.parent} is not a writable directory ({e.strerror}); "
+                        f"set USI_CACHE to one")
     return results["teacher"], mine, False
 
 

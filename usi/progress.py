@@ -6,6 +6,7 @@ for rank 0, redrawn in place on a terminal, one line per update in logs.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 import time
 from pathlib import Path
@@ -13,19 +14,33 @@ from pathlib import Path
 log = logging.getLogger("usi")
 
 
+FORMAT = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+
+
 def setup_logging(run_dir: Path | None, main: bool) -> None:
-    """INFO on rank 0 (warnings only on the others) to the console, and to run_dir/log.txt once it exists."""
+    """INFO on rank 0 (warnings only on the others) to the console, and to run_dir/log.txt once it exists.
+
+    Before the run directory exists (it is created only after a successful start), rank 0's lines are
+    kept in memory; log.txt then begins with them: the batch plan, the model, the data, the teacher, and
+    every warning.
+    """
+    early = next((h for h in log.handlers if isinstance(h, logging.handlers.BufferingHandler)), None)
     log.handlers.clear()
     log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     stream = logging.StreamHandler()
-    stream.setFormatter(fmt)
+    stream.setFormatter(FORMAT)
     log.addHandler(stream)
-    if run_dir is not None and main:
-        file = logging.FileHandler(run_dir / "log.txt")
-        file.setFormatter(fmt)
-        log.addHandler(file)
+    if not main:
+        return
+    if run_dir is None:
+        log.addHandler(logging.handlers.BufferingHandler(capacity=100_000))
+        return
+    file = logging.FileHandler(run_dir / "log.txt")
+    file.setFormatter(FORMAT)
+    for record in early.buffer if early is not None else []:
+        file.handle(record)
+    log.addHandler(file)
 
 
 class Progress:
@@ -52,9 +67,23 @@ class Progress:
         self.width = 0
 
 
-def step_line(fields: dict, *, epoch: int, epochs: int, step: int, steps: int) -> str:
+def step_line(fields: dict, *, epoch: int, epochs: int, step: int, steps: int,
+              seconds_per_step: float | None = None) -> str:
+    """One progress line; with the current pace, the time left in the epoch and in the run (training
+    steps only: evaluation comes on top)."""
     body = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
-    return f"epoch {epoch + 1}/{epochs}  step {step}/{steps}  {body}"
+    line = f"epoch {epoch + 1}/{epochs}  step {step}/{steps}  {body}"
+    if seconds_per_step:
+        left = steps - step
+        line += (f"  eta {clock(left * seconds_per_step)} epoch, "
+                 f"{clock((left + (epochs - epoch - 1) * steps) * seconds_per_step)} run")
+    return line
+
+
+def clock(seconds: float) -> str:
+    """1:02:03, or 2:03 under an hour."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 class Rate:

@@ -13,7 +13,7 @@ from usi import table
 from usi.cli import recipe_path
 from usi.data.synthetic import make_dataset
 from usi.evaluation import evaluate_checkpoint
-from usi.rundir import read_summary
+from usi.rundir import check_writable, read_summary
 from usi.table import model_cost
 from usi.train import train
 
@@ -43,9 +43,9 @@ def run_once(overrides: list[str], run_dir: Path, rerun: bool) -> dict:
     return train(recipe)
 
 
-def against_teacher(run_dir: Path, teacher_overrides: list[str]) -> dict:
+def against_teacher(run_dir: Path, overrides: list[str]) -> dict:
     """The run's best weights evaluated with the teacher: top-1, ECE and agreement, for KD and no-KD alike."""
-    report = evaluate_checkpoint(run_dir / "best.safetensors", teacher_overrides)
+    report = evaluate_checkpoint(run_dir / "best.safetensors", overrides)
     (metrics,) = report["students"].values()
     return metrics
 
@@ -54,6 +54,7 @@ def quickstart(out: Path, seed: int = 42, rerun: bool = False, per_class: tuple[
                extra: list[str] = ()) -> list[dict]:
     """per_class: train and val images per class; extra: overrides for every run (tests shrink it)."""
     start = time.time()
+    check_writable(out, "--out")
     data = make_dataset(out / "data", *per_class)
     common = [f"data.root={data}", f"run.seed={seed}", *extra]
     runs = out / f"seed{seed}"
@@ -65,7 +66,8 @@ def quickstart(out: Path, seed: int = 42, rerun: bool = False, per_class: tuple[
     for name, family in STUDENTS:
         run_once(common + [f"model.name={name}", "teacher.name=null"], runs / f"{name}-nokd", rerun)
         kd_summary = run_once(common + [f"model.name={name}", *with_teacher], runs / f"{name}-kd", rerun)
-        nokd, kd = (against_teacher(runs / f"{name}-{kind}", with_teacher) for kind in ("nokd", "kd"))
+        nokd, kd = (against_teacher(runs / f"{name}-{kind}", [f"data.root={data}", *with_teacher])
+                    for kind in ("nokd", "kd"))
         kd["train_img_s"] = kd_summary.get("train_img_per_s")
         cost = model_cost(name, 10, 32, torch.device("cpu"))
         rows.append(table.row(name, nokd=nokd, kd=kd, cost=cost, family=family))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,14 +26,15 @@ from usi.metrics import METRICS
 
 
 def setting(default=None, *, help: str, choices: tuple | None = None, low: float | None = None,
-            high: float | None = None, low_open: bool = False, resume_free: bool = False, factory=None):
+            high: float | None = None, low_open: bool = False, high_open: bool = False, resume_free: bool = False,
+            factory=None):
     """A recipe field and its facts.
 
-    choices: the allowed values. low/high: the inclusive range (low exclusive with low_open).
+    choices: the allowed values. low/high: the inclusive range (exclusive with low_open/high_open).
     resume_free: the value may differ when a run is resumed (it does not change what is trained).
     """
     meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open,
-            "resume_free": resume_free}
+            "high_open": high_open, "resume_free": resume_free}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -41,7 +43,12 @@ def setting(default=None, *, help: str, choices: tuple | None = None, low: float
 @dataclass
 class ModelSection:
     name: str = setting("resnet50", help="the student: any timm model name")
-    drop_path_rate: Optional[float] = setting(None, low=0.0, help="stochastic depth; null keeps the model's own")
+    pretrained: bool = setting(False, help="start from timm's pretrained weights (its hub); the classifier is "
+                                           "re-initialized when the class count differs")
+    weights: Optional[str] = setting(None, help="start from a local .safetensors/.pth (weights_only); the classifier "
+                                                "is re-initialized when the class count differs")
+    drop_path_rate: Optional[float] = setting(None, low=0.0, high=1.0, high_open=True,
+                                              help="stochastic depth; null keeps the model's own")
     kwargs: dict = setting(factory=dict, help="extra timm.create_model arguments, e.g. {img_size: 384}")
 
 
@@ -60,7 +67,7 @@ class DataSection:
     root: str = setting("data/imagenet", resume_free=True,
                         help="holds the train and val splits: class folders, or shards with index.json")
     format: str = setting("folder", choices=("folder", "shards"),
-                          help="folder: root/<split>/<class>/<image>; shards: tools/make_shards.py output")
+                          help="folder: root/<split>/<class>/<image>; shards: usi shards output")
     train_shards: Optional[str] = setting(None, resume_free=True,
                                           help="shards: a brace pattern or pipe: URL; null: the index's own files")
     val_shards: Optional[str] = setting(None, resume_free=True, help="the same for the val split")
@@ -82,6 +89,9 @@ class AugSection:
                                  help="resize interpolation for training crops")
     hflip: float = setting(0.5, low=0.0, high=1.0, help="horizontal flip probability")
     auto_augment: Optional[str] = setting("rand-m7-mstd0.5-inc1", help="timm RandAugment string; null: none")
+    randaugment_on: str = setting("auto", choices=("auto", "workers", "device"), resume_free=True,
+                                  help="where RandAugment runs: in the loader workers (timm's PIL ops) or "
+                                       "batched on the device after the copy; auto: on the device with CUDA")
     color_jitter: float = setting(0.0, low=0.0, help="color jitter strength; 0: none")
     re_prob: float = setting(0.0, low=0.0, high=1.0, help="random erasing probability")
     mixup_alpha: float = setting(0.8, low=0.0, help="mixup Beta(alpha, alpha); 0: off")
@@ -114,11 +124,14 @@ class OptimSection:
                               help="how another processes x batch_size meets global_batch: accumulate "
                                    "gradients, scale lr linearly or by sqrt, or none")
     clip_grad: Optional[float] = setting(None, low=0.0, low_open=True, help="gradient norm clip; null: none")
+    layer_decay: Optional[float] = setting(None, low=0.0, high=1.0, low_open=True,
+                                           help="layer-wise lr decay for fine-tuning (timm's); null: none")
 
 
 @dataclass
 class SchedSection:
-    name: str = setting("cosine", choices=("cosine", "step", "multistep", "plateau", "tanh", "poly", "wsd"),
+    # timm's plateau scheduler needs a metric per epoch; usi steps the schedule per optimizer update.
+    name: str = setting("cosine", choices=("cosine", "step", "multistep", "tanh", "poly"),
                         help="timm scheduler, stepped per optimizer update")
     epochs: int = setting(300, low=1, help="training epochs (cool-down epochs come on top)")
     warmup_epochs: int = setting(5, low=0, help="linear warm-up from warmup_lr")
@@ -136,11 +149,17 @@ class EmaSection:
 @dataclass
 class RunSection:
     dir: str = setting("runs/{model.name}", help="run directory; {section.key} fields are filled from the recipe")
-    seed: int = setting(42, help="all randomness derives from (seed, epoch, rank, step)")
+    seed: int = setting(42, low=0, high=2**31 - 1, help="all randomness derives from (seed, epoch, rank, step)")
     device: str = setting("auto", choices=("auto", "cpu", "cuda"), resume_free=True, help="auto: cuda if available")
-    amp: str = setting("bf16", choices=("bf16", "fp16", "none"), help="mixed precision on GPU; CPU runs fp32")
-    channels_last: bool = setting(False, help="channels_last memory format for student and teacher")
+    amp: str = setting("bf16", choices=("bf16", "fp16", "none"),
+                       help="mixed precision on GPU; CPU runs fp32 unless amp_on_cpu")
+    amp_on_cpu: bool = setting(False, help="bf16 autocast on CPU too (slow on most CPUs; tests the bf16 path)")
+    channels_last: str = setting("auto", choices=("auto", "true", "false"),
+                                 help="channels_last memory format; auto: on CUDA only (some CPU kernels crash in it)")
     compile: bool = setting(False, help="torch.compile the student and the teacher")
+    cudnn_benchmark: bool = setting(True, resume_free=True,
+                                    help="GPU: let cuDNN pick the fastest kernels (not bit-exact across runs)")
+    tf32: bool = setting(True, resume_free=True, help="GPU: TF32 matmuls and convolutions (not bit-exact vs fp32)")
     resume: str = setting("never", resume_free=True, help="never | auto | a checkpoint path")
     log_interval: int = setting(50, low=1, resume_free=True, help="steps between progress lines (host syncs)")
     ckpt_every_steps: int = setting(0, low=0, resume_free=True,
@@ -154,6 +173,8 @@ class RunSection:
     max_steps: int = setting(0, low=0, help="stop each epoch after this many steps (smoke tests); 0: full epochs")
     stop_after: int = setting(0, low=0, resume_free=True,
                               help="train this many epochs in this invocation, then exit (time-limited jobs)")
+    loggers: list = setting(factory=list, resume_free=True,
+                            help="trackers beside metrics.jsonl, rank 0 only: tensorboard, wandb")
 
 
 @dataclass
@@ -186,6 +207,9 @@ class Recipe:
             return Path(self.run.dir.format(**{name: getattr(self, name) for name in SECTIONS}))
         except (KeyError, AttributeError, IndexError) as e:
             raise UsageError(f"run.dir {self.run.dir!r}: unknown field {e}; use e.g. {{model.name}}") from None
+        except ValueError as e:  # a lone brace
+            raise UsageError(f"run.dir {self.run.dir!r} is not a valid template ({e}); write a literal brace as "
+                             f"{{{{ or }}}}") from None
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}
@@ -198,6 +222,26 @@ def fields_of(section: str) -> tuple[dataclasses.Field, ...]:
 def resume_free_keys() -> set[tuple[str, str]]:
     """(section, key) of every field that may differ when a run is resumed."""
     return {(s, f.name) for s in SECTIONS for f in fields_of(s) if f.metadata["resume_free"]}
+
+
+def describe(section: str | None = None) -> str:
+    """Every key (of one section) with its type, default, allowed values and meaning: `usi keys`."""
+    if section is not None and section not in SECTIONS:
+        raise UsageError(f"unknown recipe section {section!r}{suggest(section, SECTIONS)}")
+    lines = []
+    for name in [section] if section else SECTIONS:
+        lines.append(f"{name}:")
+        defaults = SECTIONS[name]()
+        for f in fields_of(name):
+            meta = f.metadata
+            allowed = f" (one of {', '.join(meta['choices'])})" if meta["choices"] else ""
+            if meta["low"] is not None or meta["high"] is not None:
+                low = "" if meta["low"] is None else f"{'>' if meta['low_open'] else '>='} {meta['low']}"
+                high = "" if meta["high"] is None else f"{'<' if meta['high_open'] else '<='} {meta['high']}"
+                allowed = f" ({' and '.join(part for part in (low, high) if part)})"
+            resume = "; may change on resume" if meta["resume_free"] else ""
+            lines.append(f"  {name}.{f.name} = {getattr(defaults, f.name)!r}{allowed}: {meta['help']}{resume}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- loading
@@ -219,12 +263,36 @@ def from_tree(tree: dict, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, refusing a key given twice: plain YAML keeps the last one and silently drops the first
+    (a second `optim:` section would replace the whole first one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UsageError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}; "
+                                 f"a second one would silently replace the first")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"recipe file {path} does not exist")
     try:
-        # safe_load refuses Python object tags (!!python/object...): a recipe cannot run code.
-        tree = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"recipe {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         f"save it as UTF-8") from None
+    except OSError as e:
+        raise UsageError(f"recipe {path} cannot be read ({e.strerror})") from None
+    try:
+        # SafeLoader refuses Python object tags (!!python/object...): a recipe cannot run code.
+        tree = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except UsageError as e:
+        raise UsageError(f"recipe {path}: {e}") from None
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(f"recipe {path} is not valid YAML: {first}") from None
@@ -298,26 +366,44 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):
+                raise UsageError(f"{key} must be a finite number, got {value!r}")
+            return float(number)
     elif base is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML reads true/yes/on as a bool: "true"/"false" for str choices
+            return str(value).lower()
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     elif base is list:
         if isinstance(value, (list, tuple)):
+            check_finite(key, value)
             return list(value)
     elif base is dict:
         if isinstance(value, dict):
+            check_finite(key, value)
             return value
     want = getattr(base, "__name__", str(base)) + (" or null" if optional else "")
     raise UsageError(f"{key} must be {want}, got {value!r}")
+
+
+def check_finite(key: str, value: Any) -> None:
+    """NaN and infinity anywhere in a list or mapping (e.g. model.kwargs) are refused too."""
+    items = ((f"{key}.{k}", v) for k, v in value.items()) if isinstance(value, dict) else (
+        (f"{key}[{i}]", v) for i, v in enumerate(value))
+    for name, item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise UsageError(f"{name} must be a finite number, got {item!r}")
+        if isinstance(item, (dict, list, tuple)):
+            check_finite(name, item)
 
 
 def suggest(word: str, choices) -> str:
@@ -342,12 +428,35 @@ def validate(recipe: Recipe) -> None:
                          f"sched.epochs={recipe.sched.epochs}")
     if mixes(recipe.aug) and recipe.data.batch_size % 2:
         raise UsageError(f"data.batch_size={recipe.data.batch_size} must be even for mixup/cutmix")
+    if recipe.run.best_metric in ("agreement", "kl") and not recipe.kd:
+        raise UsageError(f"run.best_metric={recipe.run.best_metric} needs a teacher (teacher.name is null); "
+                         f"use top1, top5, nll or ece")
+    if recipe.aug.auto_augment:
+        check_auto_augment(recipe.aug.auto_augment)
+    for logger in recipe.run.loggers:
+        if logger not in ("tensorboard", "wandb"):
+            raise UsageError(f"run.loggers: {logger!r} is not one of tensorboard, wandb"
+                             f"{suggest(logger, ('tensorboard', 'wandb'))}")
+    if recipe.aug.randaugment_on == "device" and (recipe.aug.color_jitter or not str(
+            recipe.aug.auto_augment or "rand").startswith("rand")):
+        raise UsageError("aug.randaugment_on=device does RandAugment strings (rand-...) without color jitter; "
+                         "use aug.randaugment_on=workers for other augmentations")
     if recipe.run.amp == "fp16" and recipe.run.device == "cpu":
         raise UsageError("run.amp=fp16 needs a GPU; use run.amp=none or bf16 on CPU (CPU runs fp32 anyway)")
+    if recipe.run.amp_on_cpu and recipe.run.amp != "bf16":
+        raise UsageError(f"run.amp_on_cpu=true needs run.amp=bf16 (CPU autocast is bf16 only), got {recipe.run.amp}")
     resume = recipe.run.resume
     if resume not in ("never", "auto") and not Path(resume).is_file():
         raise UsageError(f"run.resume={resume!r} must be never, auto or an existing checkpoint file")
     check_optimizer(recipe.optim.name)
+    reserved = {"pretrained": "model.pretrained", "num_classes": "the data (its class folders)",
+                "pretrained_cfg_overlay": "model.weights", "checkpoint_path": "model.weights"}
+    for key in reserved.keys() & recipe.model.kwargs.keys():
+        raise UsageError(f"model.kwargs sets {key}, which usi sets from {reserved[key]}; remove it from model.kwargs")
+    if recipe.model.pretrained and recipe.model.weights:
+        raise UsageError("model.pretrained=true and model.weights both choose starting weights; keep one")
+    if recipe.model.weights and not Path(recipe.model.weights).is_file():
+        raise UsageError(f"model.weights={recipe.model.weights!r} does not exist")
     check_model_name("model.name", recipe.model.name)
     if recipe.kd:
         check_model_name("teacher.name", recipe.teacher.name)
@@ -362,14 +471,15 @@ def check_field(key: str, value: Any, meta) -> None:
     allowed = meta["choices"]
     if allowed is not None and value not in allowed:
         raise UsageError(f"{key}={value!r} is not one of {', '.join(allowed)}{suggest(value, allowed)}")
-    low, high, low_open = meta["low"], meta["high"], meta["low_open"]
+    low, high = meta["low"], meta["high"]
     if low is None and high is None:
         return
-    too_low = low is not None and (value <= low if low_open else value < low)
-    if too_low or (high is not None and value > high):
+    too_low = low is not None and (value <= low if meta["low_open"] else value < low)
+    too_high = high is not None and (value >= high if meta["high_open"] else value > high)
+    if too_low or too_high:
         bound = " and ".join(part for part in (
-            f"{'>' if low_open else '>='} {low}" if low is not None else "",
-            f"<= {high}" if high is not None else "") if part)
+            f"{'>' if meta['low_open'] else '>='} {low}" if low is not None else "",
+            f"{'<' if meta['high_open'] else '<='} {high}" if high is not None else "") if part)
         raise UsageError(f"{key}={value} is out of range: must be {bound}")
 
 
@@ -390,7 +500,26 @@ def check_optimizer(name: str) -> None:
 def check_model_name(key: str, name: str) -> None:
     import timm  # deferred: listing models imports torch, and the recipe is otherwise pure data
 
-    if timm.is_model(name.split(".")[0]):
-        return
-    names = timm.list_models() + timm.list_models(pretrained=True)
-    raise UsageError(f"{key}={name!r} is not a timm model{suggest(name, names)}")
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        names = timm.list_models() + timm.list_models(pretrained=True)
+        raise UsageError(f"{key}={name!r} is not a timm model{suggest(name, names)}")
+    if tag and name not in timm.list_pretrained(f"{arch}.*"):
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        raise UsageError(f"{key}={name!r}: {arch} has no pretrained tag {tag!r} "
+                         f"(its tags: {', '.join(tags) or 'none'}){suggest(tag, tags)}")
+
+
+def check_auto_augment(config: str) -> None:
+    """The string timm's create_transform would parse, parsed the same way (a typo fails here, not in a
+    loader worker)."""
+    from timm.data import auto_augment as aa
+
+    hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}
+    build = (aa.rand_augment_transform if config.startswith("rand") else
+             aa.augment_and_mix_transform if config.startswith("augmix") else aa.auto_augment_transform)
+    try:
+        build(config, hparams)
+    except Exception as e:  # timm asserts on unknown policies and sections
+        raise UsageError(f"aug.auto_augment={config!r} is not a timm augmentation string ({e or type(e).__name__}); "
+                         f"e.g. rand-m7-mstd0.5-inc1, augmix-m5, v0, or null") from None

@@ -1,19 +1,27 @@
 """The run directory's policy: where a run writes, what it resumes from, and what it refuses.
 
 Deciding how a run starts; the order is important:
-  1. run.resume=never: the directory must hold no run (it is refused, never overwritten); a fresh start.
-  2. run.resume=auto: if the directory holds a recipe.yaml, the recipe must be the same one, except for
+  1. The directory is locked for this run (rank 0 holds an flock on a lock file inside it until it
+     exits): a second usi process aimed at the same directory is refused while the first runs, so two
+     runs never mix their files. If the start fails, a directory made only to hold the lock is removed.
+  2. run.resume=never: the directory must hold no run (it is refused, never overwritten); a fresh start.
+  3. run.resume=auto: if the directory holds a recipe.yaml, the recipe must be the same one, except for
      the fields marked resume_free in usi/recipe.py; then it resumes from last.pt if there is one, else
      starts afresh (a run killed before its first checkpoint).
-  3. run.resume=<path>: resume from that checkpoint, writing to run.dir.
-  4. In every case the nearest existing ancestor of the directory must be writable.
-Nothing is written while deciding: the directory is created only after everything is built
+  4. run.resume=<path>: the same check as auto against the directory's recipe.yaml, if it has one;
+     then it resumes from that checkpoint, writing to run.dir.
+  5. The nearest existing ancestor of the directory must be writable.
+Later, before anything is written (usi/train.py), the checkpoint itself must hold the same recipe and
+the same class names as this run. The directory's files appear only after everything is built
 (`create`), so a failed start leaves nothing behind.
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
+import time
 from pathlib import Path
 
 from usi import checkpoint, distributed
@@ -24,48 +32,107 @@ from usi.recipe import Recipe
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RECIPE_FILE = "recipe.yaml"
+VERSIONS_FILE = "versions.json"  # one entry per start: what each invocation ran on
+LOCK_FILE = ".lock"
 
 
-def plan(recipe: Recipe) -> tuple[Path, Path | None]:
-    """(the run directory, the checkpoint to resume from or None). Writes nothing."""
+class RunLock:
+    """An exclusive flock on run_dir/.lock, held until released or the process ends (even by kill -9)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.file, self.made_dir = run_dir, None, False
+
+    def acquire(self) -> "RunLock":
+        if not self.run_dir.exists():
+            check_writable(self.run_dir)
+            self.run_dir.mkdir(parents=True)
+            self.made_dir = True
+        path = self.run_dir / LOCK_FILE
+        try:
+            self.file = open(path, "a+")
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            self.file = None
+            raise UsageError(f"run directory {self.run_dir} is in use by {holder}; wait for it to end or choose "
+                             f"another run.dir") from None
+        except OSError as e:
+            self.release(failed=True)
+            raise UsageError(f"run directory {self.run_dir} cannot be locked ({e.strerror})") from None
+        self.file.truncate(0)
+        self.file.write(f"usi pid {os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def release(self, failed: bool = False) -> None:
+        """Unlock; after a failed start, also remove the directory if it was made for the lock alone."""
+        if self.file is not None:
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+            self.file.close()
+            self.file = None
+        if failed and self.made_dir:
+            try:
+                self.run_dir.rmdir()
+            except OSError:
+                pass
+
+
+def holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir())
+
+
+def plan(recipe: Recipe, lock: bool = True) -> tuple[Path, Path | None, RunLock | None]:
+    """(the run directory, the checkpoint to resume from or None, the held lock). Writes nothing but the
+    lock; `lock`: take it (rank 0 does, for the whole run)."""
     run_dir = recipe.run_dir()
-    existing = run_dir.is_dir() and any(run_dir.iterdir())
-    resume_from = None
+    held = RunLock(run_dir).acquire() if lock else None
+    try:
+        return run_dir, resume_source(recipe, run_dir), held
+    except BaseException:
+        if held is not None:
+            held.release(failed=True)
+        raise
+
+
+def resume_source(recipe: Recipe, run_dir: Path) -> Path | None:
+    existing = holds_run(run_dir)
     if recipe.run.resume == "never":
         if existing:
             raise UsageError(f"run directory {run_dir} already holds a run; pass run.resume=auto to continue it "
                              f"or choose another run.dir")
-    elif recipe.run.resume == "auto":
-        if existing and (run_dir / RECIPE_FILE).is_file():
-            check_same_recipe(recipe, run_dir / RECIPE_FILE)
-        last = run_dir / checkpoint.LAST
-        resume_from = last if last.is_file() else None
+        resume_from = None
     else:
-        resume_from = Path(recipe.run.resume)
+        if existing and (run_dir / RECIPE_FILE).is_file():
+            check_same_recipe(recipe, recipe_mod.read_yaml(run_dir / RECIPE_FILE), f"cannot resume {run_dir}")
+        last = run_dir / checkpoint.LAST
+        resume_from = (last if last.is_file() else None) if recipe.run.resume == "auto" else Path(recipe.run.resume)
     check_writable(run_dir)
-    return run_dir, resume_from
+    return resume_from
 
 
-def check_writable(run_dir: Path) -> None:
+def check_writable(run_dir: Path, what: str = "run directory") -> None:
     """The nearest existing ancestor must be a writable directory (checked before any heavy work)."""
     parent = run_dir
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"run directory {run_dir} cannot be created: {parent} is not a writable directory")
+        raise UsageError(f"{what} {run_dir} cannot be created: {parent} is not a writable directory")
 
 
-def check_same_recipe(recipe: Recipe, saved_path: Path) -> None:
-    saved = recipe_mod.from_dict(recipe_mod.read_yaml(saved_path)).to_dict()
+def check_same_recipe(recipe: Recipe, saved_tree: dict, what: str) -> None:
+    """The saved recipe (parsed YAML) must equal this one, except for the resume_free fields."""
+    saved = recipe_mod.from_dict(saved_tree).to_dict()
     free = recipe_mod.resume_free_keys()
     for section, values in recipe.to_dict().items():
         for key, value in values.items():
             if (section, key) not in free and saved.get(section, {}).get(key) != value:
-                raise UsageError(f"cannot resume {saved_path.parent}: {section}.{key} was "
-                                 f"{saved[section][key]!r}, now {value!r}; use another run.dir")
+                raise UsageError(f"{what}: {section}.{key} was {saved[section][key]!r}, now {value!r}; "
+                                 f"use another run.dir")
 
 
-def create(recipe: Recipe, run_dir: Path, dist: distributed.Dist) -> None:
+def create(recipe: Recipe, run_dir: Path, dist: distributed.Dist, versions: dict) -> None:
     """Only once everything is built and checked: a failed start leaves nothing behind."""
     distributed.barrier()  # every rank has looked at the directory before rank 0 writes to it
     if dist.main:
@@ -77,22 +144,37 @@ def create(recipe: Recipe, run_dir: Path, dist: distributed.Dist) -> None:
         except OSError as e:
             raise UsageError(f"run directory {run_dir} is not writable ({e.strerror})") from None
         recipe.save(run_dir / RECIPE_FILE)
+        path = run_dir / VERSIONS_FILE
+        try:
+            starts = json.loads(path.read_text()) if path.is_file() else []
+        except (OSError, ValueError):
+            starts = []  # a damaged record of earlier starts is started again
+        starts.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "world": dist.world, **versions})
+        checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(starts, indent=1)))
     distributed.barrier()
+
+
+def json_safe(value):
+    """NaN and infinity as null: json.dumps would write bare NaN, which is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
     with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(json_safe(record)) + "\n")
 
 
-def keep_metrics_until(run_dir: Path, epochs_done: int) -> None:
-    """Drop metrics lines of epochs the checkpoint does not cover (written just before a crash)."""
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines()
-             if line.strip() and json.loads(line)["epoch"] <= epochs_done]
-    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in lines)))
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """metrics.jsonl as the checkpoint's history says: a crash between the checkpoint and the append
+    (or during the append) leaves nothing that a resume keeps."""
+    text = "".join(json.dumps(json_safe(record)) + "\n" for record in history)
+    checkpoint.atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_summary(run_dir: Path) -> dict | None:
@@ -101,4 +183,5 @@ def read_summary(run_dir: Path) -> dict | None:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    checkpoint.atomic_write(run_dir / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    text = json.dumps(json_safe(summary), indent=2)
+    checkpoint.atomic_write(run_dir / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(text))

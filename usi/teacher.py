@@ -7,6 +7,7 @@ as one multiply-add per element.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 from pathlib import Path
@@ -20,6 +21,7 @@ from timm.layers import BatchNormAct2d
 from timm.layers._fx import get_notrace_functions, get_notrace_modules
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from usi.checkpoint import load_state_file, mismatch
 from usi.errors import UsageError
 
 log = logging.getLogger("usi")
@@ -54,18 +56,32 @@ class Teacher(nn.Module):
     def renormalize(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.identity else torch.addcmul(self.shift.to(x.dtype), x, self.scale.to(x.dtype))
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's batch as the teacher expects it: its normalization, its resolution."""
         x = self.renormalize(x)
         if self.input_size and x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                               align_corners=False, antialias=True)
-        return self.model(x)
+        return x
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.teacher_input(x))
+
+    # Body and head apart, as timm models offer them: evaluation runs the head in fp32.
+    @torch.no_grad()
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(self.teacher_input(x))
+
+    @torch.no_grad()
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(features)
 
 
-def build_teacher(cfg, num_classes: int, *, student_mean, student_std, device: torch.device,
+def build_teacher(cfg, num_classes: int, *, student_mean, student_std, student_size: int, device: torch.device,
                   channels_last: bool = False) -> Teacher:
-    """cfg is the recipe's teacher section."""
+    """cfg is the recipe's teacher section; the teacher sees the student's batches (student_size px) or,
+    with teacher.input_size, those batches resized."""
     model = create_teacher_model(cfg)
     teacher_classes = getattr(model, "num_classes", None)
     if teacher_classes != num_classes:
@@ -74,9 +90,10 @@ def build_teacher(cfg, num_classes: int, *, student_mean, student_std, device: t
     model.eval().requires_grad_(False)
     timm_cfg = timm.data.resolve_model_data_config(model)
     size = cfg.input_size
+    seen = size or student_size  # the size of the batches the teacher will see
+    check_input(model, cfg.name, seen)
     if cfg.fold_bn:
-        probe = size or timm_cfg["input_size"][-1]
-        model, n = fold_batchnorm(model, torch.randn(2, 3, probe, probe))
+        model, n = fold_batchnorm(model, torch.randn(2, 3, seen, seen))
         log.info(f"teacher: folded {n} BatchNorm layers into their convolutions")
     model.to(device)
     if channels_last:
@@ -85,28 +102,41 @@ def build_teacher(cfg, num_classes: int, *, student_mean, student_std, device: t
                    teacher_std=timm_cfg["std"], input_size=size).to(device)
 
 
+def check_input(model: nn.Module, name: str, size: int) -> None:
+    """One forward of one image: a teacher that cannot take the batches' size fails here, in one line."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        raise UsageError(f"teacher {name} cannot take {size} px inputs (set teacher.input_size to a size it takes): "
+                         f"{str(e).strip().splitlines()[0][:160]}") from None
+
+
 def create_teacher_model(cfg) -> nn.Module:
     if not cfg.weights:
         try:
             return timm.create_model(cfg.name, pretrained=True, **cfg.kwargs)
+        except TypeError as e:  # an argument the architecture does not take
+            raise UsageError(f"teacher.kwargs {cfg.kwargs} do not fit {cfg.name}: {e}") from None
         except Exception as e:  # no hub access, unknown tag, ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(f"could not get pretrained weights for teacher {cfg.name} from timm ({first}); "
                              f"set teacher.weights to a local .pth or .safetensors file") from None
     state = read_weights(Path(cfg.weights))
-    num_classes = classifier_classes(cfg.name, state)
-    model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **cfg.kwargs)
+    try:
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=classifier_classes(cfg.name, state),
+                                  **cfg.kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise UsageError(f"teacher.kwargs {cfg.kwargs} do not fit {cfg.name}: {str(e)[:200]}") from None
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        detail = str(e).strip().splitlines()[0]
-        raise UsageError(f"teacher.weights={cfg.weights} do not fit {cfg.name}: {detail}") from None
+    except RuntimeError:
+        raise UsageError(f"teacher.weights={cfg.weights} do not fit {cfg.name}: {mismatch(model, state)}") from None
     return model
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from .safetensors, or .pth/.pt loaded with weights_only (no code can run)."""
-    from usi.checkpoint import load_state_file  # one place that knows checkpoint formats
 
     state = load_state_file(path)
     for key in ("model", "state_dict", "student"):  # usi / common checkpoint layouts
@@ -143,8 +173,16 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, rtol: float = 1e-2) 
 
     Returns (model, number folded). The folding happens on a copy that stays an ordinary module
     (the trace is only read, never run) and is checked against the original on `example`; on a
-    mismatch or an untraceable model the original comes back unchanged.
+    mismatch, an untraceable model or any failure while folding, the original comes back unchanged.
     """
+    try:
+        return fold_checked(model, example, rtol)
+    except Exception as e:  # an unusual graph must never stop a run: the teacher just runs unfolded
+        log.warning(f"teacher: BatchNorm folding failed ({type(e).__name__}: {str(e)[:100]}); running unfolded")
+        return model, 0
+
+
+def fold_checked(model: nn.Module, example: torch.Tensor, rtol: float) -> tuple[nn.Module, int]:
     pairs = conv_bn_pairs(model)
     if not pairs:
         return model, 0
@@ -172,15 +210,17 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         log.info(f"teacher: not traceable for BatchNorm folding ({type(e).__name__}); running unfolded")
         return []
     modules = dict(model.named_modules())
+    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or type(modules.get(node.target)) not in (nn.BatchNorm2d, BatchNormAct2d):
             continue
         bn = modules[node.target]
         src = node.args[0] if node.args else None
+        # A conv or BN called more than once (shared weights) cannot be folded for one of its uses.
         if (isinstance(src, torch.fx.Node) and src.op == "call_module" and len(src.users) == 1
                 and type(modules.get(src.target)) is nn.Conv2d and bn.track_running_stats
-                and bn.running_mean is not None and src.target not in {c for c, _ in pairs}):
+                and bn.running_mean is not None and calls[src.target] == 1 and calls[node.target] == 1):
             pairs.append((src.target, node.target))
     return pairs
 

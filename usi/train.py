@@ -1,184 +1,209 @@
 """`usi train`: recipe -> built objects -> resume -> the epoch loop -> summary.
 
-Reads top to bottom: `train` plans the run directory (usi/rundir.py), `build` makes every object
-from the recipe (usi/build.py, usi/data), `run` resumes and loops over epochs in named phases.
+Reads top to bottom: `train` plans the run directory (usi/rundir.py), builds every object from the
+recipe (usi/build.py, usi/data) and restores a checkpoint, then `run` loops over epochs in named phases.
 """
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
+import yaml
+from timm.utils import distribute_bn
 
 from usi import build as make
-from usi import checkpoint, data, distributed, rundir
-from usi.data.loader import seed_everything
-from usi.engine import Guard, NonFiniteError, Position, StepConfig, TrainState, due, evaluate, train_one_epoch
+from usi import checkpoint, distributed, environment, rundir
+from usi.build import Training
+from usi.engine import Guard, NonFiniteError, Position, TrainState, due, evaluate, train_one_epoch
 from usi.errors import UsageError
 from usi.logit_cache import teacher_val_logits
 from usi.metrics import best_of, better
+from usi.preempt import Interrupted, StopSignals
 from usi.progress import Progress, setup_logging
 from usi.recipe import Recipe
+from usi.tracking import Trackers
 
 log = logging.getLogger("usi")
 
 
-@dataclass
-class Training:
-    """Everything a run holds once built."""
-    recipe: Recipe
-    dist: distributed.Dist
-    run_dir: Path
-    state: TrainState
-    cfg: StepConfig
-    train_split: data.Split
-    val_split: data.Split
-    train_loader: object
-    val_loader: object
-    steps: int  # per epoch
-    epochs: int  # including cool-down
-    params: int
-
-    @property
-    def classes(self) -> list[str]:
-        return self.train_split.classes
-
-
 def train(recipe: Recipe) -> dict:
+    started = time.time()
     dist = distributed.setup(recipe.run.device)
+    lock = None
     try:
         setup_logging(None, dist.main)
-        run_dir, resume_from = rundir.plan(recipe)
-        training = build(recipe, dist, run_dir)
-        rundir.create(recipe, run_dir, dist)
+        run_dir, resume_from, lock = rundir.plan(recipe, lock=dist.main)
+        try:
+            training = make.build_training(recipe, dist, run_dir)
+            ledger = resume(training, resume_from) if resume_from is not None else Ledger(Position(0, 0, 0), {}, [])
+            rundir.create(recipe, run_dir, dist, training.versions)
+        except BaseException:
+            if lock is not None:
+                lock.release(failed=True)  # a failed start leaves no directory behind
+                lock = None
+            raise
         setup_logging(run_dir, dist.main)
-        return run(training, resume_from)
+        return run(training, ledger, started)
     finally:
+        if lock is not None:
+            lock.release()
         distributed.cleanup()
-
-
-# ---------------------------------------------------------------- build
-
-
-def build(recipe: Recipe, dist: distributed.Dist, run_dir: Path) -> Training:
-    accum, lr, plan = make.batch_plan(recipe, dist.world)  # the world size is known: fail before any work
-    train_split, val_split = data.open_splits(recipe.data)
-    num_classes = len(train_split.classes)
-    seed_everything(recipe.run.seed)
-    student = make.create_student(recipe.model, num_classes, recipe.data.input_size)
-    spec = make.input_spec(student, recipe.data.input_size)
-    compute = make.compute_for(recipe, dist.device)
-    teacher = make.teacher_for(recipe, num_classes, spec, compute)
-    make.place(student, compute)
-
-    train_loader = data.train_loader(train_split, recipe.data, recipe.aug, spec, seed=recipe.run.seed, dist=dist)
-    val_loader = data.val_loader(val_split, recipe.data, recipe.aug, spec, dist=dist)
-    steps = train_loader.steps_per_epoch()
-    if recipe.run.max_steps:
-        steps = min(steps, recipe.run.max_steps)
-    if steps == 0:
-        raise UsageError(f"data.batch_size={recipe.data.batch_size} x {dist.world} processes is larger than one "
-                         f"epoch of {len(train_split)} training samples")
-
-    log.info(plan)
-    if steps % accum:
-        log.warning(f"{steps} steps per epoch is not a multiple of {accum} accumulation steps; "
-                    f"the last {steps % accum} steps of each epoch carry gradient into the next")
-    optimizer = make.create_optimizer(recipe, student, lr)
-    scheduler, epochs = make.create_scheduler(recipe, optimizer, steps // accum)
-    ema = make.create_ema(recipe, student)
-    wrapped = student
-    if dist.distributed:
-        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(student, device_ids=device_ids)
-    if recipe.run.compile:
-        wrapped = torch.compile(wrapped)
-        if teacher is not None:
-            teacher.compile()
-    state = TrainState(student=student, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
-                       ema=ema, scaler=make.grad_scaler(compute), mixup=make.create_mixup(recipe, num_classes))
-    params = sum(p.numel() for p in student.parameters())
-    log.info(f"student {recipe.model.name}: {params / 1e6:.2f}M params, input {spec.size}, {num_classes} classes, "
-             f"{len(train_split)} train / {len(val_split)} val images, {steps} steps x {epochs} epochs"
-             + (f", teacher {recipe.teacher.name}" if teacher is not None else ", no teacher"))
-    return Training(recipe=recipe, dist=dist, run_dir=run_dir, state=state,
-                    cfg=make.step_config(recipe, compute, num_classes, accum), train_split=train_split,
-                    val_split=val_split, train_loader=train_loader, val_loader=val_loader, steps=steps, epochs=epochs,
-                    params=params)
 
 
 # ---------------------------------------------------------------- run
 
 
-def run(t: Training, resume_from: Path | None) -> dict:
+@dataclass
+class Ledger:
+    """What a run has done so far; a checkpoint holds it whole, so a resume continues exactly."""
+    at: Position  # where training continues
+    best: dict  # the best weights so far: metric, value, raw or EMA, epoch
+    history: list  # one record per finished epoch (metrics.jsonl is rewritten from it on resume)
+    teacher: dict = field(default_factory=dict)  # the teacher's val metrics
+
+
+def run(t: Training, ledger: Ledger, started: float) -> dict:
+    """The epoch loop, from where the ledger stands (a resumed checkpoint's position is all the state
+    there is: every epoch's randomness derives from it)."""
     recipe, dist = t.recipe, t.dist
-    # ---- resume: the checkpoint's position is all the state there is (randomness derives from it)
-    at, best = Position(epoch=0, step=0, updates=0), {}
-    if resume_from is not None:
-        saved = checkpoint.restore(t.state, resume_from)
-        at, best = Position(saved["epoch"], saved["step"], saved["num_updates"]), saved["best"]
-        log.info(f"resumed from {resume_from}: epoch {at.epoch + 1}, step {at.step}")
-        finished = rundir.read_summary(t.run_dir)
-        if at.epoch >= t.epochs and finished is not None:
-            log.info(f"{t.run_dir} already finished all {t.epochs} epochs; nothing to do")
-            return finished
-        if dist.main:
-            rundir.keep_metrics_until(t.run_dir, at.epoch)
-    start = time.time()
-    teacher_metrics, teacher_logits = val_teacher(t)
+    if dist.main:
+        rundir.write_metrics(t.run_dir, ledger.history)  # drops lines a crash left behind the checkpoint
+    if ledger.at.epoch >= t.epochs:
+        log.info(f"{t.run_dir} already finished all {t.epochs} epochs; nothing to do")
+        return rundir.read_summary(t.run_dir) or finish(t, ledger, started)  # a lost summary is rebuilt
+    trackers = Trackers(recipe.run.loggers, t.run_dir, recipe.to_dict(), dist.main)
+    try:
+        return loop(t, ledger, started, trackers)
+    finally:
+        trackers.close()
+
+
+def loop(t: Training, ledger: Ledger, started: float, trackers: Trackers) -> dict:
+    recipe, dist = t.recipe, t.dist
+    ledger.teacher, teacher_logits = val_teacher(t)
     guard = Guard(dist.device, recipe.run.max_nonfinite)
     progress = Progress(dist.main)
-    last_metrics, train_stats = {}, {}
-    stop_at = min(t.epochs, at.epoch + recipe.run.stop_after) if recipe.run.stop_after else t.epochs
-    while at.epoch < stop_at:
-        # ---- train one epoch (from a mid-epoch step when resuming)
-        t0 = time.time()
-        try:
-            train_stats, updates = train_one_epoch(
-                t.state, t.cfg, t.train_loader.epoch(at.epoch, at.step), start=at, steps=t.steps, epochs=t.epochs,
-                guard=guard, progress=progress, log_interval=recipe.run.log_interval,
-                images_per_step=recipe.data.batch_size * dist.world, on_update=partial(mid_epoch_checkpoint, t, best))
-        except NonFiniteError as e:
-            last = t.run_dir / checkpoint.LAST
-            raise NonFiniteError(f"{e}; last good checkpoint: {last if last.is_file() else 'none yet'}") from None
-        record = {"epoch": at.epoch + 1, "train": {**train_stats, "bad_images": bad_images(t),
-                                                   "time_s": time.time() - t0}}
-        if record["train"]["bad_images"] > recipe.data.max_bad_samples:
-            raise UsageError(f"{record['train']['bad_images']} unreadable images so far exceeds "
-                             f"data.max_bad_samples={recipe.data.max_bad_samples}; see the warnings above for "
-                             f"their paths")
-        # ---- evaluate raw and EMA weights; export the best
-        if due(at.epoch + 1, recipe.run.eval_every, last=t.epochs):
-            t_eval = time.time()
-            last_metrics, _ = evaluate(models_to_eval(t.state), t.val_loader, t.cfg.compute,
-                                       n_bins=recipe.run.ece_bins, teacher_logits=teacher_logits)
-            record["eval_time_s"] = time.time() - t_eval
-            best = export_if_best(t, last_metrics, at.epoch, best)
-            record.update(last_metrics)
-        # ---- checkpoint at the epoch's end, then log
-        at = Position(at.epoch + 1, 0, updates)
-        if dist.main:
-            rundir.append_metrics(t.run_dir, record)
-            save(t, at, best)
-            log.info(epoch_line(record))
-    if at.epoch < t.epochs:
-        log.info(f"stopped after epoch {at.epoch} (run.stop_after={recipe.run.stop_after}); "
+    stop_at = min(t.epochs, ledger.at.epoch + recipe.run.stop_after) if recipe.run.stop_after else t.epochs
+    skipped_before = 0
+    with StopSignals(dist.distributed) as stops:
+        while ledger.at.epoch < stop_at:
+            # ---- train one epoch (from a mid-epoch step when resuming), stopping early on a signal
+            t0, at = time.time(), ledger.at
+            try:
+                result = train_one_epoch(
+                    t.state, t.cfg, t.train_loader.epoch(at.epoch, at.step), start=at, steps=t.steps,
+                    epochs=t.epochs, guard=guard, progress=progress, log_interval=recipe.run.log_interval,
+                    images_per_step=recipe.data.batch_size * dist.world,
+                    on_update=partial(mid_epoch_checkpoint, t, ledger), should_stop=stops.agree,
+                    on_log=trackers.interval)
+            except NonFiniteError as e:
+                last = t.run_dir / checkpoint.LAST
+                raise NonFiniteError(f"{e}; last good checkpoint: {last if last.is_file() else 'none yet'}") from None
+            if result.end.epoch == at.epoch:  # stopped mid-epoch: checkpoint where it stopped, then exit
+                ledger.at = result.end
+                stop(t, ledger, result.stopped_by)
+            check_some_update_counted(t, result, at, skipped_before)
+            skipped_before = result.stats["skipped_updates"]
+            record = {"epoch": at.epoch + 1, "train": {**result.stats, "time_s": time.time() - t0}}
+            # ---- evaluate raw and EMA weights (the very weights rank 0 saves); export the best
+            if due(at.epoch + 1, recipe.run.eval_every, last=t.epochs):
+                t_eval = time.time()
+                models = models_to_eval(t.state)
+                if dist.distributed:
+                    for model in models.values():  # each rank's BatchNorm statistics moved with its own batches
+                        distribute_bn(model, dist.world, reduce=False)
+                metrics, _ = evaluate(models, t.val_loader, t.cfg.compute, n_bins=recipe.run.ece_bins,
+                                      teacher_logits=teacher_logits)
+                record["eval_time_s"] = time.time() - t_eval
+                ledger.best = export_if_best(t, metrics, at.epoch, ledger.best)
+                record.update(metrics)
+            # ---- unreadable images met so far, this epoch's evaluation included
+            record["train"]["bad_images"] = bad_images(t)
+            if record["train"]["bad_images"] > recipe.data.max_bad_samples:
+                raise UsageError(f"{record['train']['bad_images']} unreadable images so far exceeds "
+                                 f"data.max_bad_samples={recipe.data.max_bad_samples}; see the warnings above for "
+                                 f"their paths")
+            # ---- checkpoint at the epoch's end (the record with it), then log
+            ledger.at, ledger.history = result.end, ledger.history + [record]
+            if dist.main:
+                save(t, ledger)
+                rundir.append_metrics(t.run_dir, record)
+                log.info(epoch_line(record))
+                trackers.epoch(record, ledger.at.updates)
+            signum = result.stopped_by or stops.agree()[0]
+            if signum:
+                stop(t, ledger, signum, saved=True)
+    if ledger.at.epoch < t.epochs:
+        log.info(f"stopped after epoch {ledger.at.epoch} (run.stop_after={recipe.run.stop_after}); "
                  f"continue with run.resume=auto")
-        return {"stopped_at_epoch": at.epoch}
-    # ---- summary
+        return {"stopped_at_epoch": ledger.at.epoch}
+    return finish(t, ledger, started)
+
+
+def resume(t: Training, path: Path) -> Ledger:
+    """Restore a checkpoint into the built objects, after checking that it is this run's."""
+    saved = checkpoint.restore(t.state, path)
+    rundir.check_same_recipe(t.recipe, yaml.safe_load(saved["recipe"]), f"cannot resume from {path}")
+    if saved["classes"] != t.classes:
+        first = next((i for i, (a, b) in enumerate(zip(saved["classes"], t.classes)) if a != b),
+                     min(len(saved["classes"]), len(t.classes)))
+        raise UsageError(f"cannot resume from {path}: it was trained on {len(saved['classes'])} classes and "
+                         f"data.root has {len(t.classes)}, and they differ at label {first} "
+                         f"({(saved['classes'] + ['-'])[first]!r} vs {(t.classes + ['-'])[first]!r}); labels "
+                         f"would be silently remapped")
+    environment.warn_if_versions_differ(saved.get("versions"), t.versions, f"checkpoint {path}")
+    ledger = Ledger(Position(saved["epoch"], saved["step"], saved["num_updates"]), saved["best"],
+                    saved.get("history", []), saved.get("teacher_metrics", {}))
+    log.info(f"resumed from {path}: epoch {ledger.at.epoch + 1}, step {ledger.at.step}")
+    return ledger
+
+
+def check_some_update_counted(t: Training, result, at: Position, skipped_before: int) -> None:
+    """An epoch whose every update was skipped as non-finite trained nothing: the run has diverged, even
+    when run.max_nonfinite (in a row) is larger than an epoch."""
+    updates = result.end.updates - at.updates
+    if updates and result.stats["skipped_updates"] - skipped_before >= updates:
+        last = t.run_dir / checkpoint.LAST
+        raise NonFiniteError(f"every one of the {updates} updates of epoch {at.epoch + 1} was skipped as non-finite "
+                             f"(lr {result.stats['lr']:.3g}); last good checkpoint: "
+                             f"{last if last.is_file() else 'none yet'}")
+
+
+def stop(t: Training, ledger: Ledger, signum: int, saved: bool = False) -> None:
+    """After a stop signal every rank agreed on: rank 0 writes the checkpoint; all ranks raise."""
+    path = t.run_dir / checkpoint.LAST
+    if t.dist.main and not saved:
+        save(t, ledger)
+    distributed.barrier()
+    at = ledger.at
+    where = f"epoch {at.epoch + 1}, step {at.step} of {t.steps}" if at.step else f"the end of epoch {at.epoch}"
+    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at {where}: checkpoint {path}; "
+                              f"continue with run.resume=auto")
+
+
+def finish(t: Training, ledger: Ledger, started: float) -> dict:
+    """summary.json, from the ledger: a run resumed after its last epoch writes the same one. Its speed is
+    the whole run's (images over training time, every epoch); its wall time, this invocation's from start-up."""
+    recipe, history = t.recipe, ledger.history
+    final = next((r for r in reversed(history) if "raw" in r), {})
+    train_time = sum(r["train"]["time_s"] for r in history)
     summary = {
         "model": recipe.model.name, "teacher": recipe.teacher.name if recipe.kd else None,
-        "params": t.params, "epochs": t.epochs, "num_classes": len(t.classes),
-        "best": best, "final": last_metrics, "teacher_metrics": teacher_metrics,
-        "train_img_per_s": train_stats.get("img_per_s"), "wall_time_s": time.time() - start,
+        "params": t.params, "epochs": t.epochs, "num_classes": len(t.classes), "best": ledger.best,
+        "final": {k: v for k, v in final.items() if k in ("raw", "ema")},
+        "teacher_metrics": ledger.teacher,
+        "train_img_per_s": sum(r["train"].get("images", 0) for r in history) / train_time if train_time else None,
+        "train_time_s": train_time, "wall_time_s": time.time() - started, "versions": t.versions,
     }
-    if dist.main:
+    if t.dist.main:
         rundir.write_summary(t.run_dir, summary)
+        best = ledger.best
         log.info(f"done: best {best.get('metric')} {best.get('value', float('nan')):.2f} "
                  f"({best.get('weights')} weights, epoch {best.get('epoch')}) -> {t.run_dir}")
     return summary
@@ -191,7 +216,7 @@ def val_teacher(t: Training) -> tuple[dict, torch.Tensor | None]:
     t0 = time.time()
     metrics, logits, hit = teacher_val_logits(t.state.teacher, t.recipe.teacher, t.val_split, t.val_loader,
                                               compute=t.cfg.compute, n_bins=t.recipe.run.ece_bins, dist=t.dist)
-    log.info(f"teacher val top-1 {metrics['top1']:.2f} "
+    log.info(f"teacher val top-1 {metrics.get('top1', float('nan')):.2f} "
              f"({'cached' if hit else 'computed and cached'}, {time.time() - t0:.1f} s)")
     return metrics, logits
 
@@ -200,15 +225,17 @@ def models_to_eval(state: TrainState) -> dict:
     return {"raw": state.student} | ({"ema": state.ema.module} if state.ema is not None else {})
 
 
-def save(t: Training, at: Position, best: dict) -> None:
-    checkpoint.save(checkpoint.capture(t.state, recipe_yaml=t.recipe.to_yaml(), classes=t.classes, at=at, best=best),
-                    t.run_dir / checkpoint.LAST)
+def save(t: Training, ledger: Ledger) -> None:
+    state = checkpoint.capture(t.state, recipe_yaml=t.recipe.to_yaml(), classes=t.classes, at=ledger.at,
+                               best=ledger.best)
+    checkpoint.save({**state, "history": ledger.history, "teacher_metrics": ledger.teacher,
+                     "versions": t.versions}, t.run_dir / checkpoint.LAST)
 
 
-def mid_epoch_checkpoint(t: Training, best: dict, at: Position) -> None:
+def mid_epoch_checkpoint(t: Training, ledger: Ledger, at: Position) -> None:
     """After an update: a checkpoint every run.ckpt_every_steps updates, except at the epoch's end."""
     if due(at.updates, t.recipe.run.ckpt_every_steps) and at.step < t.steps and t.dist.main:
-        save(t, at, best)
+        save(t, Ledger(at, ledger.best, ledger.history, ledger.teacher))
 
 
 def export_if_best(t: Training, metrics: dict, epoch: int, best: dict) -> dict:
@@ -225,7 +252,8 @@ def export_if_best(t: Training, metrics: dict, epoch: int, best: dict) -> dict:
     if t.dist.main:
         checkpoint.export_weights(model.state_dict(), t.run_dir / checkpoint.BEST, metadata={
             "recipe": t.recipe.to_yaml(), "model": t.recipe.model.name, "weights": name,
-            "classes": json.dumps(t.classes), "epoch": str(epoch + 1), metric: repr(candidates[name])})
+            "classes": json.dumps(t.classes), "epoch": str(epoch + 1), metric: repr(candidates[name]),
+            "versions": json.dumps(t.versions)})
     return best
 
 

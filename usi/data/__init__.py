@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from usi.data.folder import FolderSplit
-from usi.data.loader import InputSpec, eval_transform, train_transform
+from usi.data.loader import InputSpec, device_randaugment, eval_transform, randaugment_on_device, train_transform
 from usi.data.shards import ShardSplit
 from usi.distributed import Dist
 from usi.errors import UsageError
@@ -32,7 +32,7 @@ def open_split(cfg, name: str, classes: list[str] | None = None) -> Split:
         split = ShardSplit(folder, getattr(cfg, f"{name}_shards"))
         if classes is not None and split.classes != classes:
             raise UsageError(f"{name} shards' classes differ from the {len(classes)} expected ones; write them "
-                             f"with tools/make_shards.py --classes-from <train folder>")
+                             f"with usi shards --classes-from <train folder>")
         return split
     return FolderSplit(folder, classes=classes)
 
@@ -56,9 +56,12 @@ def open_val_split(cfg, classes: list[str]) -> Split:
 
 
 def train_loader(split: Split, cfg, aug, spec: InputSpec, *, seed: int, dist: Dist):
-    """cfg and aug: the recipe's data and aug sections."""
-    return split.train_loader(train_transform(aug, spec), batch_size=cfg.batch_size, workers=cfg.workers,
-                              repeats=aug.repeats, seed=seed, spec=spec, dist=dist)
+    """cfg and aug: the recipe's data and aug sections. RandAugment runs in the loader workers or, batched,
+    on the device (aug.randaugment_on)."""
+    on_device = randaugment_on_device(aug, dist.device)
+    return split.train_loader(train_transform(aug, spec, on_device), batch_size=cfg.batch_size,
+                              workers=cfg.workers, repeats=aug.repeats, seed=seed, spec=spec, dist=dist,
+                              augment=device_randaugment(aug, spec) if on_device else None)
 
 
 def val_loader(split: Split, cfg, aug, spec: InputSpec, *, dist: Dist):

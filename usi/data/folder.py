@@ -19,13 +19,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from usi import distributed
+from usi.data.images import IMAGE_EXTENSIONS, load_rgb
 from usi.data.loader import InputSpec, TrainLoader, eval_loader
 from usi.errors import UsageError
 
 log = logging.getLogger("usi")
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
 
 def find_classes(root: Path) -> list[str]:
     if not root.is_dir():
@@ -49,12 +47,6 @@ def list_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
         files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         samples += [(str(p), index[name]) for p in files]
     return samples
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Any PIL-readable image as RGB: grayscale, CMYK, palette and alpha images are converted."""
-    with Image.open(path) as img:
-        return img.convert("RGB")
 
 
 class FolderSplit:
@@ -90,12 +82,14 @@ class FolderSplit:
         return FolderDataset(self, transform)
 
     def train_loader(self, transform, *, batch_size: int, workers: int, repeats: int, seed: int,
-                     spec: InputSpec, dist: distributed.Dist) -> TrainLoader:
+                     spec: InputSpec, dist: distributed.Dist, augment=None) -> TrainLoader:
         return TrainLoader(self.dataset(transform), batch_size=batch_size, workers=workers, repeats=repeats,
-                           seed=seed, spec=spec, dist=dist)
+                           seed=seed, spec=spec, dist=dist, augment=augment)
 
     def eval_loader(self, transform, *, batch_size: int, workers: int, spec: InputSpec, dist: distributed.Dist):
-        return eval_loader(self.dataset(transform), batch_size=batch_size, workers=workers, spec=spec, dist=dist)
+        self.transform = transform
+        view = FolderDataset(self, transform, replace_bad=False, rank=dist.rank, world=dist.world)
+        return eval_loader(view, batch_size=batch_size, workers=workers, spec=spec, dist=dist)
 
     def bad_count(self, device: torch.device) -> int:
         """Distinct unreadable files met by any rank (a file two ranks met counts once). Collective."""
@@ -111,26 +105,46 @@ class FolderSplit:
 
 
 class FolderDataset(Dataset):
-    """A split's images through one transform; an unreadable file is replaced by the next readable one."""
+    """A split's images through one transform.
 
-    def __init__(self, split: FolderSplit, transform=None):
-        self.split, self.transform = split, transform
+    Training (replace_bad): an unreadable file is replaced by the next readable one, so batches keep
+    their size. Evaluation: an unreadable file gives None (left out of its batch, never counted twice),
+    and a readable one (image, label, position), its position in this rank's strided pass.
+    """
+
+    def __init__(self, split: FolderSplit, transform=None, replace_bad: bool = True, rank: int = 0, world: int = 1):
+        self.split, self.transform, self.replace_bad = split, transform, replace_bad
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int):
-        samples, bad = self.split.samples, self.split.bad
+        if not self.replace_bad:
+            img = self.read(index)
+            if img is None:
+                return None
+            path, target = self.split.samples[index]
+            return img, target, (index - self.rank) // self.world
+        samples = self.split.samples
         for attempt in range(len(samples)):
             i = (index + attempt) % len(samples)
-            if bad[i]:
-                continue
-            path, target = samples[i]
-            try:
-                img = load_rgb(path)
-            except Exception as e:  # truncated, zero bytes, not an image, ...: skip, never crash a worker
-                bad[i] = 1
-                log.warning(f"skipped unreadable image {path}: {type(e).__name__}: {str(e)[:120]}")
-                continue
-            return (self.transform(img) if self.transform else img), target
+            img = self.read(i)
+            if img is not None:
+                return img, samples[i][1]
         raise UsageError(f"no readable image in {self.split.root}")
+
+    def read(self, i: int):
+        """Sample i through the transform, or None (flagged, with a warning) if its file is unreadable."""
+        if self.split.bad[i]:
+            return None
+        path = self.split.samples[i][0]
+        try:
+            if self.transform is None:
+                return load_rgb(path)
+            with Image.open(path) as img:  # the transform decodes (see usi/data/images.py)
+                return self.transform(img)
+        except Exception as e:  # truncated, zero bytes, not an image, ...: skip, never crash a worker
+            self.split.bad[i] = 1
+            log.warning(f"skipped unreadable image {path}: {type(e).__name__}: {str(e)[:120]}")
+            return None

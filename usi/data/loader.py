@@ -19,7 +19,11 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from timm.data.loader import PrefetchLoader, fast_collate
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from usi.data.device_augment import DeviceRandAugment
+from usi.data.fast_crop import FastRandomResizedCrop
+from usi.data.images import Decoded
 from usi.distributed import Dist
+from usi.preempt import ignore_interrupts
 
 
 @dataclass(frozen=True)
@@ -42,22 +46,71 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_transform(aug, spec: InputSpec):
-    return create_transform(
+def randaugment_on_device(aug, device: torch.device) -> bool:
+    """Where RandAugment runs. On the device, batched after the copy, the loader workers only decode, crop,
+    resize and flip (about half their work per image on full-size photos); `auto` does so on CUDA. In the
+    workers, timm's transform runs as it is (the CPU default: a CPU has no device to spare)."""
+    if aug.randaugment_on == "auto":
+        return device.type == "cuda" and device_augment_fits(aug)
+    return aug.randaugment_on == "device"
+
+
+def device_augment_fits(aug) -> bool:
+    """The device path does timm's RandAugment strings (rand-...) and nothing else of the worker's."""
+    return (not aug.auto_augment or aug.auto_augment.startswith("rand")) and not aug.color_jitter
+
+
+def train_transform(aug, spec: InputSpec, on_device: bool = False):
+    """The loader workers' transform: timm's whole train transform, or, when RandAugment runs on the
+    device, usi's fast crop (decode at a reduced scale where it loses nothing, crop, resize, flip)."""
+    if on_device:
+        return Decoded(FastRandomResizedCrop(spec.size, scale=aug.scale, ratio=aug.ratio,
+                                             interpolation=aug.interpolation, hflip=aug.hflip), lazy=True)
+    return Decoded(create_transform(
         spec.size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
         color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment or None,
-        interpolation=aug.interpolation, mean=spec.mean, std=spec.std, re_prob=0.0, use_prefetcher=True)
+        interpolation=aug.interpolation, mean=spec.mean, std=spec.std, re_prob=0.0, use_prefetcher=True))
+
+
+def device_randaugment(aug, spec: InputSpec) -> DeviceRandAugment | None:
+    """timm's RandAugment with create_transform's hparams (translate, fill = the mean), batched."""
+    if not aug.auto_augment:
+        return None
+    return DeviceRandAugment(aug.auto_augment, img_size=spec.size, mean=spec.mean,
+                             interpolation=None if aug.interpolation == "random" else aug.interpolation)
 
 
 def eval_transform(aug, spec: InputSpec):
-    return create_transform(
+    return Decoded(create_transform(
         spec.size, is_training=False, interpolation=aug.eval_interpolation, mean=spec.mean, std=spec.std,
-        crop_pct=aug.eval_crop_pct, crop_mode="center", use_prefetcher=True)
+        crop_pct=aug.eval_crop_pct, crop_mode="center", use_prefetcher=True))
 
 
-def to_device(loader: DataLoader, spec: InputSpec, dist: Dist) -> PrefetchLoader:
-    """uint8 batches -> normalized float batches on the device (timm's PrefetchLoader)."""
-    return PrefetchLoader(loader, mean=spec.mean, std=spec.std, device=dist.device)
+def to_device(loader: DataLoader, spec: InputSpec, dist: Dist, augment: DeviceRandAugment | None = None):
+    """uint8 batches -> normalized float batches on the device (timm's PrefetchLoader), with RandAugment
+    on the device in between when given one."""
+    if augment is None:
+        return PrefetchLoader(loader, mean=spec.mean, std=spec.std, device=dist.device)
+    return AugmentOnDevice(loader, augment, spec, dist.device)
+
+
+class AugmentOnDevice:
+    """timm's PrefetchLoader copies each uint8 batch to the device on its side stream (told to leave the
+    values 0..255: mean 0, std 1/255); RandAugment runs there on the whole batch, per-sample ops and
+    magnitudes drawn from a CPU generator (no device sync), then the batch is normalized."""
+
+    def __init__(self, loader: DataLoader, augment: DeviceRandAugment, spec: InputSpec, device: torch.device):
+        self.prefetch = PrefetchLoader(loader, mean=(0.0, 0.0, 0.0), std=(1 / 255,) * 3, device=device)
+        self.augment, self.generator = augment, torch.Generator()
+        self.mean = torch.tensor([255 * m for m in spec.mean], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255 * s for s in spec.std], device=device).view(1, 3, 1, 1)
+
+    def seed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def __iter__(self):
+        for x, y in self.prefetch:
+            yield (self.augment(x, self.generator) - self.mean) / self.std, y
 
 
 class EpochSampler(Sampler):
@@ -104,7 +157,7 @@ class TrainLoader:
     """Normalized batches on the device, with a fixed number of steps per epoch on every rank."""
 
     def __init__(self, dataset, *, batch_size: int, workers: int, repeats: int, seed: int, spec: InputSpec,
-                 dist: Dist):
+                 dist: Dist, augment: DeviceRandAugment | None = None):
         self.sampler = EpochSampler(dataset, world=dist.world, rank=dist.rank, repeats=repeats, seed=seed)
         self.batch_size, self.seed, self.rank = batch_size, seed, dist.rank
         self.generator = torch.Generator()
@@ -113,8 +166,8 @@ class TrainLoader:
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  collate_fn=fast_collate, pin_memory=dist.device.type == "cuda", drop_last=True,
                                  generator=self.generator, persistent_workers=False,
-                                 prefetch_factor=4 if workers else None)
-        self.prefetch = to_device(self.loader, spec, dist)
+                                 prefetch_factor=4 if workers else None, worker_init_fn=ignore_interrupts)
+        self.prefetch = to_device(self.loader, spec, dist, augment)
 
     def steps_per_epoch(self) -> int:
         return self.sampler.epoch_length() // self.batch_size
@@ -124,13 +177,27 @@ class TrainLoader:
         seed = epoch_seed(self.seed, epoch, self.rank, start_step)
         seed_everything(seed)  # main-process randomness: mixup, and transforms when workers=0
         self.generator.manual_seed(seed)  # worker seeds
+        if isinstance(self.prefetch, AugmentOnDevice):
+            self.prefetch.seed(seed)
         self.sampler.set_epoch(epoch, skip=start_step * self.batch_size)
         return iter(self.prefetch)
 
 
+def eval_collate(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images, int64 [label, position] rows) of the readable samples; unreadable ones come as None
+    and are left out, never replaced. The position (the sample's place in this rank's pass) rides in
+    the target tensor, so timm's PrefetchLoader carries it to the device unchanged."""
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, 2, dtype=torch.int64)
+    images, _ = fast_collate([(img, 0) for img, _, _ in samples])
+    return images, torch.tensor([(label, pos) for _, label, pos in samples], dtype=torch.int64)
+
+
 def eval_loader(dataset, *, batch_size: int, workers: int, spec: InputSpec, dist: Dist) -> PrefetchLoader:
+    """dataset[i] is (image, label, position) or None; every index once across ranks, in order."""
     sampler = StridedSampler(len(dataset), dist.world, dist.rank)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        collate_fn=fast_collate, pin_memory=dist.device.type == "cuda", drop_last=False,
-                        persistent_workers=workers > 0)
+                        collate_fn=eval_collate, pin_memory=dist.device.type == "cuda", drop_last=False,
+                        persistent_workers=workers > 0, worker_init_fn=ignore_interrupts)
     return to_device(loader, spec, dist)

@@ -1,4 +1,4 @@
-"""Webdataset tar shards (written by tools/make_shards.py): training and exact validation from them.
+"""Webdataset tar shards (written by usi shards): training and exact validation from them.
 
 A split is a folder with index.json (class names, shard names and sample counts) and its shards, or
 index.json plus a URL pattern (`data.train_shards`), brace-expanded, local or `pipe:` (a shell
@@ -28,8 +28,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from usi import distributed
-from usi.data.loader import InputSpec, epoch_seed, seed_everything, to_device
+from usi.data.images import IMAGE_EXTENSIONS, load_rgb
+from usi.data.loader import AugmentOnDevice, InputSpec, epoch_seed, eval_collate, seed_everything, to_device
 from usi.errors import UsageError
+from usi.preempt import ignore_interrupts
 
 log = logging.getLogger("usi")
 SLOTS = 256  # bad-sample counter slots, one per loader worker
@@ -49,9 +51,9 @@ class ShardSplit:
         return []  # an index does not say which classes its samples hold
 
     def train_loader(self, transform, *, batch_size: int, workers: int, repeats: int, seed: int,
-                     spec: InputSpec, dist: distributed.Dist) -> "ShardTrainLoader":
+                     spec: InputSpec, dist: distributed.Dist, augment=None) -> "ShardTrainLoader":
         return ShardTrainLoader(self, transform, batch_size=batch_size, workers=workers, repeats=repeats,
-                                seed=seed, spec=spec, dist=dist)
+                                seed=seed, spec=spec, dist=dist, augment=augment)
 
     def eval_loader(self, transform, *, batch_size: int, workers: int, spec: InputSpec, dist: distributed.Dist):
         return shard_eval_loader(self, transform, batch_size=batch_size, workers=workers, spec=spec, dist=dist)
@@ -69,20 +71,38 @@ def read_index(split_dir: Path, pattern: str | None = None) -> tuple[list[str], 
     """(shard URLs, samples per shard, class names)."""
     path = split_dir / "index.json"
     if not path.is_file():
-        raise UsageError(f"{path} not found: shards need the index.json written by tools/make_shards.py")
-    index = json.loads(path.read_text())
-    names = [s["name"] for s in index["shards"]]
-    counts = [int(s["count"]) for s in index["shards"]]
+        raise UsageError(f"{path} not found: shards need the index.json written by usi shards")
+    try:
+        index = json.loads(path.read_text())
+        names = [str(s["name"]) for s in index["shards"]]
+        counts = [int(s["count"]) for s in index["shards"]]
+        classes = [str(c) for c in index["classes"]]
+        if not names or min(counts) < 0 or not classes:
+            raise ValueError("no shards, a negative count or no classes")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path} is not a usi shard index ({type(e).__name__}: {str(e)[:100]}); "
+                         f"write it again with usi shards") from None
     urls = list(braceexpand.braceexpand(pattern)) if pattern else [str(split_dir / n) for n in names]
     if len(urls) != len(names):
         raise UsageError(f"shard pattern {pattern!r} gives {len(urls)} shards but {path} lists {len(names)}")
-    return urls, counts, index["classes"]
+    return urls, counts, classes
 
 
-def decode(sample: dict) -> tuple[Image.Image, int]:
-    data = next(v for k, v in sample.items() if k in ("jpg", "jpeg", "png", "webp", "bmp"))
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB"), int(sample["cls"])
+def image_bytes(sample: dict) -> bytes:
+    """The sample's image file (whatever its format: make_shards keys it by its file extension)."""
+    data = next((v for k, v in sample.items() if "." + k in IMAGE_EXTENSIONS), None)
+    if data is None:
+        raise ValueError(f"no image among its parts {sorted(k for k in sample if not k.startswith('__'))}")
+    return data
+
+
+def decode(sample: dict, transform=None):
+    """(the transformed image, or the decoded RGB image without a transform; the label)."""
+    data = image_bytes(sample)
+    if transform is None:
+        return load_rgb(io.BytesIO(data)), int(sample["cls"])
+    with Image.open(io.BytesIO(data)) as img:  # the transform decodes (see usi/data/images.py)
+        return transform(img), int(sample["cls"])
 
 
 class ShardStream(IterableDataset):
@@ -110,16 +130,28 @@ class ShardStream(IterableDataset):
         return True  # keep going
 
     def samples(self):
+        """(image, label) per decoded sample, `repeats` times; for evaluation (image, label, position),
+        the position unique within this rank's pass and the same in every pass."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
         stream = tariterators.url_opener([{"url": u} for u in self.my_shards()], handler=self.handler)
         stream = tariterators.tar_file_expander(stream, handler=self.handler)
+        count = 0
         for sample in tariterators.group_by_keys(stream, handler=self.handler):
             try:
-                img, label = decode(sample)
+                if self.train:  # decoded once, then augmented anew for each repeat
+                    img, label = decode(sample)
+                    images = [self.transform(img) if self.transform else img for _ in range(self.repeats)]
+                else:
+                    img, label = decode(sample, self.transform)
             except Exception as e:
                 self.handler(RuntimeError(f"{sample.get('__url__')}: {sample.get('__key__')}: {e}"))
                 continue
-            for _ in range(self.repeats):
-                yield (self.transform(img) if self.transform else img), label
+            if not self.train:
+                yield img, label, count * workers + worker
+                count += 1
+                continue
+            yield from ((image, label) for image in images)
 
     def __iter__(self):
         if not self.train or self.shuffle_buffer <= 1:
@@ -142,10 +174,10 @@ class ShardTrainLoader:
     """The shard counterpart of TrainLoader: exactly steps_per_epoch batches per epoch on every rank."""
 
     def __init__(self, split: ShardSplit, transform, *, batch_size: int, workers: int, repeats: int, seed: int,
-                 spec: InputSpec, dist: distributed.Dist):
+                 spec: InputSpec, dist: distributed.Dist, augment=None):
         if len(split.urls) < dist.world * max(workers, 1):
             raise UsageError(f"{len(split.urls)} shards cannot feed {dist.world} processes x {max(workers, 1)} loader "
-                             f"workers; write smaller shards (tools/make_shards.py --shard-size) or lower data.workers")
+                             f"workers; write smaller shards (usi shards --shard-size) or lower data.workers")
         self.stream = ShardStream(split.urls, transform, rank=dist.rank, world=dist.world, repeats=repeats,
                                   train=True, seed=seed, bad=split.bad)
         self.total, self.batch_size, self.seed = len(split), batch_size, seed
@@ -153,8 +185,8 @@ class ShardTrainLoader:
         self.generator = torch.Generator()
         self.loader = DataLoader(self.stream, batch_size=batch_size, num_workers=workers, collate_fn=fast_collate,
                                  pin_memory=dist.device.type == "cuda", drop_last=True, generator=self.generator,
-                                 prefetch_factor=4 if workers else None)
-        self.prefetch = to_device(self.loader, spec, dist)
+                                 prefetch_factor=4 if workers else None, worker_init_fn=ignore_interrupts)
+        self.prefetch = to_device(self.loader, spec, dist, augment)
 
     def steps_per_epoch(self) -> int:
         return self.total // self.world // self.batch_size
@@ -163,6 +195,8 @@ class ShardTrainLoader:
         seed = epoch_seed(self.seed, epoch, self.rank)
         seed_everything(seed)
         self.generator.manual_seed(seed)
+        if isinstance(self.prefetch, AugmentOnDevice):
+            self.prefetch.seed(seed)
         self.stream.epoch = epoch
         return self.batches(start_step)
 
@@ -178,7 +212,10 @@ class ShardTrainLoader:
             passes += 1  # this rank's shards ran short: another pass (another shard order), bounded by one shard
             self.stream.epoch += 10_000 * passes
             if passes > 2:
-                raise UsageError("a rank's shards hold less than a third of its epoch; check index.json's counts")
+                raise UsageError(f"rank {self.rank}'s shards gave {produced} batches over 3 passes, short of the "
+                                 f"{self.steps_per_epoch()} per epoch that index.json's counts promise: shards are "
+                                 f"missing, corrupt or hold other images than index.json says (see the warnings "
+                                 f"above)")
 
 
 def shard_eval_loader(split: ShardSplit, transform, *, batch_size: int, workers: int, spec: InputSpec,
@@ -188,6 +225,6 @@ def shard_eval_loader(split: ShardSplit, transform, *, batch_size: int, workers:
         raise UsageError(f"{len(split.urls)} validation shards cannot be split over {dist.world} processes")
     stream = ShardStream(split.urls, transform, rank=dist.rank, world=dist.world, train=False, bad=split.bad)
     usable = max(1, min(workers, len(split.urls[dist.rank::dist.world])))  # no worker left without a shard
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=usable if workers else 0, collate_fn=fast_collate,
-                        pin_memory=dist.device.type == "cuda", drop_last=False)
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=usable if workers else 0, collate_fn=eval_collate,
+                        pin_memory=dist.device.type == "cuda", drop_last=False, worker_init_fn=ignore_interrupts)
     return to_device(loader, spec, dist)

@@ -1,0 +1,100 @@
+"""Every GPU-facing option runs on the CPU too: torch.compile (inductor), bf16 autocast, channels_last."""
+import json
+import math
+
+import pytest
+import timm
+import torch
+from conftest import REPO, TINY, read_jsonl, usi_cmd
+from safetensors.torch import save_file
+
+from usi import recipe as R
+from usi.build import amp_dtype, channels_last
+from usi.engine import Compute, StepConfig, TrainState, forward_backward
+from usi.environment import set_backend_flags
+from usi.loss import DistillLoss
+
+GPU_OPTIONS = ["run.compile=true", "run.amp=bf16", "run.amp_on_cpu=true", "run.channels_last=true"]
+
+
+@pytest.fixture(scope="module")
+def gpu_run(image_root, tmp_path_factory):
+    """A KD run with all three options together: one epoch, stopped, then resumed to the end."""
+    base = tmp_path_factory.mktemp("gpu")
+    teacher = base / "teacher.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=4).state_dict(), str(teacher))
+    args = ["train", "quickstart", *TINY, f"data.root={image_root}", f"run.dir={base / 'run'}", *GPU_OPTIONS,
+            "model.name=test_efficientnet", "teacher.name=test_resnet", f"teacher.weights={teacher}"]
+    first = usi_cmd(*args, "run.stop_after=1", timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = usi_cmd(*args, "run.resume=auto", timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return base / "run", first, second, [f"data.root={image_root}", f"teacher.weights={teacher}"]
+
+
+def test_compile_bf16_and_channels_last_together_train_checkpoint_resume_and_evaluate(gpu_run):
+    run, first, second, paths = gpu_run
+    assert "resumed from" in second.stderr
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert math.isfinite(r["train"]["task_loss"]) and math.isfinite(r["train"]["kd_loss"])
+        assert r["train"]["kd_loss"] > 0 and r["train"]["skipped_updates"] == 0
+        assert r["ema"]["count"] == 12 and math.isfinite(r["ema"]["nll"]) and 0 <= r["ema"]["agreement"] <= 100
+    report = usi_cmd("eval", str(run / "best.safetensors"), *paths, *GPU_OPTIONS[1:], "--json")
+    assert report.returncode == 0, report.stderr[-2000:]
+    (metrics,) = json.loads(report.stdout)["students"].values()
+    assert metrics["count"] == 12 and math.isfinite(metrics["nll"]) and math.isfinite(metrics["kl"])
+
+
+def test_compiled_and_eager_steps_agree_in_fp32():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    x, y = torch.randn(4, 3, 16, 16), torch.softmax(torch.randn(4, 4), 1)
+    cfg = StepConfig(compute=Compute(torch.device("cpu")), num_classes=4, loss=DistillLoss())
+    results = []
+    for wrapped in (model, torch.compile(model)):
+        model.zero_grad()
+        state = TrainState(student=model, wrapped=wrapped, optimizer=None, scheduler=None)
+        task, _ = forward_backward(state, cfg, x, y, sync=True)
+        results.append((task.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert torch.allclose(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_precision_and_memory_format_follow_the_device_unless_a_recipe_insists():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    run = R.load(None).run  # the defaults: bf16, channels_last auto
+    assert amp_dtype(run, cuda) == torch.bfloat16 and amp_dtype(run, cpu) is None  # the CPU default stays fp32
+    assert channels_last(run, cuda) and not channels_last(run, cpu)
+    run = R.load(None, ["run.amp_on_cpu=true", "run.channels_last=true"]).run
+    assert amp_dtype(run, cpu) == torch.bfloat16 and channels_last(run, cpu)
+    assert not channels_last(R.load(None, ["run.channels_last=false"]).run, cuda)
+    assert R.load(REPO / "recipes" / "usi.yaml").run.channels_last == "auto"
+
+
+def test_cudnn_benchmark_and_tf32_are_a_recipe_choice(monkeypatch):
+    for name in ("benchmark", "allow_tf32"):
+        monkeypatch.setattr(torch.backends.cudnn, name, getattr(torch.backends.cudnn, name))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    set_backend_flags(R.load(None).run, torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32
+    set_backend_flags(R.load(None, ["run.cudnn_benchmark=false", "run.tf32=false"]).run, torch.device("cuda"))
+    assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_the_published_recipe_trains_a_family_whose_cpu_channels_last_backward_crashes(image_root, tmp_path):
+    """fastvit_t8's channels_last backward hangs or crashes in torch 2.14 on CPU; recipes/usi.yaml's
+    channels_last=auto keeps it off there."""
+    teacher = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=4).state_dict(), str(teacher))
+    # a process of its own: a regression would crash or hang it, not the test session
+    out = usi_cmd("train", "usi", "model.name=fastvit_t8", "teacher.name=test_resnet", f"teacher.weights={teacher}",
+                  f"data.root={image_root}", f"run.dir={tmp_path / 'run'}", "data.input_size=32", "data.batch_size=4",
+                  "optim.global_batch=4", "data.workers=0", "sched.epochs=2", "sched.warmup_epochs=1",
+                  "run.max_steps=1", "run.device=cpu", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]

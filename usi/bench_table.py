@@ -1,0 +1,121 @@
+"""The architecture-agnostic table: one recipe, many backbones, with and without the teacher.
+
+For each model it runs the identical recipe through torchrun (only model.name and run.dir change),
+skips runs that already finished (their summary.json), resumes unfinished ones, survives a failing
+model (its row says why), evaluates every student's best weights against the teacher (agreement,
+KL, ECE; the teacher's val logits are cached, so each costs one student forward), and writes
+<out>/table.md, table.csv and table.png (top-1 against inference throughput).
+
+  usi table recipes/usi.yaml --nproc 8 --out runs/table data.root=/data/imagenet
+  usi table recipes/usi.yaml --models resnet50 vit_small_patch16_224 --kd on ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from usi import recipe as recipe_mod
+from usi import table
+from usi.rundir import read_summary
+
+DEFAULT_MODELS = ["resnet50", "mobilenetv3_large_100", "efficientnet_b0", "vit_small_patch16_224", "levit_384",
+                  "convnext_small", "mixer_b16_224"]
+
+
+def launcher(nproc: int) -> list[str]:
+    if nproc <= 1:
+        return [sys.executable, "-m", "usi"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "usi"]
+
+
+def last_error(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "usi: error" in line or "Error" in line]
+    return (errors or lines or ["no output"])[-1].strip()[:200]
+
+
+def train(recipe_path: str, model: str, run_dir: Path, *, overrides: list[str], nproc: int, kd: bool) -> str:
+    """'' when the run finished (now or before), else the reason it did not."""
+    if (run_dir / "summary.json").is_file():
+        print(f"[table] {run_dir} already finished")
+        return ""
+    args = ["train", recipe_path, *overrides, f"model.name={model}", f"run.dir={run_dir}", "run.resume=auto"]
+    if not kd:
+        args.append("teacher.name=null")
+    print(f"[table] training {model} ({'KD' if kd else 'no KD'}) -> {run_dir}", flush=True)
+    out = subprocess.run(launcher(nproc) + args, capture_output=True, text=True)
+    (run_dir.parent / f"{run_dir.name}.log").write_text(out.stdout + out.stderr)
+    return "" if out.returncode == 0 else last_error(out.stderr)
+
+
+def evaluate(run_dir: Path, eval_overrides: list[str], overrides: list[str], nproc: int) -> dict | None:
+    """The run's best weights against the teacher; kept beside the run, and reused while the weights
+    and the evaluation's arguments are the same (re-running the table re-evaluates nothing)."""
+    ckpt = run_dir / "best.safetensors"
+    if not ckpt.is_file():
+        return None
+    data = [o for o in overrides if o.startswith(("data.", "run.device", "run.amp"))]
+    args = ["eval", str(ckpt), *data, *eval_overrides, "--json"]
+    key = {"args": args, "weights": [ckpt.stat().st_size, ckpt.stat().st_mtime_ns]}
+    saved = run_dir.parent / f"{run_dir.name}.eval.json"
+    if saved.is_file():
+        cached = json.loads(saved.read_text())
+        if cached.get("key") == key:
+            return cached["metrics"]
+    out = subprocess.run(launcher(nproc) + args, capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    (metrics,) = json.loads(out.stdout)["students"].values()
+    saved.write_text(json.dumps({"key": key, "metrics": metrics}))
+    return metrics
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="usi table", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value for every run (not model.name / run.dir)")
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    p.add_argument("--kd", choices=["both", "on", "off"], default="both")
+    p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 1)
+    p.add_argument("--out", type=Path, default=Path("runs/table"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where inference throughput and GMACs are measured")
+    args = p.parse_args(argv)
+    base = recipe_mod.load(args.recipe, args.overrides)  # a bad recipe fails here, once, in one line
+    # usi eval takes paths from its command line only (never from a checkpoint): name them all
+    locations = ([f"data.root={base.data.root}", f"data.val_split={base.data.val_split}"]
+                 + ([f"data.val_shards={base.data.val_shards}"] if base.data.val_shards else []))
+    teacher = ([f"teacher.name={base.teacher.name}"]
+               + ([f"teacher.weights={base.teacher.weights}"] if base.teacher.weights else []))
+    rows = []
+    for model in args.models:
+        notes, metrics = [], {}
+        for kd in {"both": (False, True), "on": (True,), "off": (False,)}[args.kd]:
+            run_dir = args.out / f"{model}-{'kd' if kd else 'nokd'}"
+            reason = train(args.recipe, model, run_dir, overrides=args.overrides, nproc=args.nproc, kd=kd)
+            if reason:
+                notes.append(f"{'KD' if kd else 'no KD'} failed: {reason}")
+                continue
+            m = evaluate(run_dir, locations + (teacher if base.kd else []), args.overrides, args.nproc) or {}
+            m["train_img_s"] = (read_summary(run_dir) or {}).get("train_img_per_s")
+            metrics["kd" if kd else "nokd"] = m
+        try:
+            size = base.data.input_size or 224
+            cost = table.model_cost(model, 1000, size, torch.device(args.device), **base.model.kwargs)
+        except Exception as e:  # an unknown name: the row still says what happened
+            cost, notes = None, notes + [f"cost: {type(e).__name__}: {str(e)[:120]}"]
+        rows.append(table.row(model, nokd=metrics.get("nokd"), kd=metrics.get("kd"), cost=cost, note="; ".join(notes)))
+    paths = table.write(rows, args.out, "table", f"USI recipe {args.recipe}, teacher {base.teacher.name}")
+    print(paths["md"].read_text())
+    print("written:", ", ".join(str(v) for v in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Preemption: SIGTERM (Slurm, Kubernetes) and SIGINT (Ctrl-C) end a run cleanly.
+
+On a signal, training finishes the optimizer update in progress, every rank agrees to stop after the
+same update (also when only one rank got the signal), rank 0 writes the checkpoint, and the run
+exits with code 128 + the signal's number (143 for SIGTERM, 130 for SIGINT). `run.resume=auto`
+then continues from the next unseen batch. A second signal while stopping is only noted: the
+checkpoint write is atomic anyway, so nothing can leave it half-written.
+
+Loader workers ignore SIGINT (Ctrl-C reaches the whole terminal group) and keep serving until the
+update is finished. A SIGTERM sent to every process (as Slurm does) kills them: the update in
+progress then cannot get its remaining micro-batches, and the run stops at the last finished update
+instead, its partial gradients dropped (the resume recomputes them).
+
+The ranks agree before every micro-batch's forward pass, over a gloo group on the CPU: one small
+all-reduce, a host-side wait but no GPU sync; no rank can start a backward that another will never
+join.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("usi")
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(Exception):
+    """Raised on every rank once the stop checkpoint is written; the CLI prints it and exits."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def ignore_interrupts(_worker_id: int | None = None) -> None:
+    """DataLoader worker_init_fn: Ctrl-C signals the terminal's whole process group; a worker leaves it
+    to its parent, which finishes the update and then shuts the workers down (with SIGTERM, which a
+    worker must keep obeying, or the parent's exit would wait on it forever)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopSignals:
+    """Catches SIGTERM/SIGINT while active (a context manager) and answers when all ranks must stop."""
+
+    def __init__(self, distributed: bool):
+        self.received = 0  # the first signal's number, 0 if none
+        self.distributed = distributed and dist.is_initialized()
+        # The flag travels on the CPU: under NCCL a gloo side group carries it.
+        self.group = None
+        if self.distributed and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")
+        self.previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        for s in SIGNALS:
+            self.previous[s] = signal.signal(s, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.received:
+            return  # stopping: a further signal stays a note until the process has exited (it must not kill it)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received:
+            log.warning(f"received {name} again: already stopping, the checkpoint is being written")
+            return
+        self.received = signum
+        log.warning(f"received {name}: stopping after the current optimizer update, with a checkpoint")
+        if signum == signal.SIGTERM:
+            # The same SIGTERM may kill the loader workers. torch's SIGCHLD handler would then raise
+            # "worker killed" wherever this process happens to be (in the middle of a checkpoint write,
+            # say); without it, the loader reports the dead worker when it is next asked for a batch,
+            # where the engine expects it.
+            self.previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
+
+    def agree(self, loader_failed: bool = False) -> tuple[int, bool]:
+        """Called by every rank at the same point: (the signal any rank got, 0 if none; whether any
+        rank's loader failed after its signal)."""
+        if not self.distributed:
+            return self.received, loader_failed
+        flags = torch.tensor([self.received, int(loader_failed)], dtype=torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flags[0]), bool(flags[1])

@@ -1,0 +1,89 @@
+"""Experiment trackers beside metrics.jsonl: TensorBoard and Weights & Biases.
+
+Each is imported only when a recipe names it (run.loggers), and only rank 0 writes. At every logging
+interval (run.log_interval steps; its values are the interval's means, read at the interval's one host
+sync) they get the task and KD losses, the lr and images/s, keyed by the update count; at every epoch,
+every metric of metrics.jsonl. A W&B run keeps its id in the run directory, so a resumed run continues
+the same W&B run.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from usi.errors import UsageError
+
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # logger -> the package it needs (its usi extra)
+
+
+def check_available(names: list[str]) -> None:
+    """Before anything is built or written: a missing package is one line naming the extra to install."""
+    for name in names:
+        if importlib.util.find_spec(PACKAGES[name]) is None:
+            raise UsageError(f"run.loggers has {name}, which needs the {PACKAGES[name]} package: "
+                             f"pip install 'usi[{name}]'")
+
+
+def flatten(record: dict, prefix: str = "") -> dict[str, float]:
+    """{"raw": {"top1": 71.2}} -> {"raw/top1": 71.2}; numbers only."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+class Trackers:
+    def __init__(self, names: list[str], run_dir: Path, config: dict, enabled: bool):
+        self.writers = [OPEN[name](run_dir, config) for name in names] if enabled else []
+
+    def interval(self, updates: int, scalars: dict) -> None:
+        for writer in self.writers:
+            writer.log({f"train/{k}": float(v) for k, v in scalars.items()}, updates)
+
+    def epoch(self, record: dict, updates: int) -> None:
+        # the epoch's training means as epoch_train/..., apart from the intervals' train/...
+        scalars = flatten({**{k: v for k, v in record.items() if k != "train"}, "epoch_train": record["train"]})
+        for writer in self.writers:
+            writer.log({"epoch": float(record["epoch"]), **scalars}, updates)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+class TensorBoard:
+    def __init__(self, run_dir: Path, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, scalars: dict, step: int) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB:
+    def __init__(self, run_dir: Path, config: dict):
+        import wandb
+
+        id_file = run_dir / "wandb-id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(project="usi", name=run_dir.name, id=run_id, resume="allow", config=config,
+                              dir=str(run_dir))
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+OPEN = {"tensorboard": TensorBoard, "wandb": WandB}
