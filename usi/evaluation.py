@@ -74,8 +74,8 @@ def eval_recipe(stored: dict, overrides: list[str]):
     return recipe_mod.from_tree(tree, [*overrides, "run.resume=never"])
 
 
-def evaluate_checkpoint(path: Path, overrides: list[str]) -> dict | None:
-    setup_logging(None, distributed.env_rank() == 0)
+def evaluate_checkpoint(path: Path, overrides: list[str], verbose: bool = True) -> dict | None:
+    setup_logging(None, distributed.env_rank() == 0 and verbose)  # not verbose: warnings only
     saved = read_checkpoint(path)
     stored = yaml.safe_load(saved.recipe_yaml)
     trained_size = recipe_mod.from_dict(stored).data.input_size

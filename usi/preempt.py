@@ -46,6 +46,10 @@ def ignore_interrupts(_worker_id: int | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def ignore_child(_signum: int, _frame) -> None:
+    """SIGCHLD while stopping: a dead loader worker is reported by the loader itself."""
+
+
 class StopSignals:
     """Catches SIGTERM/SIGINT while active (a context manager) and answers when all ranks must stop."""
 
@@ -80,8 +84,10 @@ class StopSignals:
             # The same SIGTERM may kill the loader workers. torch's SIGCHLD handler would then raise
             # "worker killed" wherever this process happens to be (in the middle of a checkpoint write,
             # say); without it, the loader reports the dead worker when it is next asked for a batch,
-            # where the engine expects it.
-            self.previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
+            # where the engine expects it. A Python no-op rather than SIG_DFL: a SIGCHLD that arrived
+            # just before this line is still delivered to a Python handler, and with SIG_DFL in place
+            # Python prints "Signal 17 ignored due to race condition" with a traceback.
+            self.previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, ignore_child))
 
     def agree(self, loader_failed: bool = False) -> tuple[int, bool]:
         """Called by every rank at the same point: (the signal any rank got, 0 if none; whether any

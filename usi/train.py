@@ -109,8 +109,10 @@ def loop(t: Training, ledger: Ledger, started: float, trackers: Trackers) -> dic
                 ledger.at = result.end
                 stop(t, ledger, result.stopped_by)
             check_some_update_counted(t, result, at, skipped_before)
-            skipped_before = result.stats["skipped_updates"]
-            record = {"epoch": at.epoch + 1, "train": {**result.stats, "time_s": time.time() - t0}}
+            skipped_so_far = result.stats["skipped_updates"]  # the guard counts since this process started
+            record = {"epoch": at.epoch + 1, "train": {**result.stats, "time_s": time.time() - t0,
+                                                       "skipped_updates": skipped_so_far - skipped_before}}
+            skipped_before = skipped_so_far
             # ---- evaluate raw and EMA weights (the very weights rank 0 saves); export the best
             if due(at.epoch + 1, recipe.run.eval_every, last=t.epochs):
                 t_eval = time.time()

@@ -20,6 +20,7 @@ vectorized resampler is cheaper at such factors than Pillow's reduce + resample 
 """
 from __future__ import annotations
 
+import io
 import math
 import random
 from dataclasses import dataclass
@@ -30,6 +31,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
+
+from usi.data.images import to_8bit
+
+try:
+    import simplejpeg  # libjpeg-turbo in a wheel of its own; without it, Pillow's path does the same work
+except ImportError:
+    simplejpeg = None
 
 DRAFT_SCALES = (8, 4, 2)  # libjpeg's DCT scalings that Image.draft can ask for, largest first
 # recipe interpolation -> torch modes; 'random' is timm's _RANDOM_INTERPOLATION (bilinear, bicubic)
@@ -96,6 +104,31 @@ class FastRandomResizedCrop:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         crop = self.draw(img)
         return self.resize_flip(self.decode_crop(img, crop), crop)
+
+    def from_bytes(self, data: bytes) -> torch.Tensor:
+        """An image file's bytes -> uint8 (3, size, size). A JPEG goes through libjpeg-turbo directly
+        (simplejpeg: no PIL image object, and M/8 scalings, finer than draft's 1/2^k); anything else, or a
+        JPEG it cannot convert to RGB (CMYK), through Pillow."""
+        if simplejpeg is not None and data[:2] == b"\xff\xd8":
+            try:
+                return self.from_jpeg(data)
+            except (ValueError, RuntimeError):
+                pass  # e.g. CMYK: Pillow converts it
+        with Image.open(io.BytesIO(data)) as img:
+            return self(img if img.mode in ("RGB", "L") else to_8bit(img).convert("RGB"))
+
+    def from_jpeg(self, data: bytes) -> torch.Tensor:
+        full_h, full_w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        crop = self.draw(torch.empty(0, full_h, full_w))  # draw reads only the size
+        out_h, out_w = self.size
+        # the smallest M/8 scaling that keeps the crop larger than the output (by a pixel, as draft_scale)
+        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if colorspace == "Gray" else "RGB",
+                                        min_height=math.ceil(full_h * (out_h + 1) / crop.height),
+                                        min_width=math.ceil(full_w * (out_w + 1) / crop.width))
+        scale = full_w / pixels.shape[1]
+        left, top, right, bottom = reduced_box(crop.top, crop.left, crop.height, crop.width, scale,
+                                               (pixels.shape[1], pixels.shape[0]))
+        return self.resize_flip(np.ascontiguousarray(pixels[top:bottom, left:right]), crop)
 
     def draw(self, img: Union[Image.Image, torch.Tensor]) -> CropDraw:
         """The random choices, in timm's order: get_params, then (for 'random') random.choice of the

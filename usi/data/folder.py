@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from usi import distributed
@@ -142,8 +141,8 @@ class FolderDataset(Dataset):
         try:
             if self.transform is None:
                 return load_rgb(path)
-            with Image.open(path) as img:  # the transform decodes (see usi/data/images.py)
-                return self.transform(img)
+            with open(path, "rb") as f:  # the transform decodes (see usi/data/images.py)
+                return self.transform(f.read())
         except Exception as e:  # truncated, zero bytes, not an image, ...: skip, never crash a worker
             self.split.bad[i] = 1
             log.warning(f"skipped unreadable image {path}: {type(e).__name__}: {str(e)[:120]}")

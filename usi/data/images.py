@@ -1,10 +1,12 @@
-"""How an image file becomes pixels: every mode to 8-bit RGB, and transforms handed the opened file.
+"""How an image file becomes pixels: every mode to 8-bit RGB, and transforms handed the file's bytes.
 
-Transforms receive the image as Image.open returns it, not yet decoded: usi's fast training crop asks
-libjpeg for a reduced decode (Image.draft), which only works before the pixels are read. Everything
-else gets the decoded 8-bit RGB image it expects.
+Datasets hand their transform the file's bytes, not decoded pixels: usi's fast training crop decodes
+only what its crop needs (libjpeg-turbo's scaled decode). Every other transform gets the decoded 8-bit
+RGB image it expects.
 """
 from __future__ import annotations
+
+import io
 
 import numpy as np
 from PIL import Image
@@ -44,14 +46,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 class Decoded:
-    """Hands a transform the opened image: decoded to 8-bit RGB (timm's transforms), or, for a lazy
-    transform (usi's fast crop), as it is when its mode allows a scaled decode."""
+    """Hands a transform its image: the file's bytes go to a lazy transform (usi's fast crop) that decodes
+    only what it needs; others (timm's transforms) get them decoded to 8-bit RGB. A decoded image (a
+    shard sample decoded once for its repeats) is handed on as it is."""
 
     def __init__(self, transform, lazy: bool = False):
         self.transform, self.lazy = transform, lazy
 
-    def __call__(self, img: Image.Image):
-        return self.transform(img if self.lazy and img.mode in LAZY_MODES else to_rgb(img))
+    def __call__(self, source: bytes | Image.Image):
+        if isinstance(source, bytes):
+            if self.lazy:
+                return self.transform.from_bytes(source)
+            with Image.open(io.BytesIO(source)) as img:
+                return self.transform(to_rgb(img))
+        return self.transform(source if self.lazy and source.mode in LAZY_MODES else to_rgb(source))
 
     def __repr__(self) -> str:  # the eval transform's repr is part of the teacher-logit cache key
         return repr(self.transform)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import braceexpand
 import torch
-from PIL import Image
 from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
@@ -88,6 +87,52 @@ def read_index(split_dir: Path, pattern: str | None = None) -> tuple[list[str], 
     return urls, counts, classes
 
 
+def tar_file_expander(sources, handler):
+    """webdataset's tar_file_expander, for plain tar streams: each source's members as {"fname", "data",
+    "__url__"}. Python's tarfile, which webdataset uses, spends about 0.3 ms per member on an image shard,
+    as much as 10% of the training crop's whole cost; reading the fixed 512-byte headers directly takes
+    0.05 ms. A header that fails its checksum or a member cut short is an error for `handler`, which
+    skips the rest of that shard (as webdataset does)."""
+    for source in sources:
+        try:
+            for name, data in tar_members(source["stream"]):
+                yield {"fname": name, "data": data, "__url__": source["url"]}
+        except Exception as e:
+            if handler(RuntimeError(f"{source.get('url')}: {e}")):
+                continue
+            raise
+        finally:
+            source["stream"].close()
+
+
+def tar_members(stream):
+    """(name, bytes) of each regular file of a ustar/GNU tar stream (GNU long names and pax paths too)."""
+    long_name = None
+    while True:
+        header = stream.read(512)
+        if len(header) < 512 or header == b"\0" * 512:
+            return  # the end (two zero blocks), or a stream with no end marker
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise ValueError("corrupt tar header (checksum)")
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        data = stream.read(size)
+        if len(data) < size:
+            raise ValueError("truncated tar member")
+        stream.read(-size % 512)
+        kind = header[156:157]
+        if kind == b"L":  # GNU: the next member's long name
+            long_name = data.split(b"\0", 1)[0].decode()
+        elif kind == b"x":  # pax: the next member's attributes, of which the path
+            long_name = next((line.split(b"=", 1)[1].decode() for line in data.split(b"\n")
+                              if b" path=" in line), None)
+        elif kind in (b"0", b"\0"):
+            name = header[:100].split(b"\0", 1)[0].decode()
+            prefix = header[345:500].split(b"\0", 1)[0].decode()
+            yield long_name or (f"{prefix}/{name}" if prefix else name), data
+            long_name = None
+
+
 def image_bytes(sample: dict) -> bytes:
     """The sample's image file (whatever its format: make_shards keys it by its file extension)."""
     data = next((v for k, v in sample.items() if "." + k in IMAGE_EXTENSIONS), None)
@@ -101,8 +146,7 @@ def decode(sample: dict, transform=None):
     data = image_bytes(sample)
     if transform is None:
         return load_rgb(io.BytesIO(data)), int(sample["cls"])
-    with Image.open(io.BytesIO(data)) as img:  # the transform decodes (see usi/data/images.py)
-        return transform(img), int(sample["cls"])
+    return transform(data), int(sample["cls"])  # the transform decodes (see usi/data/images.py)
 
 
 class ShardStream(IterableDataset):
@@ -135,13 +179,16 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         stream = tariterators.url_opener([{"url": u} for u in self.my_shards()], handler=self.handler)
-        stream = tariterators.tar_file_expander(stream, handler=self.handler)
+        stream = tar_file_expander(stream, handler=self.handler)
         count = 0
         for sample in tariterators.group_by_keys(stream, handler=self.handler):
             try:
-                if self.train:  # decoded once, then augmented anew for each repeat
+                if self.train and self.repeats > 1:  # decoded once, then augmented anew for each repeat
                     img, label = decode(sample)
                     images = [self.transform(img) if self.transform else img for _ in range(self.repeats)]
+                elif self.train:
+                    img, label = decode(sample, self.transform)
+                    images = [img]
                 else:
                     img, label = decode(sample, self.transform)
             except Exception as e:
