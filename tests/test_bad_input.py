@@ -3,6 +3,7 @@ and loses nothing already written. Members beyond the ones a report listed are t
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -387,6 +388,42 @@ def test_a_checkpoint_with_damaged_bytes_is_refused(image_root, tmp_path, target
         one_error(usi_main(*train_args(image_root, run, "run.resume=auto")), "is damaged")
     else:
         one_error(usi_main("eval", str(run / target), f"data.root={image_root}"), "is damaged")
+
+
+def test_a_run_directory_moved_or_spelled_otherwise_resumes(image_root, tmp_path, monkeypatch):
+    assert usi_main(*train_args(image_root, tmp_path / "r", "run.stop_after=1")).returncode == 0
+    shutil.copytree(tmp_path / "r", tmp_path / "copy")
+    moved = usi_main(*train_args(image_root, tmp_path / "copy", "run.resume=auto", "run.stop_after=1"))
+    assert moved.returncode == 0, moved.stderr  # its recipe.yaml names run.dir r: that may differ
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "copy" / "metrics.jsonl")] == [1, 2]
+    monkeypatch.chdir(tmp_path)
+    elsewhere = usi_main(*train_args(image_root, "r/", f"run.resume={tmp_path / 'r' / 'last.pt'}"))
+    assert elsewhere.returncode == 0, elsewhere.stderr  # the same directory, spelled relative with a slash
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "r" / "metrics.jsonl")] == [1, 2]
+
+
+def test_leftovers_of_a_killed_write_are_removed_and_weights_are_readable_by_others(image_root, tmp_path):
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "run.stop_after=1")).returncode == 0
+    for name in (".last.pt.tmp-99999", ".tmpAbC123"):  # atomic_write's, and safetensors' own
+        (run / name).write_bytes(b"half a checkpoint")
+    assert usi_main(*train_args(image_root, run, "run.resume=auto")).returncode == 0
+    assert not (run / ".last.pt.tmp-99999").exists() and not (run / ".tmpAbC123").exists()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("best.safetensors", "last.pt", "summary.json"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+@pytest.mark.parametrize("damage", ["", '{"best": {"val'])
+def test_an_empty_or_torn_summary_of_a_finished_run_is_rebuilt(image_root, tmp_path, damage):
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run)).returncode == 0
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(damage)
+    again = usi_main(*train_args(image_root, run, "run.resume=auto"))
+    assert again.returncode == 0 and "already finished" in again.stderr, again.stderr
+    assert json.loads((run / "summary.json").read_text())["best"] == summary["best"]
 
 
 def test_a_torn_metrics_line_or_a_lost_summary_loses_nothing(image_root, tmp_path):

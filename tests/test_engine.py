@@ -84,19 +84,32 @@ def epoch(parts, batches_, *, start=Position(0, 0, 0), steps=10, accum=1, should
 
 
 def test_a_stop_request_ends_the_epoch_after_the_update_in_progress():
-    answers = iter([0, 0, 0, 0, 15, 15, 15])  # the signal arrives before micro-batch 5, mid-update 3
+    answers = iter([0, 0, 0, 0, 0, 15, 15])  # the signal arrives during micro-batch 5, mid-update 3
     result = epoch(make_parts(Spy()), batches(10), accum=2, should_stop=lambda failed: (next(answers), failed))
     # update 3 (micro-batches 5 and 6) is finished: the next step to run is 6, nothing half-accumulated
     assert result.stopped_by == 15 and result.end == Position(0, 6, 3)
     assert result.stats["task_loss"] > 0
 
 
+@pytest.mark.parametrize("first_seen, end", [(4, Position(0, 4, 1)), (8, Position(0, 8, 2)), (5, Position(0, 8, 2))])
+def test_a_stop_seen_between_two_updates_starts_no_new_one(first_seen, end):
+    """4 micro-batches per update: a signal that arrived during the last micro-batch of an update is seen
+    before the next micro-batch, and no further update is begun (a whole extra update could outlast the
+    grace period of a preempted job)."""
+    calls = iter(range(100))
+    result = epoch(make_parts(Spy()), batches(12), steps=12, accum=4,
+                   should_stop=lambda failed: (15 if next(calls) >= first_seen else 0, failed))
+    assert result.stopped_by == 15 and result.end == end
+
+
 def test_a_stop_at_the_last_update_ends_the_epoch_as_usual():
     parts = make_parts(Spy())
     result = epoch(parts, batches(4), start=Position(2, 0, 8), steps=4, should_stop=lambda failed: (2, failed))
-    assert result.end == Position(2, 1, 9)  # stopped after its first update, mid-epoch
-    result = epoch(parts, batches(1), start=Position(2, 3, 11), steps=4, should_stop=lambda failed: (2, failed))
-    assert result.end == Position(3, 0, 12) and result.stopped_by == 2  # the epoch's last update: a whole epoch
+    assert result.end == Position(2, 0, 8) and result.stopped_by == 2  # already there: no update begun
+    answers = iter([0, 2])  # arrives during the last update's first micro-batch
+    result = epoch(parts, batches(2), start=Position(2, 2, 9), steps=4, accum=2,
+                   should_stop=lambda failed: (next(answers), failed))
+    assert result.end == Position(3, 0, 10) and result.stopped_by == 2  # the epoch's last update: a whole epoch
 
 
 def dying(n):
@@ -162,3 +175,19 @@ def test_the_progress_line_tells_the_time_left_in_the_epoch_and_the_run():
     # 2 steps of this epoch, then 10 more of the last epoch: 4 s and 24 s
     assert line == "epoch 2/3  step 8/10  task 1.5  eta 0:04 epoch, 0:24 run"
     assert "1:00:00 run" in step_line({}, epoch=0, epochs=1, step=0, steps=3600, seconds_per_step=1.0)
+
+
+def test_an_evaluation_whose_loader_dies_raises_loader_broken():
+    """A SIGTERM to the process group kills the val loader's workers: the evaluation says so in a type of
+    its own (the trainer then checkpoints the trained epoch and stops), after every rank has agreed."""
+    from usi.engine import LoaderBroken, evaluate
+
+    def val_batches():
+        yield torch.randn(4, 3, 6, 6), torch.stack([torch.arange(4) % 4, torch.arange(4)], 1)
+        raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+
+    with pytest.raises(LoaderBroken, match="exited unexpectedly"):
+        evaluate({"raw": Spy()}, val_batches(), Compute(torch.device("cpu")))
+    whole = [(torch.randn(4, 3, 6, 6), torch.stack([torch.arange(4) % 4, torch.arange(4)], 1))]
+    metrics, _ = evaluate({"raw": Spy()}, whole, Compute(torch.device("cpu")))
+    assert metrics["raw"]["count"] == 4

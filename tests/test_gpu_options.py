@@ -12,6 +12,7 @@ from usi import recipe as R
 from usi.build import amp_dtype, channels_last
 from usi.engine import Compute, StepConfig, TrainState, forward_backward
 from usi.environment import set_backend_flags
+from usi.errors import UsageError
 from usi.loss import DistillLoss
 
 GPU_OPTIONS = ["run.compile=true", "run.amp=bf16", "run.amp_on_cpu=true", "run.channels_last=true"]
@@ -78,6 +79,10 @@ def test_precision_and_memory_format_follow_the_device_unless_a_recipe_insists()
     assert amp_dtype(run, cpu) == torch.bfloat16 and channels_last(run, cpu)
     assert not channels_last(R.load(None, ["run.channels_last=false"]).run, cuda)
     assert R.load(REPO / "recipes" / "usi.yaml").run.channels_last == "auto"
+    # a bf16 CPU run's checkpoint evaluated with run.amp=none: simply fp32
+    assert amp_dtype(R.load(None, ["run.amp_on_cpu=true", "run.amp=none"]).run, cpu) is None
+    with pytest.raises(UsageError, match="CPU autocast is bf16 only"):
+        R.load(None, ["run.amp_on_cpu=true", "run.amp=fp16"])
 
 
 def test_cudnn_benchmark_and_tf32_are_a_recipe_choice(monkeypatch):

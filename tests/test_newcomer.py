@@ -107,8 +107,9 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(image_root, tmp_
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == logger else real(name, *a))
-    out = usi_main(*train_args(image_root, tmp_path / "r", f"run.loggers=[{logger}]"))
-    assert out.returncode == 2 and f"pip install '{extra}'" in out.stderr and not (tmp_path / "r").exists()
+    for dry in ([], ["--dry-run"]):  # the dry run checks it too
+        out = usi_main(*train_args(image_root, tmp_path / "r", f"run.loggers=[{logger}]"), *dry)
+        assert out.returncode == 2 and f"pip install '{extra}'" in out.stderr and not (tmp_path / "r").exists()
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -131,6 +132,13 @@ def test_layer_decay_scales_the_lr_per_layer():
     opt = build.create_optimizer(recipe, timm.create_model("test_resnet", num_classes=4), lr=1e-3)
     scales = sorted({round(g["lr_scale"], 4) for g in opt.param_groups})
     assert scales[-1] == 1.0 and scales[0] < 0.1 and len(scales) > 3
+
+
+def test_starting_weights_of_another_architecture_are_one_line(image_root, tmp_path):
+    save_file(timm.create_model("resnet18", num_classes=4).state_dict(), str(tmp_path / "r18.safetensors"))
+    out = usi_main(*train_args(image_root, tmp_path / "r", f"model.weights={tmp_path / 'r18.safetensors'}"))
+    assert out.returncode == 2 and "do not fit ResNet: shapes differ (file vs model)" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -49,7 +49,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 FULL = SimpleNamespace(models=["resnet50", "mobilenetv3_large_100", "vit_small_patch16_224"], teacher="tresnet_v2_l",
                        batches=[256, 128], input_size=None, classes=1000, warmup=5, runs=20, train_steps=60)
 SMALL = SimpleNamespace(models=["test_resnet", "test_efficientnet", "test_vit"], teacher="test_resnet", batches=[8],
-                        input_size=32, classes=10, warmup=1, runs=3, train_steps=4)
+                        input_size=32, classes=10, warmup=2, runs=5, train_steps=4)
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -6,7 +6,10 @@ and flip; RandAugment runs batched on the device).
   python tools/loader_bench.py /tmp/in1k-val --workers 1 2 --copies 3 --rounds 3
 
 The images (a flat folder, or class folders) are laid out as an image folder of `--copies` links to each
-file and written as shards once, in a temporary folder. Each candidate is a real DataLoader with
+file (default: the recipe's aug.repeats, 3), as the training sampler hands each image out that often per epoch,
+and written as shards of the distinct images once, in a temporary folder; the shard stream repeats each
+decoded image aug.repeats times, as in training. Both give the same number of training samples per pass.
+Each candidate is a real DataLoader with
 `w` workers over the same images; images/s are divided by w (per core). Candidates are timed
 round-robin, so drift of a shared machine falls on all alike; medians over rounds; ratios within the run.
 The device's part of the new path (RandAugment per batch) is timed by tools/gpu_report.py.
@@ -78,7 +81,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", type=Path, help="a folder of images (flat, or class folders)")
     p.add_argument("--workers", type=int, nargs="+", default=[1])
-    p.add_argument("--copies", type=int, default=3, help="links to each image (a longer pass)")
+    p.add_argument("--copies", type=int, default=AugSection().repeats,
+                   help="links to each image in the folder; the shards repeat each image as often")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--input-size", type=int, default=224)
@@ -89,7 +93,8 @@ def main(argv=None) -> int:
     aug = AugSection()  # the published recipe's augmentation
     with tempfile.TemporaryDirectory() as tmp:
         folder = layout(args.images, Path(tmp), args.copies)
-        subprocess.run([sys.executable, str(Path(__file__).parent / "make_shards.py"), str(folder),
+        distinct = layout(args.images, Path(tmp) / "distinct", 1)
+        subprocess.run([sys.executable, str(Path(__file__).parent / "make_shards.py"), str(distinct),
                         str(Path(tmp) / "shards"), "--shard-size", str(args.shard_size), "--workers", "2"],
                        check=True, capture_output=True)
         urls, _, _ = read_index(Path(tmp) / "shards")
@@ -106,8 +111,10 @@ def main(argv=None) -> int:
                 "decode only": lambda: split.dataset(DecodeOnly()),
                 "folder today": lambda: split.dataset(today),
                 "folder new": lambda: split.dataset(new),
-                "shards today": lambda: ShardStream(urls, today, rank=0, world=1, train=True, shuffle_buffer=64),
-                "shards new": lambda: ShardStream(urls, new, rank=0, world=1, train=True, shuffle_buffer=64),
+                "shards today": lambda: ShardStream(urls, today, rank=0, world=1, train=True, shuffle_buffer=64,
+                                                    repeats=args.copies),
+                "shards new": lambda: ShardStream(urls, new, rank=0, world=1, train=True, shuffle_buffer=64,
+                                                  repeats=args.copies),
             }
             times = {name: [] for name in candidates}
             for _ in range(args.rounds):  # round-robin: drift falls on every candidate alike

@@ -74,8 +74,11 @@ def load_starting_weights(model: torch.nn.Module, path: Path) -> str:
                and k in own and state[k].shape != own[k].shape]
     for key in dropped:
         del state[key]
-    result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys or set(result.missing_keys) - set(dropped):
+    try:  # strict=False still raises on a shape mismatch (another architecture's file)
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError:
+        result = None
+    if result is None or result.unexpected_keys or set(result.missing_keys) - set(dropped):
         raise UsageError(f"model.weights={path} do not fit {type(model).__name__}: "
                          f"{checkpoint.mismatch(model, state)}")
     reinit = f"; classifier re-initialized ({len(dropped)} tensors of another class count)" if dropped else ""
@@ -278,6 +281,7 @@ def dry_run(recipe: Recipe) -> str:
 
     dist = distributed.Dist(world=int(os.environ.get("WORLD_SIZE", "1")))  # no process group is joined
     accum, lr, plan = batch_plan(recipe, dist.world)
+    tracking.check_available(recipe.run.loggers)
     run_dir = recipe.run_dir()
     resume_from = rundir.resume_source(recipe, run_dir)
     train_split, val_split = data.open_splits(recipe.data)

@@ -29,6 +29,9 @@ def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        # safetensors >= 0.8 writes through a private temporary file (mode 0600): give the file the
+        # permissions of any other file this user writes, so colleagues can load shared weights.
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,6 +42,21 @@ def atomic_write(path: Path, write) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Half-written files that a killed writer left in `folder` (atomic_write's, and safetensors' own
+    .tmpXXXX): only call while holding the folder's run lock, when no other writer can be at work."""
+    stale = [p for p in Path(folder).glob(".*") if p.is_file() and (".tmp-" in p.name or p.name.startswith(".tmp"))]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def save(state: dict, path: Path) -> None:

@@ -137,28 +137,31 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parse(argv)
         run = partial(args.run, args)
-    from usi.distributed import env_rank
     from usi.engine import NonFiniteError
     from usi.preempt import Interrupted
 
     try:
         return run()
     except UsageError as e:
-        if env_rank() == 0:
-            print(f"usi: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return report(f"usi: error: {one_line(e)}", 2)
     except NonFiniteError as e:
-        if env_rank() == 0:
-            print(f"usi: stopped: {one_line(e)}", file=sys.stderr)
-        return 1
+        return report(f"usi: stopped: {one_line(e)}", 1)
     except Interrupted as e:  # SIGTERM / SIGINT during training: the checkpoint is written
-        if env_rank() == 0:
-            print(f"usi: {e}", file=sys.stderr)
-        return e.exit_code
+        return report(f"usi: {e}", e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing to save yet
-        if env_rank() == 0:
-            print("usi: interrupted", file=sys.stderr)
-        return 130
+        return report("usi: interrupted", 130)
+
+
+def report(line: str, code: int) -> int:
+    """The one line a failed or stopped command ends with: on rank 0's console, and in log.txt if a run
+    directory is open."""
+    from usi.distributed import env_rank
+    from usi.progress import to_log_file
+
+    if env_rank() == 0:
+        print(line, file=sys.stderr)
+        to_log_file(line)
+    return code
 
 
 if __name__ == "__main__":

@@ -192,6 +192,9 @@ def train_one_epoch(state: TrainState, cfg: StepConfig, batches, *, start: Posit
                 state.optimizer.zero_grad(set_to_none=True)  # back to the last update's end
                 end = boundary
                 break
+            if stopped_by and step % cfg.accum_steps == 0:  # between two updates: start no new one
+                end = boundary
+                break
         if batch is None:
             break
         # ---- forward and backward on one (mixed) batch
@@ -270,6 +273,10 @@ def fp32_logits(model: nn.Module, x: torch.Tensor, compute: Compute) -> torch.Te
         return model.forward_head(features.float()).float()
 
 
+class LoaderBroken(RuntimeError):
+    """An evaluation's loader died (on this rank or another): after a stop signal, a stop; else a failure."""
+
+
 @torch.no_grad()
 def evaluate(models: dict[str, nn.Module], loader, compute: Compute, *, n_bins: int = 15,
              teacher: nn.Module | None = None, teacher_logits: torch.Tensor | None = None,
@@ -287,7 +294,15 @@ def evaluate(models: dict[str, nn.Module], loader, compute: Compute, *, n_bins: 
     if teacher_logits is not None:
         teacher_logits = teacher_logits.to(compute.device)
     kept = []  # (positions, logits) of this rank's samples
-    for x, target in loader:  # target rows: [label, the sample's position in this rank's pass]
+    batches, broken = iter(loader), None
+    while True:
+        try:
+            x, target = next(batches)  # target rows: [label, the sample's position in this rank's pass]
+        except StopIteration:
+            break
+        except RuntimeError as e:  # "DataLoader worker (pid ...) exited unexpectedly": a SIGTERM to the group?
+            broken = e
+            break
         if len(target) == 0:
             continue  # every image of this batch was unreadable
         y, pos = target[:, 0], target[:, 1]
@@ -302,6 +317,9 @@ def evaluate(models: dict[str, nn.Module], loader, compute: Compute, *, n_bins: 
             sums["teacher"].add(t, y)
         if keep_teacher_logits and t is not None:
             kept.append((pos.cpu(), t.float().cpu()))  # fp32: cached and live metrics match exactly
+    # every rank reaches this point, broken or not: all agree before the collective that sums the metrics
+    if distributed.max_across(torch.tensor([float(broken is not None)], device=compute.device)).item():
+        raise LoaderBroken("evaluation's data loader failed" + (f": {broken}" if broken else " on another rank"))
     results = {}
     if sums:
         flat = distributed.sum_across(torch.stack([s.flat() for s in sums.values()]))

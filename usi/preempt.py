@@ -17,13 +17,13 @@ join.
 """
 from __future__ import annotations
 
-import logging
+import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger("usi")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -44,6 +44,12 @@ def ignore_interrupts(_worker_id: int | None = None) -> None:
     to its parent, which finishes the update and then shuts the workers down (with SIGTERM, which a
     worker must keep obeying, or the parent's exit would wait on it forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def note(line: str) -> None:
+    """A line on stderr from inside a signal handler. Not through logging: the handler may interrupt the
+    main program in the middle of writing a log line, and the logging stream is not reentrant."""
+    os.write(2, f"{time.strftime('%H:%M:%S')} {line}\n".encode())
 
 
 def ignore_child(_signum: int, _frame) -> None:
@@ -69,25 +75,30 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         if self.received:
-            return  # stopping: a further signal stays a note until the process has exited (it must not kill it)
+            # Stopping, the checkpoint written: what is left is cleaning up and exiting. Ignore further
+            # signals from here (a Python handler would be reset to the default, deadly one while the
+            # interpreter shuts down, and a late second signal would turn exit code 143 into a kill).
+            for s in SIGNALS:
+                signal.signal(s, signal.SIG_IGN)
+            return
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
     def handle(self, signum: int, _frame) -> None:
+        if signum == signal.SIGTERM and signal.SIGCHLD not in self.previous:
+            # The same SIGTERM (first or second) may kill the loader workers. torch's SIGCHLD handler
+            # would then raise "worker killed" wherever this process happens to be (in a backward pass,
+            # in a checkpoint write); without it, the loader reports the dead worker when it is next
+            # asked for a batch, where the engine and the evaluation expect it. A Python no-op rather
+            # than SIG_DFL: a SIGCHLD that arrived just before this line is still delivered to a Python
+            # handler, and with SIG_DFL in place Python prints "Signal 17 ignored due to race condition".
+            self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, ignore_child)
         name = signal.Signals(signum).name
         if self.received:
-            log.warning(f"received {name} again: already stopping, the checkpoint is being written")
+            note(f"received {name} again: already stopping, the checkpoint is being written")
             return
         self.received = signum
-        log.warning(f"received {name}: stopping after the current optimizer update, with a checkpoint")
-        if signum == signal.SIGTERM:
-            # The same SIGTERM may kill the loader workers. torch's SIGCHLD handler would then raise
-            # "worker killed" wherever this process happens to be (in the middle of a checkpoint write,
-            # say); without it, the loader reports the dead worker when it is next asked for a batch,
-            # where the engine expects it. A Python no-op rather than SIG_DFL: a SIGCHLD that arrived
-            # just before this line is still delivered to a Python handler, and with SIG_DFL in place
-            # Python prints "Signal 17 ignored due to race condition" with a traceback.
-            self.previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, ignore_child))
+        note(f"received {name}: stopping after the current optimizer update, with a checkpoint")
 
     def agree(self, loader_failed: bool = False) -> tuple[int, bool]:
         """Called by every rank at the same point: (the signal any rank got, 0 if none; whether any

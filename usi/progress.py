@@ -43,6 +43,13 @@ def setup_logging(run_dir: Path | None, main: bool) -> None:
     log.addHandler(file)
 
 
+def to_log_file(line: str) -> None:
+    """A line for log.txt only (the console already got it): how and why a run ended."""
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None))
+
+
 class Progress:
     def __init__(self, enabled: bool, stream=None):
         self.enabled = enabled

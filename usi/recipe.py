@@ -148,7 +148,8 @@ class EmaSection:
 
 @dataclass
 class RunSection:
-    dir: str = setting("runs/{model.name}", help="run directory; {section.key} fields are filled from the recipe")
+    dir: str = setting("runs/{model.name}", resume_free=True,
+                       help="run directory; {section.key} fields are filled from the recipe")
     seed: int = setting(42, low=0, high=2**31 - 1, help="all randomness derives from (seed, epoch, rank, step)")
     device: str = setting("auto", choices=("auto", "cpu", "cuda"), resume_free=True, help="auto: cuda if available")
     amp: str = setting("bf16", choices=("bf16", "fp16", "none"),
@@ -443,8 +444,8 @@ def validate(recipe: Recipe) -> None:
                          "use aug.randaugment_on=workers for other augmentations")
     if recipe.run.amp == "fp16" and recipe.run.device == "cpu":
         raise UsageError("run.amp=fp16 needs a GPU; use run.amp=none or bf16 on CPU (CPU runs fp32 anyway)")
-    if recipe.run.amp_on_cpu and recipe.run.amp != "bf16":
-        raise UsageError(f"run.amp_on_cpu=true needs run.amp=bf16 (CPU autocast is bf16 only), got {recipe.run.amp}")
+    if recipe.run.amp_on_cpu and recipe.run.amp == "fp16":  # with run.amp=none it is simply fp32
+        raise UsageError("run.amp_on_cpu=true needs run.amp=bf16 (CPU autocast is bf16 only), got fp16")
     resume = recipe.run.resume
     if resume not in ("never", "auto") and not Path(resume).is_file():
         raise UsageError(f"run.resume={resume!r} must be never, auto or an existing checkpoint file")

@@ -143,6 +143,7 @@ def create(recipe: Recipe, run_dir: Path, dist: distributed.Dist, versions: dict
             probe.unlink()
         except OSError as e:
             raise UsageError(f"run directory {run_dir} is not writable ({e.strerror})") from None
+        checkpoint.remove_stale_temporaries(run_dir)  # a writer killed mid-write; we hold the lock
         recipe.save(run_dir / RECIPE_FILE)
         path = run_dir / VERSIONS_FILE
         try:
@@ -178,8 +179,13 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
 
 
 def read_summary(run_dir: Path) -> dict | None:
+    """The finished run's summary; None when there is none or it is unreadable (it is rebuilt from
+    last.pt: the checkpoint, not this file, is the record)."""
     path = Path(run_dir) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (ValueError, OSError):
+        return None
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
