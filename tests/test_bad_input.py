@@ -253,16 +253,28 @@ def test_all_unreadable_images_with_loader_workers_end_in_one_line(tmp_path):
     (["{train}", "{out}", "--shard-size", "-5"], "must be at least 1"),
     (["{train}", "{out}", "--workers", "0"], "must be at least 1"),
     (["{zebra}", "{out}", "--classes-from", "{train}"], "class folder 'zebra' that the training split does not have"),
+    (["{train}", "{out}", "--prefix", "../../evil"], "must be a plain file name"),
+    (["{train}", "{out}", "--prefix", "a/b"], "must be a plain file name"),
+    (["{root}", "{out}"], "holds the splits train, val, not class folders"),
+    (["{train}", "{afile}"], "cannot be created or written"),
+    (["{train}", "{afile}/x"], "cannot be created or written"),
+    (["{train}", "{foreign}"], "already holds files this tool did not write (notes.txt)"),
 ])
 def test_make_shards_bad_arguments_end_in_one_line(image_root, tmp_path, args, message):
     zebra = tmp_path / "zebra-val"
     shutil.copytree(image_root / "val", zebra)
     (zebra / "circle").rename(zebra / "zebra")
-    names = {"missing": tmp_path / "nope", "out": tmp_path / "out", "train": image_root / "train", "zebra": zebra}
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    names = {"missing": tmp_path / "nope", "out": tmp_path / "out", "train": image_root / "train", "zebra": zebra,
+             "root": image_root, "afile": tmp_path / "afile", "foreign": tmp_path / "foreign"}
     out = subprocess.run([sys.executable, "tools/make_shards.py", *[a.format(**names) for a in args]], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(("usi: error:", "usi shards: error:"))
     assert not list((tmp_path / "out").glob("*.tar")) if (tmp_path / "out").exists() else True
+    assert not list(tmp_path.parent.glob("evil*")) and (tmp_path / "foreign" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "out" / "index.json").exists()
 
 
@@ -474,3 +486,165 @@ def test_eval_json_and_run_files_are_valid_json_for_diverged_weights(image_root,
     for name in ("metrics.jsonl", "summary.json"):
         for line in (run / name).read_text().splitlines() if name.endswith("l") else [(run / name).read_text()]:
             strict_json(line)
+
+
+# ---------------------------------------------------------------- a second hostile run: more members of each class
+
+
+def test_a_folder_that_is_no_run_is_never_written_into(image_root, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.jsonl").write_text("precious\n")
+    (mine / "summary.json").write_text('{"mine": 1}')
+    for resume in ("auto", "never"):
+        out = usi_main(*train_args(image_root, mine, f"run.resume={resume}"))
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert (mine / "metrics.jsonl").read_text() == "precious\n" and sorted(p.name for p in mine.iterdir()) == [
+        "metrics.jsonl", "summary.json"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.kwargs={{features_only: true}}"], "does not give class logits (batch x 4): it returns list"),
+    (["model.kwargs={{act_layer: nosuch}}"], "do not fit test_resnet: KeyError: 'nosuch'"),
+    (["teacher.name=test_resnet", "teacher.kwargs={{act_layer: nosuch}}", "teacher.weights={teacher}"],
+     "teacher.kwargs {'act_layer': 'nosuch'} do not fit test_resnet"),
+    (["run.ece_bins=100000000000000000000"], "run.ece_bins"),
+    (["data.input_size=100000000000000000000"], "data.input_size"),
+    (["teacher.name=test_resnet", "teacher.input_size=100000000000000000000"], "teacher.input_size"),
+    (["loss.temperature=1e-30"], "loss.temperature"),
+    (["aug.scale=[true, true]"], "aug.scale"),
+    (["run.dir={tmp}/r/{{model.name:>300}}"], "fields are plain {section.key}"),
+    (["run.dir={tmp}/r/{{model.name!r}}"], "fields are plain {section.key}"),
+    (["run.dir={tmp}/" + "x" * 300], "255 per name"),
+    (["run.dir=/proc/usi_test_x"], "cannot be created"),
+    (["run.dir={tmp}/afile"], "is a file, not a directory"),
+    (["data.format=shards", "data.train_shards={tmp}/s-{{000000..000003.tar"], "a brace pattern is like"),
+    (["teacher.name=test_resnet", "teacher.weights={nan_teacher}"], "non-finite (NaN or infinite) weights"),
+    (["teacher.name=test_resnet", "teacher.weights={int_keys}"], "holds no weights"),
+    (["model.weights={int_keys}"], "holds no weights"),
+])
+def test_more_values_that_a_library_rejects_are_one_line_before_any_run_directory(image_root, tmp_path, args,
+                                                                                   message):
+    teacher = teacher_file(tmp_path / "teacher.safetensors")
+    nan = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+           for k, v in timm.create_model("test_resnet", num_classes=4).state_dict().items()}
+    save_file(nan, str(tmp_path / "nan.safetensors"))
+    torch.save({1: torch.zeros(1)}, tmp_path / "int_keys.pth")
+    (tmp_path / "afile").write_text("x")
+    shards = tmp_path / "sh"
+    if any("data.format=shards" in a for a in args):
+        from usi.make_shards import main as make_shards
+        assert make_shards([str(image_root / "train"), str(shards / "train"), "--shard-size", "16"]) == 0
+        assert make_shards([str(image_root / "val"), str(shards / "val"), "--classes-from",
+                            str(image_root / "train")]) == 0
+    names = {"teacher": teacher, "tmp": tmp_path, "nan_teacher": tmp_path / "nan.safetensors",
+             "int_keys": tmp_path / "int_keys.pth"}
+    root = shards if (shards / "train").is_dir() else image_root
+    out = usi_main(*train_args(root, tmp_path / "r", *[a.format(**names) for a in args]))
+    one_error(out, message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_start_removes_every_folder_it_made(image_root, tmp_path):
+    out = usi_main(*train_args("/no/such/data", tmp_path / "a" / "b" / "c"))
+    one_error(out, "does not exist")
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_unforeseen_error_is_still_one_line_and_its_traceback_is_kept(image_root, tmp_path, monkeypatch):
+    import usi.build
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("something nobody checked for")
+
+    monkeypatch.setattr(usi.build, "build_training", broken)
+    out = usi_main(*train_args(image_root, tmp_path / "r"))
+    lines = [x for x in out.stderr.splitlines() if x.startswith("usi: error:")]
+    assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "ZeroDivisionError: something nobody checked for (in test_bad_input.py:" in lines[0]
+    assert "USI_TRACEBACK=1" in lines[0] and not (tmp_path / "r").exists()
+
+
+def test_weights_of_a_diverged_run_are_measured_as_wrong_and_not_exported(image_root, tmp_path):
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
+    state = checkpoint.load(run / "last.pt")
+    state["student"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                        for k, v in state["student"].items()}
+    state["ema"] = {}
+    checkpoint.save({k: v for k, v in state.items() if k != "format"}, tmp_path / "nan.pt")
+    teacher = teacher_file(tmp_path / "teacher.safetensors")
+    out = usi_main("eval", str(tmp_path / "nan.pt"), f"data.root={image_root}", "teacher.name=test_resnet",
+                   f"teacher.weights={teacher}", "--json")
+    assert out.returncode == 0 and "NaN or infinite logits for 12 of 12" in out.stderr, out.stderr
+    raw = strict_json(out.stdout)["students"]["raw"]
+    assert raw["top1"] == 0 and raw["top5"] == 0 and raw["agreement"] == 0 and raw["nonfinite"] == 12
+    one_error(usi_main("export", str(tmp_path / "nan.pt"), str(tmp_path / "out")), "a diverged run")
+    assert not (tmp_path / "out").exists()
+
+
+def test_damaged_checkpoint_metadata_and_misfit_exports_are_one_line(image_root, tmp_path):
+    from safetensors import safe_open
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
+    with safe_open(str(run / "best.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for change, message in (({"recipe": "{{{"}, "stored recipe is not a usi recipe"),
+                            ({"recipe": "- a"}, "stored recipe is not a usi recipe"),
+                            ({"classes": "not json"}, "stored class list"), ({"classes": "5"}, "stored class list")):
+        path = tmp_path / "edited.safetensors"
+        checkpoint.export_weights(tensors, path, {**meta, **change})
+        one_error(usi_main("eval", str(path), f"data.root={image_root}"), message)
+        one_error(usi_main("export", str(path), str(tmp_path / "out")), message)
+    other = tmp_path / "other.safetensors"
+    checkpoint.export_weights(tensors, other, {**meta, "model": "test_efficientnet",
+                                               "recipe": meta["recipe"].replace("test_resnet", "test_efficientnet")})
+    one_error(usi_main("export", str(other), str(tmp_path / "out")), "does not fit test_efficientnet")
+    (tmp_path / "afile").write_text("x")
+    one_error(usi_main("export", str(run / "best.safetensors"), str(tmp_path / "afile" / "out")), "cannot be created")
+    state = torch.load(run / "last.pt", weights_only=True)
+    for change in ({"recipe": "{{{"}, {"recipe": "- a"}, {"classes": 5}):
+        checkpoint.save({**{k: v for k, v in state.items() if k != "format"}, **change}, tmp_path / "edited.pt")
+        one_error(usi_main(*train_args(image_root, tmp_path / "r2", f"run.resume={tmp_path / 'edited.pt'}")),
+                  "damaged usi checkpoint")
+        assert not (tmp_path / "r2").exists()
+
+
+def test_truncated_or_missing_val_shards_are_counted_by_what_they_lack(image_root, tmp_path):
+    from usi.make_shards import main as make_shards
+    shards = tmp_path / "sh"
+    assert make_shards([str(image_root / "train"), str(shards / "train"), "--shard-size", "16"]) == 0
+    assert make_shards([str(image_root / "val"), str(shards / "val"), "--classes-from", str(image_root / "train"),
+                        "--shard-size", "4"]) == 0
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
+    cut = shards / "val" / "shard-000000.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2 + 100])
+    (shards / "val" / "shard-000002.tar").unlink()
+    out = usi_main("eval", str(run / "best.safetensors"), "data.format=shards", f"data.root={shards}", "--json")
+    assert out.returncode == 0, out.stderr
+    report = strict_json(out.stdout)
+    assert report["images"] + report["unreadable"] == 12 and report["unreadable"] >= 5  # every one accounted for
+
+
+def test_eval_and_resume_never_need_the_starting_weights_file(image_root, tmp_path):
+    init = teacher_file(tmp_path / "init.safetensors")
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, f"model.weights={init}", "run.stop_after=1")).returncode == 0
+    init.unlink()  # moved away after the start
+    assert usi_main("eval", str(run / "best.safetensors"), f"data.root={image_root}").returncode == 0
+    again = usi_main(*train_args(image_root, run, "model.weights=null", "run.resume=auto"))
+    assert again.returncode == 0, again.stderr
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_val_data_that_is_all_unreadable_ends_in_one_line(image_root, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(image_root, data)
+    for path in (data / "val").rglob("*.jpg"):
+        path.write_bytes(b"not an image")
+    one_error(usi_main(*train_args(data, tmp_path / "r")), "no val image could be read (12 unreadable")
+
+
+def test_quickstart_out_in_a_place_that_takes_no_files_is_one_line(tmp_path):
+    one_error(usi_main("quickstart", "--out", "/proc/usi_quickstart_test"), "/proc/usi_quickstart_test")

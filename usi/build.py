@@ -53,9 +53,8 @@ def create_student(model_cfg, num_classes: int, input_size: int | None, starting
         if pretrained and not isinstance(e, TypeError):  # no hub access, no weights for this name, ...
             raise UsageError(f"could not get pretrained weights for {model_cfg.name} from timm ({first}); "
                              f"set model.weights to a local .safetensors or .pth file instead") from None
-        if isinstance(e, (TypeError, ValueError, AssertionError, RuntimeError)):  # e.g. a dropout rate of 2
-            raise UsageError(f"model.kwargs {kwargs} do not fit {model_cfg.name}: {first}") from None
-        raise
+        # e.g. a dropout rate of 2 (ValueError), act_layer: nosuch (KeyError), an unknown argument (TypeError)
+        raise UsageError(f"model.kwargs {kwargs} do not fit {model_cfg.name}: {type(e).__name__}: {first}") from None
     if starting_weights and model_cfg.weights:
         log.info(load_starting_weights(model, Path(model_cfg.weights)))
     return model
@@ -90,15 +89,19 @@ def check_input_size(model_cfg, num_classes: int, size: int) -> None:
     data.input_size fails here in one line, before anything is written."""
     with torch.device("meta"):
         model = create_student(model_cfg, num_classes, size).eval()
+        kwargs = f" with model.kwargs {model_cfg.kwargs}" if model_cfg.kwargs else ""
         try:
             with torch.no_grad():
-                model(torch.empty(2, 3, size, size))
+                out = model(torch.empty(2, 3, size, size))
         except NotImplementedError:
             return  # an op without a meta kernel: nothing to learn here
         except (AssertionError, RuntimeError, ValueError) as e:
-            kwargs = f" with model.kwargs {model_cfg.kwargs}" if model_cfg.kwargs else ""
             raise UsageError(f"model.name={model_cfg.name}{kwargs} fails on {size} px inputs (data.input_size): "
                              f"{str(e).strip().splitlines()[0][:160]}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(f"model.name={model_cfg.name}{kwargs} does not give class logits (batch x {num_classes}): "
+                         f"it returns {got}")
 
 
 def input_spec(model: torch.nn.Module, input_size: int | None) -> InputSpec:
@@ -223,14 +226,15 @@ class Training:
         return self.train_split.classes
 
 
-def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path) -> Training:
-    """Every object a training run needs, checked, before anything is written."""
+def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path, fresh: bool = True) -> Training:
+    """Every object a training run needs, checked, before anything is written. `fresh`: a new run (a
+    resumed one takes its weights from the checkpoint, so model.weights and model.pretrained are not read)."""
     accum, lr, plan = batch_plan(recipe, dist.world)  # the world size is known: fail before any work
     tracking.check_available(recipe.run.loggers)
     train_split, val_split = data.open_splits(recipe.data)
     num_classes = len(train_split.classes)
     seed_everything(recipe.run.seed)
-    student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=True)
+    student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=fresh)
     spec = input_spec(student, recipe.data.input_size)
     check_input_size(recipe.model, num_classes, spec.size)
     compute = compute_for(recipe, dist.device)

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from usi.errors import UsageError
@@ -71,6 +72,21 @@ def load(path: Path) -> dict:
     return state
 
 
+def check_training_state(saved: dict, path: Path) -> dict:
+    """What a resume reads besides the weights: a recipe (a YAML mapping), the class list, the position."""
+    try:
+        recipe = yaml.safe_load(saved.get("recipe")) if isinstance(saved.get("recipe"), str) else None
+    except yaml.YAMLError:
+        recipe = None
+    classes = saved.get("classes")
+    if not isinstance(recipe, dict) or not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise UsageError(f"{path} is a damaged usi checkpoint: its recipe or class list is unreadable")
+    for key in ("epoch", "step", "num_updates"):
+        if not isinstance(saved.get(key), int):
+            raise UsageError(f"{path} is a damaged usi checkpoint: no training position ({key})")
+    return saved
+
+
 def load_state_file(path: Path) -> dict:
     """A dict of tensors (and plain values) from a safetensors or torch file, without running code.
 
@@ -80,7 +96,7 @@ def load_state_file(path: Path) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist")
+        raise UsageError(f"checkpoint {path} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
     kind = file_kind(path)
     if kind == "safetensors":
         return load_safetensors(path)
@@ -194,7 +210,7 @@ def capture(state, *, recipe_yaml: str, classes: list[str], at, best: dict) -> d
 
 def restore(state, path: Path) -> dict:
     """Load a checkpoint into a TrainState; returns the checkpoint (for its position and best)."""
-    saved = load(path)
+    saved = check_training_state(load(path), path)
     models = [("student", state.student)] + ([("ema", state.ema.module)] if state.ema is not None and saved["ema"]
                                              else [])
     for key, model in models:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -150,6 +151,24 @@ def main(argv: list[str] | None = None) -> int:
         return report(f"usi: {e}", e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing to save yet
         return report("usi: interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - what no check foresaw: still one line, the traceback kept
+        if os.environ.get("USI_TRACEBACK"):
+            raise
+        return report(f"usi: error: {unexpected(e)}", 1)
+
+
+def unexpected(error: Exception) -> str:
+    """An error no check of usi's foresaw (a library's, or a bug), in one line: its type, message and
+    where it was raised. The whole traceback goes to the run's log.txt when one is open, or is shown
+    with USI_TRACEBACK=1."""
+    import traceback
+
+    from usi.progress import to_log_file
+
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    to_log_file("".join(traceback.format_exception(error)).rstrip())
+    where = f"{Path(frame.filename).name}:{frame.lineno}"
+    return (f"{type(error).__name__}: {one_line(error)} (in {where}; USI_TRACEBACK=1 shows the whole traceback)")
 
 
 def report(line: str, code: int) -> int:

@@ -245,8 +245,8 @@ def next_batch(batches) -> tuple:
         return next(batches), None
     except StopIteration:
         return None, None
-    except RuntimeError as e:  # "DataLoader worker (pid ...) exited unexpectedly"
-        return None, e
+    except (RuntimeError, OSError, EOFError) as e:  # "DataLoader worker (pid ...) exited unexpectedly", or
+        return None, e  # the pipe to a worker that died mid-transfer (ConnectionResetError)
 
 
 def read_logs(state: TrainState, sums: torch.Tensor, counted: int, guard: Guard) -> dict:
@@ -300,7 +300,7 @@ def evaluate(models: dict[str, nn.Module], loader, compute: Compute, *, n_bins: 
             x, target = next(batches)  # target rows: [label, the sample's position in this rank's pass]
         except StopIteration:
             break
-        except RuntimeError as e:  # "DataLoader worker (pid ...) exited unexpectedly": a SIGTERM to the group?
+        except (RuntimeError, OSError, EOFError) as e:  # a worker died (a SIGTERM to the group?): see next_batch
             broken = e
             break
         if len(target) == 0:

@@ -44,16 +44,34 @@ def read_checkpoint(path: Path) -> Saved:
         meta = checkpoint.read_metadata(path)
         if "recipe" not in meta or "classes" not in meta:
             raise UsageError(f"{path} has no usi metadata (recipe, classes); evaluate a usi run's best.safetensors")
-        return Saved(path, {meta.get("weights", "raw"): state}, meta["recipe"], json.loads(meta["classes"]))
+        try:
+            classes = json.loads(meta["classes"])
+        except ValueError:
+            classes = None
+        return checked(Saved(path, {meta.get("weights", "raw"): state}, meta["recipe"], classes))
     state = checkpoint.load(path)
     variants = {"raw": state["student"]} | ({"ema": state["ema"]} if state.get("ema") else {})
-    return Saved(path, variants, state["recipe"], state["classes"])
+    return checked(Saved(path, variants, state.get("recipe"), state.get("classes")))
+
+
+def checked(saved: Saved) -> Saved:
+    """The metadata must be what usi writes: a recipe (a YAML mapping) and a list of class names."""
+    try:
+        tree = yaml.safe_load(saved.recipe_yaml) if isinstance(saved.recipe_yaml, str) else None
+    except yaml.YAMLError:
+        tree = None
+    if not isinstance(tree, dict) or not all(isinstance(v, (dict, type(None))) for v in tree.values()):
+        raise UsageError(f"{saved.path}: its stored recipe is not a usi recipe (damaged or edited metadata)")
+    if not (isinstance(saved.classes, list) and saved.classes and all(isinstance(c, str) for c in saved.classes)):
+        raise UsageError(f"{saved.path}: its stored class list is not a list of class names (damaged or edited "
+                         f"metadata)")
+    return saved
 
 
 # Recipe fields that name files or run commands (a pipe: URL): a checkpoint may come from anyone, so
 # these come from the user's command line only, never from the recipe stored in the checkpoint.
 LOCATIONS = {"data": ("root", "train_shards", "val_shards", "train_split", "val_split"), "teacher": ("weights",),
-             "run": ("dir", "resume")}
+             "model": ("weights",), "run": ("dir", "resume")}
 
 
 def eval_recipe(stored: dict, overrides: list[str]):
@@ -129,6 +147,12 @@ def run_eval(recipe, saved: Saved, trained_size: int | None, dist) -> dict | Non
     # every val image counted once: evaluated, or reported unreadable (and left out)
     report["unreadable"] = val.bad_count(dist.device)
     report["images"] = next(iter(results.values()))["count"]
+    if report["images"] == 0:
+        raise UsageError(f"no val image could be read ({report['unreadable']} unreadable; see the warnings above)")
+    nonfinite = max(m.get("nonfinite", 0) for m in results.values())
+    if nonfinite:
+        log.warning(f"the weights give NaN or infinite logits for {nonfinite} of {report['images']} val images "
+                    f"(counted as wrong): a diverged run")
     return report if dist.main else None
 
 

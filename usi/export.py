@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from usi import build as make
+from usi import checkpoint
 from usi import recipe as recipe_mod
 from usi.errors import UsageError
 from usi.evaluation import read_checkpoint
@@ -36,15 +37,26 @@ def export(path: Path, out: Path, weights: str | None = None, onnx: bool = False
     if name not in saved.variants:
         raise UsageError(f"{path} holds {', '.join(saved.variants)} weights, not {name!r}")
     recipe = recipe_mod.from_dict(yaml.safe_load(saved.recipe_yaml))
+    state = saved.variants[name]
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise UsageError(f"{path}: the {name} weights hold NaN or infinite values ({len(broken)} tensors, e.g. "
+                         f"{broken[0]}): a diverged run; nothing worth exporting")
     model = make.create_student(recipe.model, len(saved.classes), recipe.data.input_size)
-    model.load_state_dict(saved.variants[name])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise UsageError(f"{path} does not fit {recipe.model.name}: {checkpoint.mismatch(model, state)}") from None
     model.eval()
     spec = make.input_spec(model, recipe.data.input_size)
     x = torch.randn(2, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(x)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed into place when complete
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # renamed into place when complete
+    except OSError as e:
+        raise UsageError(f"the export folder {out} cannot be created ({e.strerror})") from None
     try:
         data_config = {"input_size": (3, spec.size, spec.size), "crop_pct": recipe.aug.eval_crop_pct,
                        "interpolation": recipe.aug.eval_interpolation, "mean": spec.mean, "std": spec.std}

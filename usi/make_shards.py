@@ -82,8 +82,11 @@ def settings_of(args, samples: list, classes: list[str]) -> dict:
 def claim(out: Path, settings: dict):
     """Lock `out` for this writer, refuse a folder of shards written from anything else, and remove
     temporary files that a killed writer left behind."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".make_shards.lock", "a")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".make_shards.lock", "a")
+    except OSError as e:
+        raise UsageError(f"the output folder {out} cannot be created or written ({e.strerror})") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -98,9 +101,11 @@ def claim(out: Path, settings: dict):
         if changed:
             raise UsageError(f"{out} already holds shards written with other {', '.join(changed)}; write into an "
                              f"empty folder (each split in its own)")
-    elif any(out.glob("*.tar")) or (out / "index.json").exists():
-        raise UsageError(f"{out} already holds shards or an index.json that this tool did not write with these "
-                         f"settings; write into an empty folder")
+    else:
+        foreign = sorted(p.name for p in out.iterdir() if p.name != ".make_shards.lock")
+        if foreign:
+            raise UsageError(f"{out} already holds files this tool did not write ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); write into an empty folder")
     for stale in out.glob(".*.tmp-*"):  # we hold the lock: no other writer owns them
         stale.unlink(missing_ok=True)
     atomic_write(manifest, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=1)))
@@ -111,8 +116,24 @@ def main(argv=None) -> int:
     try:
         return write_shards(argv)
     except UsageError as e:
-        print(f"make_shards: error: {one_line(e)}", file=sys.stderr)
+        print(f"usi: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def prefix_name(text: str) -> str:
+    """A shard file name prefix: a plain name, so every shard lands inside the output folder."""
+    if not text or "/" in text or "\\" in text or text in (".", "..") or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"must be a plain file name (no '/', not hidden), got {text!r}")
+    return text
+
+
+def check_source(src: Path) -> None:
+    """A split's folder (src/<class>/<image>), not the data root above it (src/train, src/val)."""
+    names = {p.name for p in src.iterdir() if p.is_dir()} if src.is_dir() else set()
+    splits = names & {"train", "val", "validation", "test"}
+    if len(splits) >= 2:
+        raise UsageError(f"{src} holds the splits {', '.join(sorted(splits))}, not class folders: give one split, "
+                         f"e.g. {src / 'train'}")
 
 
 def positive(text: str) -> int:
@@ -131,9 +152,10 @@ def write_shards(argv=None) -> int:
     p.add_argument("--shard-size", type=positive, default=1000, help="samples per shard")
     p.add_argument("--workers", type=positive, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefix", default="shard")
+    p.add_argument("--prefix", default="shard", type=prefix_name, help="shard file names: PREFIX-000000.tar")
     p.add_argument("--skip-bad", action="store_true", help="leave out images that do not decode, instead of stopping")
     args = p.parse_args(argv)
+    check_source(args.src)
     classes = find_classes(args.classes_from or args.src)
     samples = list_images(args.src, classes)
     lock = claim(args.out, settings_of(args, samples, classes))  # held until the process ends

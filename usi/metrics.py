@@ -112,25 +112,31 @@ class MetricSums:
     """
 
     def __init__(self, n_bins: int = 15, device: torch.device | str = "cpu"):
-        # [count, top1, top5, nll, agree, kl, agree_count]
-        self.sums = torch.zeros(7, dtype=torch.float64, device=device)
+        # [count, top1, top5, nll, agree, kl, agree_count, non-finite rows]
+        self.sums = torch.zeros(8, dtype=torch.float64, device=device)
         self.bins = torch.zeros(3, n_bins, dtype=torch.float64, device=device)
 
     def add(self, logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None = None) -> None:
         # Per-example values are fp32; their sums are fp64 so that how the examples were split into
         # batches and ranks changes nothing visible.
         logits = logits.float()
+        # A row with a NaN or infinite logit has no prediction: argmax would call it class 0 (right by
+        # chance, and "agreeing" with a NaN teacher). It counts as wrong, and the count is reported.
+        finite = logits.isfinite().all(dim=1)
         row = [
             torch.tensor(float(len(targets)), device=logits.device),
-            topk_correct(logits, targets, 1).sum(),
-            topk_correct(logits, targets, 5).sum(),
+            (topk_correct(logits, targets, 1) * finite).sum(),
+            (topk_correct(logits, targets, 5) * finite).sum(),
             nll_per_example(logits, targets).double().sum(),
         ]
         if teacher is not None:
-            row += [agreement_per_example(logits, teacher).sum(), kl_per_example(logits, teacher).double().sum(),
+            both = finite & teacher.float().isfinite().all(dim=1)
+            row += [(agreement_per_example(logits, teacher) * both).sum(),
+                    kl_per_example(logits, teacher).double().sum(),
                     torch.tensor(float(len(targets)), device=logits.device)]
         else:
             row += [torch.zeros((), device=logits.device)] * 3
+        row.append((~finite).sum())
         self.sums += torch.stack([v.double() for v in row])
         self.bins += ece_bins(logits, targets, self.bins.shape[1])
 
@@ -142,7 +148,7 @@ class MetricSums:
         self.bins.copy_(flat[len(self.sums):].view_as(self.bins))
 
     def result(self) -> dict:
-        count, top1, top5, nll_sum, agree, kl, n_teacher = self.sums.tolist()
+        count, top1, top5, nll_sum, agree, kl, n_teacher, nonfinite = self.sums.tolist()
         if count == 0:
             return {"count": 0}
         out = {
@@ -155,4 +161,6 @@ class MetricSums:
         if n_teacher:
             out["agreement"] = 100.0 * agree / n_teacher
             out["kl"] = kl / n_teacher
+        if nonfinite:
+            out["nonfinite"] = int(nonfinite)  # rows with a NaN or infinite logit (counted as wrong)
         return out

@@ -80,19 +80,24 @@ class StopSignals:
             # interpreter shuts down, and a late second signal would turn exit code 143 into a kill).
             for s in SIGNALS:
                 signal.signal(s, signal.SIG_IGN)
+            self.quiet_children()  # a late SIGTERM to the group still kills the loader workers
             return
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    def handle(self, signum: int, _frame) -> None:
-        if signum == signal.SIGTERM and signal.SIGCHLD not in self.previous:
-            # The same SIGTERM (first or second) may kill the loader workers. torch's SIGCHLD handler
-            # would then raise "worker killed" wherever this process happens to be (in a backward pass,
-            # in a checkpoint write); without it, the loader reports the dead worker when it is next
-            # asked for a batch, where the engine and the evaluation expect it. A Python no-op rather
-            # than SIG_DFL: a SIGCHLD that arrived just before this line is still delivered to a Python
-            # handler, and with SIG_DFL in place Python prints "Signal 17 ignored due to race condition".
+    def quiet_children(self) -> None:
+        """The same SIGTERM (first or second, or one after the stop) may kill the loader workers. torch's
+        SIGCHLD handler would then raise "worker killed" wherever this process happens to be (in a
+        backward pass, a checkpoint write, a loader's shutdown); without it, the loader reports the dead
+        worker when it is next asked for a batch, where the engine and the evaluation expect it. A Python
+        no-op rather than SIG_DFL: a SIGCHLD that arrived just before is still delivered to a Python
+        handler, and with SIG_DFL in place Python prints "Signal 17 ignored due to race condition"."""
+        if signal.SIGCHLD not in self.previous:
             self.previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, ignore_child)
+
+    def handle(self, signum: int, _frame) -> None:
+        if signum == signal.SIGTERM:
+            self.quiet_children()
         name = signal.Signals(signum).name
         if self.received:
             note(f"received {name} again: already stopping, the checkpoint is being written")

@@ -22,6 +22,7 @@ from usi import recipe as recipe_mod
 from usi import table
 from usi.cli import recipe_path
 from usi.data.synthetic import make_dataset
+from usi.errors import UsageError
 from usi.evaluation import evaluate_checkpoint
 from usi.rundir import check_writable, read_summary
 from usi.table import model_cost
@@ -101,9 +102,12 @@ def quickstart(out: Path, seed: int = 42, rerun: bool = False, per_class: tuple[
     """per_class: train and val images per class; extra: overrides for every run (tests shrink it)."""
     start = time.time()
     check_writable(out, "--out")
-    data = make_dataset(out / "data", *per_class)
     runs = out / f"seed{seed}"
-    runs.mkdir(parents=True, exist_ok=True)
+    try:
+        data = make_dataset(out / "data", *per_class)
+        runs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot hold the quickstart's files ({e.strerror})") from None
     common = [f"data.root={data}", f"run.seed={seed}"]
     teacher_weights = runs / "teacher" / "best.safetensors"
     with_teacher = [f"teacher.name={TEACHER}", f"teacher.weights={teacher_weights}"]

@@ -13,6 +13,8 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,8 +47,9 @@ class ModelSection:
     name: str = setting("resnet50", help="the student: any timm model name")
     pretrained: bool = setting(False, help="start from timm's pretrained weights (its hub); the classifier is "
                                            "re-initialized when the class count differs")
-    weights: Optional[str] = setting(None, help="start from a local .safetensors/.pth (weights_only); the classifier "
-                                                "is re-initialized when the class count differs")
+    weights: Optional[str] = setting(None, resume_free=True,  # read at a fresh start only
+                                     help="start from a local .safetensors/.pth (weights_only); the classifier "
+                                          "is re-initialized when the class count differs")
     drop_path_rate: Optional[float] = setting(None, low=0.0, high=1.0, high_open=True,
                                               help="stochastic depth; null keeps the model's own")
     kwargs: dict = setting(factory=dict, help="extra timm.create_model arguments, e.g. {img_size: 384}")
@@ -57,7 +60,8 @@ class TeacherSection:
     name: Optional[str] = setting("tresnet_v2_l.miil_in21k_ft_in1k",
                                   help="the frozen teacher (timm name); null trains without distillation")
     weights: Optional[str] = setting(None, help="a local .pth/.pt/.safetensors; null asks timm's pretrained source")
-    input_size: Optional[int] = setting(None, low=8, help="resize the student's batch for the teacher; null: as is")
+    input_size: Optional[int] = setting(None, low=8, high=4096,
+                                        help="resize the student's batch for the teacher; null: as is")
     fold_bn: bool = setting(True, help="fold BatchNorm into the preceding convolutions")
     kwargs: dict = setting(factory=dict, help="extra timm.create_model arguments for the teacher")
 
@@ -76,7 +80,7 @@ class DataSection:
     batch_size: int = setting(128, low=1, help="per process (per GPU)")
     eval_batch_size: Optional[int] = setting(None, low=1, resume_free=True, help="per process; null: 2 x batch_size")
     workers: int = setting(8, low=0, resume_free=True, help="loader processes per GPU")
-    input_size: Optional[int] = setting(None, low=8, help="null: the student's default input size")
+    input_size: Optional[int] = setting(None, low=8, high=4096, help="null: the student's default input size")
     max_bad_samples: int = setting(1000, low=0, resume_free=True,
                                    help="unreadable images skipped per run before it stops")
 
@@ -109,7 +113,8 @@ class AugSection:
 @dataclass
 class LossSection:
     kd_weight: float = setting(5.0, low=0.0, help="weight of KL(teacher || student)")
-    temperature: float = setting(1.0, low=0.0, low_open=True, help="softmax temperature of the KD term")
+    # below ~0.1 the T^2-scaled KD term vanishes in float32; Hinton et al. use up to 20
+    temperature: float = setting(1.0, low=0.1, high=100.0, help="softmax temperature of the KD term")
     hard_label: bool = setting(True, help="false: KD term only, no cross-entropy on the mixed targets")
 
 
@@ -168,7 +173,7 @@ class RunSection:
     eval_every: int = setting(1, low=1, help="evaluate every N epochs (and after the last)")
     best_metric: str = setting("top1", choices=tuple(METRICS),
                                help="what best.safetensors is ranked by, over raw and EMA weights")
-    ece_bins: int = setting(15, low=1, help="equal-width confidence bins of the ECE")
+    ece_bins: int = setting(15, low=1, high=10000, help="equal-width confidence bins of the ECE")
     max_nonfinite: int = setting(20, low=1, resume_free=True,
                                  help="non-finite updates in a row before the run stops")
     max_steps: int = setting(0, low=0, help="stop each epoch after this many steps (smoke tests); 0: full epochs")
@@ -204,13 +209,30 @@ class Recipe:
         Path(path).write_text(self.to_yaml())
 
     def run_dir(self) -> Path:
+        # only plain {section.key} fields: a format spec such as {model.name:>5000000000} would build a
+        # path of gigabytes before anything could refuse it
         try:
-            return Path(self.run.dir.format(**{name: getattr(self, name) for name in SECTIONS}))
+            fields = [f[1:] for f in string.Formatter().parse(self.run.dir) if f[1] is not None]
+        except ValueError as e:  # a lone brace
+            raise UsageError(f"run.dir {self.run.dir!r} is not a valid template ({e}); write a literal brace as "
+                             f"{{{{ or }}}}") from None
+        for field_name, spec, conversion in fields:
+            if spec or conversion or not re.fullmatch(r"\w+\.\w+", field_name):
+                raise UsageError(f"run.dir {self.run.dir!r}: fields are plain {{section.key}}, e.g. {{model.name}}; "
+                                 f"got {{{field_name}{'!' + conversion if conversion else ''}"
+                                 f"{':' + spec if spec else ''}}}")
+        try:
+            path = Path(self.run.dir.format(**{name: getattr(self, name) for name in SECTIONS}))
         except (KeyError, AttributeError, IndexError) as e:
             raise UsageError(f"run.dir {self.run.dir!r}: unknown field {e}; use e.g. {{model.name}}") from None
         except ValueError as e:  # a lone brace
             raise UsageError(f"run.dir {self.run.dir!r} is not a valid template ({e}); write a literal brace as "
                              f"{{{{ or }}}}") from None
+        longest = max((len(part.encode()) for part in path.parts), default=0)
+        if longest > 255 or len(str(path).encode()) > 4000:
+            raise UsageError(f"run.dir {str(path)[:60]!r}...: a folder name of {longest} bytes; file systems allow "
+                             f"255 per name")
+        return path
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}
@@ -281,7 +303,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise UsageError(f"recipe file {path} does not exist")
+        raise UsageError(f"recipe file {path} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -422,7 +444,8 @@ def validate(recipe: Recipe) -> None:
             check_field(f"{section}.{f.name}", getattr(getattr(recipe, section), f.name), f.metadata)
     for key in ("scale", "ratio"):
         pair = getattr(recipe.aug, key)
-        if len(pair) != 2 or not all(isinstance(v, (int, float)) for v in pair) or not 0 < pair[0] <= pair[1]:
+        if (len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
+                or not 0 < pair[0] <= pair[1]):
             raise UsageError(f"aug.{key}={pair} must be two numbers 0 < low <= high")
     if recipe.sched.warmup_epochs >= recipe.sched.epochs + recipe.sched.cooldown_epochs:
         raise UsageError(f"sched.warmup_epochs={recipe.sched.warmup_epochs} must be less than "

@@ -3,13 +3,14 @@
 Deciding how a run starts; the order is important:
   1. The directory is locked for this run (rank 0 holds an flock on a lock file inside it until it
      exits): a second usi process aimed at the same directory is refused while the first runs, so two
-     runs never mix their files. If the start fails, a directory made only to hold the lock is removed.
+     runs never mix their files. If the start fails, the folders made only to hold the lock are removed.
   2. run.resume=never: the directory must hold no run (it is refused, never overwritten); a fresh start.
-  3. run.resume=auto: if the directory holds a recipe.yaml, the recipe must be the same one, except for
-     the fields marked resume_free in usi/recipe.py; then it resumes from last.pt if there is one, else
-     starts afresh (a run killed before its first checkpoint).
-  4. run.resume=<path>: the same check as auto against the directory's recipe.yaml, if it has one;
-     then it resumes from that checkpoint, writing to run.dir.
+  3. run.resume=auto: a directory that holds files but no recipe.yaml is no usi run and is refused (a
+     run writes recipe.yaml first). If it holds a recipe.yaml, the recipe must be the same one, except
+     for the fields marked resume_free in usi/recipe.py; then it resumes from last.pt if there is one,
+     else starts afresh (a run killed before its first checkpoint).
+  4. run.resume=<path>: the same checks as auto against the directory; then it resumes from that
+     checkpoint, writing to run.dir.
   5. The nearest existing ancestor of the directory must be writable.
 Later, before anything is written (usi/train.py), the checkpoint itself must hold the same recipe and
 the same class names as this run. The directory's files appear only after everything is built
@@ -40,13 +41,21 @@ class RunLock:
     """An exclusive flock on run_dir/.lock, held until released or the process ends (even by kill -9)."""
 
     def __init__(self, run_dir: Path):
-        self.run_dir, self.file, self.made_dir = run_dir, None, False
+        self.run_dir, self.file, self.made = run_dir, None, []
 
     def acquire(self) -> "RunLock":
         if not self.run_dir.exists():
             check_writable(self.run_dir)
-            self.run_dir.mkdir(parents=True)
-            self.made_dir = True
+            # every folder made here, deepest first: a failed start removes them all again
+            self.made = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+            try:
+                self.run_dir.mkdir(parents=True)
+            except OSError as e:
+                self.made = [p for p in self.made if p.exists()]
+                self.release(failed=True)
+                raise UsageError(f"run directory {self.run_dir} cannot be created ({e.strerror})") from None
+        elif not self.run_dir.is_dir():
+            raise UsageError(f"run.dir {self.run_dir} is a file, not a directory")
         path = self.run_dir / LOCK_FILE
         try:
             self.file = open(path, "a+")
@@ -72,11 +81,12 @@ class RunLock:
             (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
             self.file.close()
             self.file = None
-        if failed and self.made_dir:
-            try:
-                self.run_dir.rmdir()
-            except OSError:
-                pass
+        if failed:
+            for folder in self.made:  # deepest first; one that something else wrote into stays
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -104,7 +114,10 @@ def resume_source(recipe: Recipe, run_dir: Path) -> Path | None:
                              f"or choose another run.dir")
         resume_from = None
     else:
-        if existing and (run_dir / RECIPE_FILE).is_file():
+        if existing and not (run_dir / RECIPE_FILE).is_file():  # a run writes recipe.yaml before anything else
+            raise UsageError(f"run directory {run_dir} holds files but no usi run (no {RECIPE_FILE}); it is never "
+                             f"written into: choose another run.dir")
+        if existing:
             check_same_recipe(recipe, recipe_mod.read_yaml(run_dir / RECIPE_FILE), f"cannot resume {run_dir}")
         last = run_dir / checkpoint.LAST
         resume_from = (last if last.is_file() else None) if recipe.run.resume == "auto" else Path(recipe.run.resume)

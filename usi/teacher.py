@@ -1,9 +1,10 @@
 """The frozen teacher: a timm model by name, its weights, its own normalization, BN folded.
 
-Why not timm.task.DistillationTeacher: it loads weights only through timm's pretrained machinery,
-does not fold BatchNorm, does not pin eval mode against a caller's .train(), and re-normalizes with a
-division per call. This module keeps its formula (x * std_s + mean_s - mean_t) / std_t, precomputed
-as one multiply-add per element.
+Why not timm.task.DistillationTeacher (timm >= 1.0.25, which loads a local file too, via
+pretrained_path): it does not fold BatchNorm, does not resize the batch for a teacher that needs its own
+resolution, does not pin eval mode against a caller's .train(), and re-normalizes with a division per
+call. This module keeps its formula (x * std_s + mean_s - mean_t) / std_t, precomputed as one
+multiply-add per element.
 """
 from __future__ import annotations
 
@@ -116,8 +117,8 @@ def create_teacher_model(cfg) -> nn.Module:
     if not cfg.weights:
         try:
             return timm.create_model(cfg.name, pretrained=True, **cfg.kwargs)
-        except TypeError as e:  # an argument the architecture does not take
-            raise UsageError(f"teacher.kwargs {cfg.kwargs} do not fit {cfg.name}: {e}") from None
+        except (TypeError, KeyError) as e:  # an argument the architecture does not take, act_layer: nosuch
+            raise UsageError(f"teacher.kwargs {cfg.kwargs} do not fit {cfg.name}: {type(e).__name__}: {e}") from None
         except Exception as e:  # no hub access, unknown tag, ...
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(f"could not get pretrained weights for teacher {cfg.name} from timm ({first}); "
@@ -126,8 +127,9 @@ def create_teacher_model(cfg) -> nn.Module:
     try:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=classifier_classes(cfg.name, state),
                                   **cfg.kwargs)
-    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
-        raise UsageError(f"teacher.kwargs {cfg.kwargs} do not fit {cfg.name}: {str(e)[:200]}") from None
+    except Exception as e:  # TypeError, ValueError, KeyError (act_layer: nosuch), AssertionError, ...
+        raise UsageError(f"teacher.kwargs {cfg.kwargs} do not fit {cfg.name}: {type(e).__name__}: "
+                         f"{str(e)[:200]}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
@@ -143,7 +145,15 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         if key in state and isinstance(state[key], dict):
             state = state[key]
             break
-    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    tensors = {k.removeprefix("module."): v for k, v in state.items()
+               if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UsageError(f"{path} holds no weights (no tensors under names)")
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise UsageError(f"{path} holds non-finite (NaN or infinite) weights in {len(broken)} tensors, e.g. "
+                         f"{broken[0]}: weights of a diverged run")
+    return tensors
 
 
 def classifier_classes(name: str, state: dict) -> int | None:
@@ -151,7 +161,7 @@ def classifier_classes(name: str, state: dict) -> int | None:
     with torch.device("meta"):  # no memory, no init: only the classifier's name is wanted
         classifier = timm.create_model(name, pretrained=False).pretrained_cfg.get("classifier")
     weight = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
-    return int(weight.shape[0]) if weight is not None else None
+    return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
 
 
 # ---------------------------------------------------------------- BatchNorm folding

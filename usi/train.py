@@ -39,7 +39,7 @@ def train(recipe: Recipe) -> dict:
         setup_logging(None, dist.main)
         run_dir, resume_from, lock = rundir.plan(recipe, lock=dist.main)
         try:
-            training = make.build_training(recipe, dist, run_dir)
+            training = make.build_training(recipe, dist, run_dir, fresh=resume_from is None)
             ledger = resume(training, resume_from) if resume_from is not None else Ledger(Position(0, 0, 0), {}, [])
             ledger.started = started
             rundir.create(recipe, run_dir, dist, training.versions)
@@ -179,6 +179,9 @@ def evaluate_epoch(t: Training, teacher_logits: torch.Tensor | None) -> dict:
             distribute_bn(model, t.dist.world, reduce=False)
     metrics, _ = evaluate(models, t.val_loader, t.cfg.compute, n_bins=t.recipe.run.ece_bins,
                           teacher_logits=teacher_logits)
+    if metrics["raw"]["count"] == 0:
+        raise UsageError(f"no val image could be read ({t.val_split.bad_count(t.dist.device)} unreadable; see the "
+                         f"warnings above)")
     return metrics
 
 

@@ -41,7 +41,8 @@ def open_splits(cfg) -> tuple[Split, Split]:
     """The train and val splits of a recipe's data section; val takes train's classes."""
     root = Path(cfg.root)
     if not root.is_dir():
-        raise UsageError(f"data.root={cfg.root!r} does not exist (expected {root}/train and {root}/val)")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise UsageError(f"data.root={cfg.root!r} {what} (expected {root}/train and {root}/val)")
     train = open_split(cfg, "train")
     val = open_split(cfg, "val", classes=train.classes)
     missing = val.missing_classes()

@@ -26,7 +26,7 @@ log = logging.getLogger("usi")
 
 def find_classes(root: Path) -> list[str]:
     if not root.is_dir():
-        raise UsageError(f"image folder {root} does not exist")
+        raise UsageError(f"image folder {root} {'is a file, not a folder' if root.exists() else 'does not exist'}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UsageError(f"image folder {root} has no class folders (expected {root}/<class>/<image>.jpg)")

@@ -81,7 +81,10 @@ def read_index(split_dir: Path, pattern: str | None = None) -> tuple[list[str], 
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{path} is not a usi shard index ({type(e).__name__}: {str(e)[:100]}); "
                          f"write it again with usi shards") from None
-    urls = list(braceexpand.braceexpand(pattern)) if pattern else [str(split_dir / n) for n in names]
+    try:
+        urls = list(braceexpand.braceexpand(pattern)) if pattern else [str(split_dir / n) for n in names]
+    except braceexpand.UnbalancedBracesError as e:
+        raise UsageError(f"shard pattern {pattern!r}: {e} (a brace pattern is like shard-{{000000..000099}}.tar)") from None
     if len(urls) != len(names):
         raise UsageError(f"shard pattern {pattern!r} gives {len(urls)} shards but {path} lists {len(names)}")
     return urls, counts, classes
@@ -153,8 +156,11 @@ class ShardStream(IterableDataset):
     """One rank's share of the shards; each loader worker takes every n-th of those."""
 
     def __init__(self, urls: list[str], transform, *, rank: int, world: int, repeats: int = 1, train: bool = True,
-                 seed: int = 0, shuffle_buffer: int = 1000, bad: torch.Tensor | None = None):
+                 seed: int = 0, shuffle_buffer: int = 1000, bad: torch.Tensor | None = None,
+                 counts: list[int] | None = None):
         self.urls, self.transform, self.rank, self.world = urls, transform, rank, world
+        # samples per shard (index.json): a shard cut short or missing is counted by what it lacks
+        self.counts = dict(zip(urls, counts)) if counts is not None else None
         self.repeats, self.train, self.seed, self.shuffle_buffer = repeats, train, seed, shuffle_buffer
         self.epoch = 0
         self.bad = bad if bad is not None else torch.zeros(SLOTS, dtype=torch.int64).share_memory_()
@@ -167,11 +173,25 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         return order[self.rank::self.world][worker::workers]
 
-    def handler(self, error: Exception) -> bool:
+    def count_bad(self, n: int) -> None:
         info = get_worker_info()
-        self.bad[(info.id + 1) % SLOTS if info else 0] += 1
+        self.bad[(info.id + 1) % SLOTS if info else 0] += n
+
+    def handler(self, error: Exception) -> bool:
+        """A shard that cannot be opened or read on: with the index's counts, the samples it lacks are
+        counted at the end of the pass (short_shards); without, the error counts as one."""
+        if self.counts is None:
+            self.count_bad(1)
         log.warning(f"skipped a corrupt sample or shard: {type(error).__name__}: {str(error)[:160]}")
         return True  # keep going
+
+    def short_shards(self, seen: dict[str, int]) -> None:
+        """Count what each of this worker's shards lacks against index.json (truncated, missing)."""
+        for url in self.my_shards() if self.counts is not None else []:
+            missing = self.counts[url] - seen.get(url, 0)
+            if missing > 0:
+                self.count_bad(missing)
+                log.warning(f"shard {url}: {missing} of its {self.counts[url]} samples could not be read")
 
     def samples(self):
         """(image, label) per decoded sample, `repeats` times; for evaluation (image, label, position),
@@ -180,8 +200,10 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         stream = tariterators.url_opener([{"url": u} for u in self.my_shards()], handler=self.handler)
         stream = tar_file_expander(stream, handler=self.handler)
-        count = 0
+        count, seen = 0, {}
         for sample in tariterators.group_by_keys(stream, handler=self.handler):
+            url = sample.get("__url__")
+            seen[url] = seen.get(url, 0) + 1
             try:
                 if self.train and self.repeats > 1:  # decoded once, then augmented anew for each repeat
                     img, label = decode(sample)
@@ -191,14 +213,16 @@ class ShardStream(IterableDataset):
                     images = [img]
                 else:
                     img, label = decode(sample, self.transform)
-            except Exception as e:
-                self.handler(RuntimeError(f"{sample.get('__url__')}: {sample.get('__key__')}: {e}"))
+            except Exception as e:  # one sample that does not decode
+                self.count_bad(1)
+                log.warning(f"skipped a corrupt sample: {url}: {sample.get('__key__')}: {str(e)[:120]}")
                 continue
             if not self.train:
                 yield img, label, count * workers + worker
                 count += 1
                 continue
             yield from ((image, label) for image in images)
+        self.short_shards(seen)
 
     def __iter__(self):
         if not self.train or self.shuffle_buffer <= 1:
@@ -226,7 +250,7 @@ class ShardTrainLoader:
             raise UsageError(f"{len(split.urls)} shards cannot feed {dist.world} processes x {max(workers, 1)} loader "
                              f"workers; write smaller shards (usi shards --shard-size) or lower data.workers")
         self.stream = ShardStream(split.urls, transform, rank=dist.rank, world=dist.world, repeats=repeats,
-                                  train=True, seed=seed, bad=split.bad)
+                                  train=True, seed=seed, bad=split.bad)  # read errors count one each
         self.total, self.batch_size, self.seed = len(split), batch_size, seed
         self.world, self.rank = dist.world, dist.rank
         self.generator = torch.Generator()
@@ -270,7 +294,8 @@ def shard_eval_loader(split: ShardSplit, transform, *, batch_size: int, workers:
     """Every sample exactly once across ranks and workers, in order."""
     if len(split.urls) < dist.world:
         raise UsageError(f"{len(split.urls)} validation shards cannot be split over {dist.world} processes")
-    stream = ShardStream(split.urls, transform, rank=dist.rank, world=dist.world, train=False, bad=split.bad)
+    stream = ShardStream(split.urls, transform, rank=dist.rank, world=dist.world, train=False, bad=split.bad,
+                         counts=split.counts)
     usable = max(1, min(workers, len(split.urls[dist.rank::dist.world])))  # no worker left without a shard
     loader = DataLoader(stream, batch_size=batch_size, num_workers=usable if workers else 0, collate_fn=eval_collate,
                         pin_memory=dist.device.type == "cuda", drop_last=False, worker_init_fn=ignore_interrupts)
