@@ -44,3 +44,30 @@ def test_kl_is_computed_in_fp32_from_low_precision_logits():
     out = kd_kl(s, t)
     assert out.dtype == torch.float32
     assert torch.allclose(out, kd_kl(s.float(), t.float()))
+
+
+def test_hintons_weighting_is_alpha_ce_plus_one_minus_alpha_t_squared_kl():
+    from usi.loss import DistillLoss
+    s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.softmax(torch.randn(4, 6), 1)
+    ce, _ = usi_loss(s, y, None)
+    T = 4.0
+    task, kd = DistillLoss(weighting="hinton", alpha=0.3, temperature=T)(s, y, t)
+    assert torch.allclose(task, 0.3 * ce)
+    assert torch.allclose(kd, 0.7 * kd_kl(s, t, T))  # kd_kl includes the T^2 factor
+    task, kd = DistillLoss(weighting="hinton", alpha=0.3)(s, y, None)  # no teacher: the same baseline as usi's
+    assert torch.allclose(task, ce) and kd.item() == 0.0
+
+
+def test_the_recipe_chooses_the_weighting_and_refuses_mixed_settings():
+    import pytest
+
+    from usi import recipe as R
+    from usi.build import step_config
+    from usi.engine import Compute
+    from usi.errors import UsageError
+    recipe = R.load(None, ["loss.weighting=hinton", "loss.alpha=0.9", "loss.temperature=4"])
+    loss = step_config(recipe, Compute(torch.device("cpu")), 10, 1).loss
+    assert (loss.weighting, loss.alpha, loss.temperature) == ("hinton", 0.9, 4.0)
+    for bad in (["loss.weighting=hinton", "loss.kd_weight=2"], ["loss.weighting=hinton", "loss.hard_label=false"]):
+        with pytest.raises(UsageError, match="weighs the terms by loss.alpha alone"):
+            R.load(None, bad)

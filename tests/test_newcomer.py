@@ -218,3 +218,22 @@ def test_log_txt_starts_with_the_start_up_lines_and_the_summary_is_the_whole_run
         images / sum(r["train"]["time_s"] for r in records))
     assert summary["wall_time_s"] > summary["train_time_s"] / 2  # this invocation's, from start-up
     assert "resumed from" in (run / "log.txt").read_text()
+
+
+# ---------------------------------------------------------------- self-distillation
+
+
+def test_self_distillation_from_a_previous_run_with_the_student_started_from_the_teacher(image_root, tmp_path):
+    """The seed paper's self-distillation: the teacher is an earlier usi run of the same architecture (its
+    best.safetensors), and the student may start from those weights (teacher-init) or from scratch."""
+    first = tmp_path / "first"
+    assert usi_main(*train_args(image_root, first, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
+    best = json.loads((first / "summary.json").read_text())["best"]
+    weights = first / "best.safetensors"
+    kd = ["teacher.name=test_resnet", f"teacher.weights={weights}", "sched.epochs=1", "sched.warmup_epochs=0"]
+    for init, extra in (("scratch", []), ("teacher-init", [f"model.weights={weights}"])):
+        out = usi_main(*train_args(image_root, tmp_path / init, *kd, *extra))
+        assert out.returncode == 0, out.stderr[-2000:]
+        teacher = json.loads((tmp_path / init / "summary.json").read_text())["teacher_metrics"]
+        assert teacher["top1"] == best["value"] and teacher["count"] == 12  # the earlier run's best, measured anew
+        assert ("student weights from" in out.stderr) == (init == "teacher-init")

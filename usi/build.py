@@ -191,7 +191,7 @@ def create_mixup(recipe: Recipe, num_classes: int) -> Mixup | None:
 
 def step_config(recipe: Recipe, compute: Compute, num_classes: int, accum_steps: int) -> StepConfig:
     loss = DistillLoss(kd_weight=recipe.loss.kd_weight, temperature=recipe.loss.temperature,
-                       hard_label=recipe.loss.hard_label)
+                       hard_label=recipe.loss.hard_label, weighting=recipe.loss.weighting, alpha=recipe.loss.alpha)
     return StepConfig(compute=compute, num_classes=num_classes, loss=loss, accum_steps=accum_steps,
                       clip_grad=recipe.optim.clip_grad, label_smoothing=recipe.aug.label_smoothing)
 

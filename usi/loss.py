@@ -1,4 +1,5 @@
-"""USI's distillation loss: soft-target CE on the mixed labels + kd_weight * KL(teacher || student).
+"""USI's distillation loss: soft-target CE on the mixed labels + kd_weight * KL(teacher || student); or
+Hinton et al.'s weighting, alpha * CE + (1 - alpha) * T^2 * KL.
 
 timm's LogitDistillationTask computes the same two terms (and returns them apart), but inside a task
 object that owns the student, its DistillationTeacher and the forward pass. usi's step keeps the
@@ -39,11 +40,21 @@ def usi_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, teacher_l
 
 @dataclass(frozen=True)
 class DistillLoss:
-    """The recipe's loss settings, applied: (student logits, soft targets, teacher logits) -> (task, kd)."""
+    """The recipe's loss settings, applied: (student logits, soft targets, teacher logits) -> (task, kd).
+
+    weighting "hinton": task = alpha * CE and kd = (1 - alpha) * T^2 * KL (kd_kl carries the T^2); without a
+    teacher the task term is the plain CE, as for "usi" (the baseline is the same run either way).
+    """
     kd_weight: float = 5.0
     temperature: float = 1.0
     hard_label: bool = True
+    weighting: str = "usi"
+    alpha: float = 0.5
 
     def __call__(self, student_logits, soft_targets, teacher_logits):
+        if self.weighting == "hinton" and teacher_logits is not None:
+            task, kd = usi_loss(student_logits, soft_targets, teacher_logits, kd_weight=1.0 - self.alpha,
+                                temperature=self.temperature)
+            return self.alpha * task, kd
         return usi_loss(student_logits, soft_targets, teacher_logits, kd_weight=self.kd_weight,
                         temperature=self.temperature, hard_label=self.hard_label)

@@ -116,6 +116,10 @@ class LossSection:
     # below ~0.1 the T^2-scaled KD term vanishes in float32; Hinton et al. use up to 20
     temperature: float = setting(1.0, low=0.1, high=100.0, help="softmax temperature of the KD term")
     hard_label: bool = setting(True, help="false: KD term only, no cross-entropy on the mixed targets")
+    weighting: str = setting("usi", choices=("usi", "hinton"),
+                             help="usi: CE + kd_weight x KL (the published recipe); hinton: alpha x CE + "
+                                  "(1 - alpha) x T^2 x KL (Hinton et al. 2015; kd_weight is not used)")
+    alpha: float = setting(0.5, low=0.0, high=1.0, help="hinton weighting: the CE term's share")
 
 
 @dataclass
@@ -452,6 +456,10 @@ def validate(recipe: Recipe) -> None:
                          f"sched.epochs={recipe.sched.epochs}")
     if mixes(recipe.aug) and recipe.data.batch_size % 2:
         raise UsageError(f"data.batch_size={recipe.data.batch_size} must be even for mixup/cutmix")
+    if recipe.loss.weighting == "hinton" and (recipe.loss.kd_weight != LossSection.kd_weight or
+                                               not recipe.loss.hard_label):
+        raise UsageError("loss.weighting=hinton weighs the terms by loss.alpha alone: leave loss.kd_weight and "
+                         "loss.hard_label as they are (alpha=0 is KD only)")
     if recipe.run.best_metric in ("agreement", "kl") and not recipe.kd:
         raise UsageError(f"run.best_metric={recipe.run.best_metric} needs a teacher (teacher.name is null); "
                          f"use top1, top5, nll or ece")
