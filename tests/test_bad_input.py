@@ -648,3 +648,20 @@ def test_val_data_that_is_all_unreadable_ends_in_one_line(image_root, tmp_path):
 
 def test_quickstart_out_in_a_place_that_takes_no_files_is_one_line(tmp_path):
     one_error(usi_main("quickstart", "--out", "/proc/usi_quickstart_test"), "/proc/usi_quickstart_test")
+
+
+def test_yaml_aliases_are_refused_in_recipe_files_and_in_checkpoint_metadata(image_root, tmp_path):
+    """Nested aliases ("billion laughs") expand a few lines into gigabytes: a recipe has no use for them."""
+    from safetensors import safe_open
+    bomb = 'a: &a ["x","x","x","x","x","x","x","x","x"]\\n' + "".join(
+        f'{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\\n' for p, c in zip("abcdefgh", "bcdefghi"))
+    (tmp_path / "bomb.yaml").write_text(bomb.replace("\\n", "\n"))
+    one_error(usi_main("train", str(tmp_path / "bomb.yaml")), "YAML aliases (*name) are not allowed")
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
+    with safe_open(str(run / "best.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    checkpoint.export_weights(tensors, tmp_path / "bomb.safetensors", {**meta, "recipe": bomb.replace("\\n", "\n")})
+    started = time.time()
+    one_error(usi_main("eval", str(tmp_path / "bomb.safetensors"), f"data.root={image_root}"), "stored recipe")
+    assert time.time() - started < 30

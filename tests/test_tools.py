@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 import timm
 from conftest import REPO, TINY
 from safetensors.torch import save_file
@@ -78,3 +79,14 @@ def test_loader_bench_times_both_paths_from_folders_and_shards(tmp_path):
     (row,) = [line for line in out.stdout.splitlines() if line.startswith("| 1 |")]
     cells = [float(c) for c in row.strip("| \n").split(" | ")[1:]]
     assert len(cells) == 8 and all(c > 0 for c in cells)
+
+
+def test_usi_table_takes_overrides_before_or_after_its_flags():
+    from usi.bench_table import DEFAULT_MODELS, parse
+    args = parse(["recipes/usi.yaml", "--nproc", "8", "--out", "runs/t", "data.root=/data/imagenet"])
+    assert args.overrides == ["data.root=/data/imagenet"] and args.nproc == 8 and args.models == DEFAULT_MODELS
+    args = parse(["recipes/usi.yaml", "optim.lr=1e-3", "--models", "resnet50", "vit_small_patch16_224",
+                  "data.root=/d"])
+    assert args.models == ["resnet50", "vit_small_patch16_224"] and args.overrides == ["optim.lr=1e-3", "data.root=/d"]
+    with pytest.raises(SystemExit):
+        parse(["recipes/usi.yaml", "--nproc", "1", "--bogus"])

@@ -75,7 +75,7 @@ def evaluate(run_dir: Path, eval_overrides: list[str], overrides: list[str], npr
     return metrics
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="usi table", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe")
@@ -86,7 +86,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/table"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where inference throughput and GMACs are measured")
-    args = p.parse_args(argv)
+    # overrides may come before or after the flags, as in `usi train` (and after --models' names)
+    args, extra = p.parse_known_args(argv)
+    if any("=" not in e or e.startswith("-") for e in extra):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += [m for m in args.models if "=" in m] + extra
+    args.models = [m for m in args.models if "=" not in m] or DEFAULT_MODELS
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     base = recipe_mod.load(args.recipe, args.overrides)  # a bad recipe fails here, once, in one line
     # usi eval takes paths from its command line only (never from a checkpoint): name them all
     locations = ([f"data.root={base.data.root}", f"data.val_split={base.data.val_split}"]

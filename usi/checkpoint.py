@@ -14,10 +14,10 @@ import zipfile
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from usi.errors import UsageError
+from usi.recipe import parse_yaml
 
 LAST = "last.pt"
 BEST = "best.safetensors"
@@ -75,8 +75,8 @@ def load(path: Path) -> dict:
 def check_training_state(saved: dict, path: Path) -> dict:
     """What a resume reads besides the weights: a recipe (a YAML mapping), the class list, the position."""
     try:
-        recipe = yaml.safe_load(saved.get("recipe")) if isinstance(saved.get("recipe"), str) else None
-    except yaml.YAMLError:
+        recipe = parse_yaml(saved["recipe"], "recipe") if isinstance(saved.get("recipe"), str) else None
+    except UsageError:
         recipe = None
     classes = saved.get("classes")
     if not isinstance(recipe, dict) or not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from usi import build as make
 from usi import checkpoint, data, distributed
@@ -57,8 +56,8 @@ def read_checkpoint(path: Path) -> Saved:
 def checked(saved: Saved) -> Saved:
     """The metadata must be what usi writes: a recipe (a YAML mapping) and a list of class names."""
     try:
-        tree = yaml.safe_load(saved.recipe_yaml) if isinstance(saved.recipe_yaml, str) else None
-    except yaml.YAMLError:
+        tree = recipe_mod.parse_yaml(saved.recipe_yaml, "stored recipe") if isinstance(saved.recipe_yaml, str) else None
+    except UsageError:
         tree = None
     if not isinstance(tree, dict) or not all(isinstance(v, (dict, type(None))) for v in tree.values()):
         raise UsageError(f"{saved.path}: its stored recipe is not a usi recipe (damaged or edited metadata)")
@@ -95,7 +94,7 @@ def eval_recipe(stored: dict, overrides: list[str]):
 def evaluate_checkpoint(path: Path, overrides: list[str], verbose: bool = True) -> dict | None:
     setup_logging(None, distributed.env_rank() == 0 and verbose)  # not verbose: warnings only
     saved = read_checkpoint(path)
-    stored = yaml.safe_load(saved.recipe_yaml)
+    stored = recipe_mod.parse_yaml(saved.recipe_yaml, f"{path}'s stored recipe")
     trained_size = recipe_mod.from_dict(stored).data.input_size
     recipe = eval_recipe(stored, overrides)
     dist = distributed.setup(recipe.run.device)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import timm
 import torch
-import yaml
 
 from usi import build as make
 from usi import checkpoint
@@ -36,7 +35,7 @@ def export(path: Path, out: Path, weights: str | None = None, onnx: bool = False
     name = weights or ("ema" if "ema" in saved.variants else next(iter(saved.variants)))
     if name not in saved.variants:
         raise UsageError(f"{path} holds {', '.join(saved.variants)} weights, not {name!r}")
-    recipe = recipe_mod.from_dict(yaml.safe_load(saved.recipe_yaml))
+    recipe = recipe_mod.from_dict(recipe_mod.parse_yaml(saved.recipe_yaml, f"{path}'s stored recipe"))
     state = saved.variants[name]
     broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if broken:

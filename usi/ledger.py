@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
 
 from usi import checkpoint, environment, rundir
+from usi import recipe as recipe_mod
 from usi.build import Training
 from usi.engine import Position, TrainState, due
 from usi.errors import UsageError
@@ -55,7 +55,8 @@ def mid_epoch_checkpoint(t: Training, ledger: Ledger, at: Position) -> None:
 def resume(t: Training, path: Path) -> Ledger:
     """Restore a checkpoint into the built objects, after checking that it is this run's."""
     saved = checkpoint.restore(t.state, path)
-    rundir.check_same_recipe(t.recipe, yaml.safe_load(saved["recipe"]), f"cannot resume from {path}")
+    rundir.check_same_recipe(t.recipe, recipe_mod.parse_yaml(saved["recipe"], f"{path}'s recipe"),
+                             f"cannot resume from {path}")
     if saved["classes"] != t.classes:
         first = next((i for i, (a, b) in enumerate(zip(saved["classes"], t.classes)) if a != b),
                      min(len(saved["classes"]), len(t.classes)))

@@ -292,7 +292,15 @@ def from_tree(tree: dict, overrides: list[str] = ()) -> Recipe:
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, refusing a key given twice: plain YAML keeps the last one and silently drops the first
-    (a second `optim:` section would replace the whole first one)."""
+    (a second `optim:` section would replace the whole first one). Aliases are refused too: a recipe has
+    no use for them, and nested aliases ("billion laughs") expand a few lines into gigabytes, which a
+    checkpoint's stored recipe could carry."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise UsageError(f"YAML aliases (*name) are not allowed in a recipe (line {mark.line + 1})")
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -315,18 +323,28 @@ def read_yaml(path: Path) -> dict:
                          f"save it as UTF-8") from None
     except OSError as e:
         raise UsageError(f"recipe {path} cannot be read ({e.strerror})") from None
+    return parse_yaml(text, f"recipe {path}")
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few kB; a checkpoint's metadata could hold anything
+
+
+def parse_yaml(text: str, what: str) -> dict:
+    """A recipe's text (a file, or the copy stored in a checkpoint) as its tree of sections."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise UsageError(f"{what} is {len(text)} bytes; a recipe is a few kB")
     try:
         # SafeLoader refuses Python object tags (!!python/object...): a recipe cannot run code.
         tree = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except UsageError as e:
-        raise UsageError(f"recipe {path}: {e}") from None
+        raise UsageError(f"{what}: {e}") from None
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0]
-        raise UsageError(f"recipe {path} is not valid YAML: {first}") from None
+        raise UsageError(f"{what} is not valid YAML: {first}") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise UsageError(f"recipe {path} must be a mapping of sections, got {type(tree).__name__}")
+        raise UsageError(f"{what} must be a mapping of sections, got {type(tree).__name__}")
     return tree
 
 
