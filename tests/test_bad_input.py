@@ -317,7 +317,7 @@ def test_an_unreadable_val_image_is_left_out_and_reported_never_duplicated(image
     assert out.returncode == 0, out.stderr[-2000:]
     (record,) = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert record["raw"]["count"] == record["ema"]["count"] == 11
-    assert record["train"]["bad_images"] == 1  # what this epoch's own evaluation met
+    assert record["val_bad_images"] == 1 and record["train"]["bad_images"] == 0  # this epoch's evaluation met it
     report = strict_json(usi_main("eval", str(tmp_path / "r" / "last.pt"), f"data.root={data}", "--json").stdout)
     assert report["images"] == 11 and report["unreadable"] == 1
     assert all(m["count"] == 11 for m in report["students"].values())
@@ -665,3 +665,68 @@ def test_yaml_aliases_are_refused_in_recipe_files_and_in_checkpoint_metadata(ima
     started = time.time()
     one_error(usi_main("eval", str(tmp_path / "bomb.safetensors"), f"data.root={image_root}"), "stored recipe")
     assert time.time() - started < 30
+
+
+def test_odd_links_and_pixels_in_data_folders_are_refused_or_counted(image_root, tmp_path):
+    loop = tmp_path / "loop"
+    shutil.copytree(image_root, loop)
+    (loop / "train" / "zzloop").symlink_to(loop / "train")  # a class folder that is its own split
+    one_error(usi_main(*train_args(loop, tmp_path / "r")), "links back to")
+    odd = tmp_path / "odd"
+    shutil.copytree(image_root, odd)
+    (odd / "val" / "circle" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    Image.fromarray(np.full((20, 20), np.nan, np.float32)).save(odd / "val" / "circle" / "nan.tiff")
+    out = usi_main(*train_args(odd, tmp_path / "r2", "sched.epochs=1", "sched.warmup_epochs=0"))
+    assert out.returncode == 0, out.stderr
+    (record,) = read_jsonl(tmp_path / "r2" / "metrics.jsonl")
+    assert record["raw"]["count"] == 12 and record["val_bad_images"] == 2  # both listed, both unreadable
+    assert "RuntimeWarning" not in out.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  kwargs: " + "[" * 100000 + "]" * 100000 + "\n", "nested too deeply"),
+    ("? [a, b]\n: 1\n", "keys must be plain names"),
+])
+def test_yaml_a_recipe_cannot_hold_is_one_line_with_exit_2(tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    one_error(usi_main("train", str(tmp_path / "r.yaml")), message)
+
+
+def test_a_huge_value_is_not_echoed_back_whole(tmp_path):
+    (tmp_path / "r.yaml").write_text('model:\n  kwargs: {x: "' + "a" * 200_000 + '"}\n  nosuch: 1\n')
+    out = usi_main("train", str(tmp_path / "r.yaml"))
+    assert out.returncode == 2 and len(out.stderr) < 3000, len(out.stderr)
+
+
+def test_checkpoints_whose_weights_are_not_tensors_and_odd_export_targets_are_one_line(image_root, tmp_path):
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
+    state = torch.load(run / "last.pt", weights_only=True)
+    checkpoint.save({**{k: v for k, v in state.items() if k != "format"}, "student": {"w": [1, 2]}},
+                    tmp_path / "odd.pt")
+    one_error(usi_main("eval", str(tmp_path / "odd.pt"), f"data.root={image_root}"), "not a mapping of names")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    one_error(usi_main("export", str(run / "last.pt"), str(tmp_path / "dangling")), "is a link")
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o755)
+    assert usi_main("export", str(run / "last.pt"), str(mine)).returncode == 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((mine / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_shard_index_that_undercounts_its_shard_is_reported(image_root, tmp_path):
+    from usi.make_shards import main as make_shards
+    shards = tmp_path / "sh"
+    assert make_shards([str(image_root / "train"), str(shards / "train"), "--shard-size", "16"]) == 0
+    assert make_shards([str(image_root / "val"), str(shards / "val"), "--classes-from", str(image_root / "train"),
+                        "--shard-size", "4"]) == 0
+    index = json.loads((shards / "val" / "index.json").read_text())
+    index["shards"][0]["count"] -= 2
+    index["total"] -= 2
+    (shards / "val" / "index.json").write_text(json.dumps(index))
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
+    out = usi_main("eval", str(run / "best.safetensors"), "data.format=shards", f"data.root={shards}")
+    assert out.returncode == 0 and "holds 2 more samples than index.json says" in out.stderr, out.stderr

@@ -64,7 +64,8 @@ def test_non_finite_updates_are_skipped_and_counted():
 
 
 def test_too_many_non_finite_updates_in_a_row_stop_the_run():
-    with pytest.raises(NonFiniteError, match="3 non-finite updates in a row ending at update 3"):
+    with pytest.raises(NonFiniteError,
+                       match=r"3 non-finite updates in a row \(run.max_nonfinite=3 reached at update 3"):
         run(make_parts(Spy(poison=True), mixup=False), 5, limit=3)
 
 

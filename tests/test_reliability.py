@@ -139,7 +139,7 @@ def test_a_diverging_run_stops_naming_the_update_lr_and_checkpoint(image_root, t
                               "sched.warmup_epochs=0", "ema.enabled=false"))
     assert out.returncode == 1
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("usi: stopped")]
-    assert "non-finite updates in a row ending at update" in line and "lr" in line and "checkpoint" in line
+    assert "non-finite updates in a row (run.max_nonfinite=" in line and "lr now" in line and "checkpoint" in line
 
 
 def test_unreadable_images_are_skipped_counted_and_stop_past_the_limit(image_root, tmp_path):

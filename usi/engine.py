@@ -255,8 +255,8 @@ def read_logs(state: TrainState, sums: torch.Tensor, counted: int, guard: Guard)
         sums / max(counted, 1), torch.stack([guard.skipped, guard.worst, guard.worst_step]).float()]).tolist()
     lr = state.optimizer.param_groups[-1]["lr"]
     if worst >= guard.limit:
-        raise NonFiniteError(f"{int(worst)} non-finite updates in a row ending at update {int(worst_step)} "
-                             f"(lr {lr:.3g})")
+        raise NonFiniteError(f"{int(worst)} non-finite updates in a row (run.max_nonfinite={guard.limit} reached "
+                             f"at update {int(worst_step)}; lr now {lr:.3g})")
     return {"task_loss": task, "kd_loss": kd, "lr": lr, "skipped_updates": int(skipped)}
 
 

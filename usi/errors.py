@@ -12,5 +12,10 @@ def one_line(error: Exception) -> str:
     if not lines:
         return type(error).__name__
     if any("Traceback (most recent call last)" in line for line in lines):
-        return lines[-1].split("Error: ", 1)[-1]
-    return lines[0]
+        return shorten(lines[-1].split("Error: ", 1)[-1])
+    return shorten(lines[0])
+
+
+def shorten(line: str, limit: int = 1000) -> str:
+    """A line a person reads: a 50 MB value echoed back is cut, with how much was left out."""
+    return line if len(line) <= limit else f"{line[:limit]}... ({len(line) - limit} more characters)"

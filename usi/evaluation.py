@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 
 from usi import build as make
 from usi import checkpoint, data, distributed
@@ -54,7 +56,13 @@ def read_checkpoint(path: Path) -> Saved:
 
 
 def checked(saved: Saved) -> Saved:
-    """The metadata must be what usi writes: a recipe (a YAML mapping) and a list of class names."""
+    """The metadata must be what usi writes: a recipe (a YAML mapping) and a list of class names; the
+    weights, mappings of names to tensors."""
+    for name, state in saved.variants.items():
+        if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                           for k, v in state.items())):
+            raise UsageError(f"{saved.path}: its {name} weights are not a mapping of names to tensors (a damaged "
+                             f"checkpoint)")
     try:
         tree = recipe_mod.parse_yaml(saved.recipe_yaml, "stored recipe") if isinstance(saved.recipe_yaml, str) else None
     except UsageError:
@@ -139,6 +147,7 @@ def run_eval(recipe, saved: Saved, trained_size: int | None, dist) -> dict | Non
                                                             n_bins=recipe.run.ece_bins, dist=dist)
         report["teacher"]["name"] = recipe.teacher.name
         report["teacher_time_s"], report["teacher_cached"] = time.time() - t0, hit
+        report["teacher_cacheable"] = val.cache_identity() is not None
     t0 = time.time()
     results, _ = evaluate(models, loader, compute, n_bins=recipe.run.ece_bins, teacher_logits=logits)
     report["eval_time_s"] = time.time() - t0
@@ -177,6 +186,6 @@ def format_report(report: dict, as_json: bool = False) -> str:
         lines.append(f"{name:10s} " + " ".join(cells))
     if "teacher" in report:
         lines += ["", f"teacher {report['teacher']['name']}: logits "
-                      f"{'from cache' if report['teacher_cached'] else 'computed and cached'} "
+                      f"{'from cache' if report['teacher_cached'] else 'computed and cached' if report['teacher_cacheable'] else 'computed (shards are not cached)'} "
                       f"in {report['teacher_time_s']:.1f} s; students evaluated in {report['eval_time_s']:.1f} s"]
     return "\n".join(lines)

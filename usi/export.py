@@ -29,8 +29,8 @@ from usi.evaluation import read_checkpoint
 
 def export(path: Path, out: Path, weights: str | None = None, onnx: bool = False) -> dict:
     """Returns what was written and how closely each export reproduces the student's logits."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} exists and is not an empty folder; choose another --out")
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise UsageError(f"{out} exists (or is a link) and is not an empty folder; choose another --out")
     saved = read_checkpoint(path)
     name = weights or ("ema" if "ema" in saved.variants else next(iter(saved.variants)))
     if name not in saved.variants:
@@ -66,12 +66,21 @@ def export(path: Path, out: Path, weights: str | None = None, onnx: bool = False
         if onnx:
             report["onnx_max_abs_diff"] = onnx_difference(model, tmp / "model.onnx", x, expected)
         (tmp / "usi-export.json").write_text(json.dumps(report, indent=1))
+        readable_by_others(tmp, checkpoint.current_umask())
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
+
+
+def readable_by_others(folder: Path, umask: int) -> None:
+    """mkdtemp makes a private folder (0700) and safetensors private files (0600): give them the
+    permissions of anything else this user writes, so colleagues can load the export."""
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def timm_difference(folder: Path, x: torch.Tensor, expected: torch.Tensor) -> float:

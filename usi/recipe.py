@@ -341,6 +341,10 @@ def parse_yaml(text: str, what: str) -> dict:
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0]
         raise UsageError(f"{what} is not valid YAML: {first}") from None
+    except RecursionError:
+        raise UsageError(f"{what} is nested too deeply to be a recipe") from None
+    except TypeError as e:  # a complex key: `? [a, b]`
+        raise UsageError(f"{what}: keys must be plain names ({e})") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):

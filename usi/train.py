@@ -115,10 +115,11 @@ def loop(t: Training, ledger: Ledger, trackers: Trackers) -> dict:
                 record["eval_time_s"] = time.time() - t_eval
                 ledger.best = export_if_best(t, metrics, at.epoch, ledger.best)
                 record.update(metrics)
-            # ---- unreadable images met so far, this epoch's evaluation included
-            record["train"]["bad_images"] = bad_images(t)
-            if record["train"]["bad_images"] > recipe.data.max_bad_samples:
-                raise UsageError(f"{record['train']['bad_images']} unreadable images so far exceeds "
+            # ---- unreadable images met so far (train and val apart), this epoch's evaluation included
+            bad_train, bad_val = bad_images(t)
+            record["train"]["bad_images"], record["val_bad_images"] = bad_train, bad_val
+            if bad_train + bad_val > recipe.data.max_bad_samples:
+                raise UsageError(f"{bad_train + bad_val} unreadable images so far exceeds "
                                  f"data.max_bad_samples={recipe.data.max_bad_samples}; see the warnings above for "
                                  f"their paths")
             # ---- checkpoint at the epoch's end (the record with it), then log
@@ -221,13 +222,19 @@ def val_teacher(t: Training) -> tuple[dict, torch.Tensor | None]:
     metrics, logits, hit = teacher_val_logits(t.state.teacher, t.recipe.teacher, t.val_split, t.val_loader,
                                               compute=t.cfg.compute, n_bins=t.recipe.run.ece_bins, dist=t.dist)
     log.info(f"teacher val top-1 {metrics.get('top1', float('nan')):.2f} "
-             f"({'cached' if hit else 'computed and cached'}, {time.time() - t0:.1f} s)")
+             f"({cache_note(hit, t.val_split)}, {time.time() - t0:.1f} s)")
     return metrics, logits
 
 
-def bad_images(t: Training) -> int:
-    """Unreadable images met so far by any rank, over both splits (a collective call)."""
-    return t.train_split.bad_count(t.dist.device) + t.val_split.bad_count(t.dist.device)
+def cache_note(hit: bool, split) -> str:
+    if hit:
+        return "cached"
+    return "computed and cached" if split.cache_identity() is not None else "computed; shards are not cached"
+
+
+def bad_images(t: Training) -> tuple[int, int]:
+    """Unreadable images met so far by any rank, (train, val) (a collective call)."""
+    return t.train_split.bad_count(t.dist.device), t.val_split.bad_count(t.dist.device)
 
 
 def epoch_line(record: dict) -> str:

@@ -28,6 +28,11 @@ def find_classes(root: Path) -> list[str]:
     if not root.is_dir():
         raise UsageError(f"image folder {root} {'is a file, not a folder' if root.exists() else 'does not exist'}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    resolved = root.resolve()
+    for name in classes:  # a link back up the tree would hold the whole split again, under another label
+        target = (root / name).resolve()
+        if target == resolved or target in resolved.parents:
+            raise UsageError(f"class folder {root / name} links back to {target}, which holds it: remove the link")
     if not classes:
         raise UsageError(f"image folder {root} has no class folders (expected {root}/<class>/<image>.jpg)")
     return classes
@@ -43,7 +48,9 @@ def list_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
                          f"({len(unknown)} such folders)")
     samples = []
     for name in found:
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        # a dangling link named like an image stays in: reading it fails, and it is counted as unreadable
+        files = sorted(p for p in (root / name).rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink()))
         samples += [(str(p), index[name]) for p in files]
     return samples
 

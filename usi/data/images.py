@@ -35,6 +35,8 @@ def to_8bit(img: Image.Image) -> Image.Image:
         return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L")
     if img.mode == "F":
         values = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("a float image with NaN or infinite pixels")
         scale = 255.0 if values.min(initial=0) >= 0 and values.max(initial=0) <= 1 else 1.0  # [0, 1] or [0, 255]
         return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L")
     return img

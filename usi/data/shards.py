@@ -189,6 +189,9 @@ class ShardStream(IterableDataset):
         """Count what each of this worker's shards lacks against index.json (truncated, missing)."""
         for url in self.my_shards() if self.counts is not None else []:
             missing = self.counts[url] - seen.get(url, 0)
+            if missing < 0:
+                log.warning(f"shard {url} holds {-missing} more samples than index.json says ({self.counts[url]}): "
+                            f"the index is not this shard's; write both again with usi shards")
             if missing > 0:
                 self.count_bad(missing)
                 log.warning(f"shard {url}: {missing} of its {self.counts[url]} samples could not be read")
