@@ -39,6 +39,11 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
 
 
+def nan_copy(state: dict) -> dict:
+    """The weights of a diverged run: every floating-point tensor NaN."""
+    return {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def teacher_file(path, classes=4, name="test_resnet"):
     save_file(timm.create_model(name, num_classes=classes).state_dict(), str(path))
     return path
@@ -476,8 +481,7 @@ def test_eval_json_and_run_files_are_valid_json_for_diverged_weights(image_root,
     run = tmp_path / "r"
     assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
     state = checkpoint.load(run / "last.pt")
-    state["student"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                        for k, v in state["student"].items()}
+    state["student"] = nan_copy(state["student"])
     checkpoint.save({k: v for k, v in state.items() if k != "format"}, tmp_path / "nan.pt")
     out = usi_main("eval", str(tmp_path / "nan.pt"), f"data.root={image_root}", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -526,9 +530,7 @@ def test_a_folder_that_is_no_run_is_never_written_into(image_root, tmp_path):
 def test_more_values_that_a_library_rejects_are_one_line_before_any_run_directory(image_root, tmp_path, args,
                                                                                    message):
     teacher = teacher_file(tmp_path / "teacher.safetensors")
-    nan = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-           for k, v in timm.create_model("test_resnet", num_classes=4).state_dict().items()}
-    save_file(nan, str(tmp_path / "nan.safetensors"))
+    save_file(nan_copy(timm.create_model("test_resnet", num_classes=4).state_dict()), str(tmp_path / "nan.safetensors"))
     torch.save({1: torch.zeros(1)}, tmp_path / "int_keys.pth")
     (tmp_path / "afile").write_text("x")
     shards = tmp_path / "sh"
@@ -569,8 +571,7 @@ def test_weights_of_a_diverged_run_are_measured_as_wrong_and_not_exported(image_
     run = tmp_path / "r"
     assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
     state = checkpoint.load(run / "last.pt")
-    state["student"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                        for k, v in state["student"].items()}
+    state["student"] = nan_copy(state["student"])
     state["ema"] = {}
     checkpoint.save({k: v for k, v in state.items() if k != "format"}, tmp_path / "nan.pt")
     teacher = teacher_file(tmp_path / "teacher.safetensors")

@@ -72,15 +72,30 @@ def load(path: Path) -> dict:
     return state
 
 
+def metadata_problem(recipe_text, classes) -> str | None:
+    """What is wrong with the recipe and class list a checkpoint stores (last.pt's keys, or the metadata
+    of best.safetensors), or None: the recipe must be YAML sections, the classes a list of names."""
+    try:
+        tree = parse_yaml(recipe_text, "stored recipe") if isinstance(recipe_text, str) else None
+    except UsageError:
+        tree = None
+    if not isinstance(tree, dict) or not all(isinstance(v, (dict, type(None))) for v in tree.values()):
+        return "its stored recipe is not a usi recipe"
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        return "its stored class list is not a list of class names"
+    return None
+
+
+def non_finite(state: dict) -> list[str]:
+    """Names of the floating-point tensors holding NaN or infinity (the weights of a diverged run)."""
+    return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def check_training_state(saved: dict, path: Path) -> dict:
     """What a resume reads besides the weights: a recipe (a YAML mapping), the class list, the position."""
-    try:
-        recipe = parse_yaml(saved["recipe"], "recipe") if isinstance(saved.get("recipe"), str) else None
-    except UsageError:
-        recipe = None
-    classes = saved.get("classes")
-    if not isinstance(recipe, dict) or not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-        raise UsageError(f"{path} is a damaged usi checkpoint: its recipe or class list is unreadable")
+    problem = metadata_problem(saved.get("recipe"), saved.get("classes"))
+    if problem:
+        raise UsageError(f"{path} is a damaged usi checkpoint: {problem}")
     for key in ("epoch", "step", "num_updates"):
         if not isinstance(saved.get(key), int):
             raise UsageError(f"{path} is a damaged usi checkpoint: no training position ({key})")

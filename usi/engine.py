@@ -294,15 +294,12 @@ def evaluate(models: dict[str, nn.Module], loader, compute: Compute, *, n_bins: 
     if teacher_logits is not None:
         teacher_logits = teacher_logits.to(compute.device)
     kept = []  # (positions, logits) of this rank's samples
-    batches, broken = iter(loader), None
+    batches = iter(loader)
     while True:
-        try:
-            x, target = next(batches)  # target rows: [label, the sample's position in this rank's pass]
-        except StopIteration:
+        batch, broken = next_batch(batches)  # a worker killed by a SIGTERM to the group: broken
+        if batch is None:
             break
-        except (RuntimeError, OSError, EOFError) as e:  # a worker died (a SIGTERM to the group?): see next_batch
-            broken = e
-            break
+        x, target = batch  # target rows: [label, the sample's position in this rank's pass]
         if len(target) == 0:
             continue  # every image of this batch was unreadable
         y, pos = target[:, 0], target[:, 1]

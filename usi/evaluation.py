@@ -63,15 +63,9 @@ def checked(saved: Saved) -> Saved:
                                                            for k, v in state.items())):
             raise UsageError(f"{saved.path}: its {name} weights are not a mapping of names to tensors (a damaged "
                              f"checkpoint)")
-    try:
-        tree = recipe_mod.parse_yaml(saved.recipe_yaml, "stored recipe") if isinstance(saved.recipe_yaml, str) else None
-    except UsageError:
-        tree = None
-    if not isinstance(tree, dict) or not all(isinstance(v, (dict, type(None))) for v in tree.values()):
-        raise UsageError(f"{saved.path}: its stored recipe is not a usi recipe (damaged or edited metadata)")
-    if not (isinstance(saved.classes, list) and saved.classes and all(isinstance(c, str) for c in saved.classes)):
-        raise UsageError(f"{saved.path}: its stored class list is not a list of class names (damaged or edited "
-                         f"metadata)")
+    problem = checkpoint.metadata_problem(saved.recipe_yaml, saved.classes)
+    if problem:
+        raise UsageError(f"{saved.path}: {problem} (damaged or edited metadata)")
     return saved
 
 
@@ -185,7 +179,8 @@ def format_report(report: dict, as_json: bool = False) -> str:
         cells = [format(m[key], fmt) if key in m else f"{'-':>{widths[key]}s}" for key, (_, fmt) in COLUMNS.items()]
         lines.append(f"{name:10s} " + " ".join(cells))
     if "teacher" in report:
-        lines += ["", f"teacher {report['teacher']['name']}: logits "
-                      f"{'from cache' if report['teacher_cached'] else 'computed and cached' if report['teacher_cacheable'] else 'computed (shards are not cached)'} "
+        how = ("from cache" if report["teacher_cached"] else
+               "computed and cached" if report["teacher_cacheable"] else "computed (shards are not cached)")
+        lines += ["", f"teacher {report['teacher']['name']}: logits {how} "
                       f"in {report['teacher_time_s']:.1f} s; students evaluated in {report['eval_time_s']:.1f} s"]
     return "\n".join(lines)

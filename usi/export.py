@@ -37,7 +37,7 @@ def export(path: Path, out: Path, weights: str | None = None, onnx: bool = False
         raise UsageError(f"{path} holds {', '.join(saved.variants)} weights, not {name!r}")
     recipe = recipe_mod.from_dict(recipe_mod.parse_yaml(saved.recipe_yaml, f"{path}'s stored recipe"))
     state = saved.variants[name]
-    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = checkpoint.non_finite(state)
     if broken:
         raise UsageError(f"{path}: the {name} weights hold NaN or infinite values ({len(broken)} tensors, e.g. "
                          f"{broken[0]}): a diverged run; nothing worth exporting")

@@ -22,7 +22,7 @@ from timm.layers import BatchNormAct2d
 from timm.layers._fx import get_notrace_functions, get_notrace_modules
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from usi.checkpoint import load_state_file, mismatch
+from usi.checkpoint import load_state_file, mismatch, non_finite
 from usi.errors import UsageError
 
 log = logging.getLogger("usi")
@@ -149,7 +149,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
                if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise UsageError(f"{path} holds no weights (no tensors under names)")
-    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    broken = non_finite(tensors)
     if broken:
         raise UsageError(f"{path} holds non-finite (NaN or infinite) weights in {len(broken)} tensors, e.g. "
                          f"{broken[0]}: weights of a diverged run")

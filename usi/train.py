@@ -89,8 +89,9 @@ def loop(t: Training, ledger: Ledger, trackers: Trackers) -> dict:
         except LoaderBroken:
             if not stops.agree()[0]:
                 raise
-        if stops.agree()[0]:
-            stop(t, ledger, stops.agree()[0])
+        signum = stops.agree()[0]
+        if signum:
+            stop(t, ledger, signum)
         while ledger.at.epoch < stop_at:
             at = ledger.at
             if ledger.pending is not None and at.step >= t.steps:

@@ -84,7 +84,8 @@ def read_index(split_dir: Path, pattern: str | None = None) -> tuple[list[str], 
     try:
         urls = list(braceexpand.braceexpand(pattern)) if pattern else [str(split_dir / n) for n in names]
     except braceexpand.UnbalancedBracesError as e:
-        raise UsageError(f"shard pattern {pattern!r}: {e} (a brace pattern is like shard-{{000000..000099}}.tar)") from None
+        raise UsageError(f"shard pattern {pattern!r}: {e} (a brace pattern is like "
+                         f"shard-{{000000..000099}}.tar)") from None
     if len(urls) != len(names):
         raise UsageError(f"shard pattern {pattern!r} gives {len(urls)} shards but {path} lists {len(names)}")
     return urls, counts, classes
@@ -211,11 +212,9 @@ class ShardStream(IterableDataset):
                 if self.train and self.repeats > 1:  # decoded once, then augmented anew for each repeat
                     img, label = decode(sample)
                     images = [self.transform(img) if self.transform else img for _ in range(self.repeats)]
-                elif self.train:
+                else:  # the transform decodes only what it needs (see usi/data/images.py)
                     img, label = decode(sample, self.transform)
                     images = [img]
-                else:
-                    img, label = decode(sample, self.transform)
             except Exception as e:  # one sample that does not decode
                 self.count_bad(1)
                 log.warning(f"skipped a corrupt sample: {url}: {sample.get('__key__')}: {str(e)[:120]}")
