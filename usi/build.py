@@ -13,7 +13,7 @@ from pathlib import Path
 import timm
 import torch
 from timm.data import Mixup, resolve_model_data_config
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
@@ -25,7 +25,7 @@ from usi.engine import Compute, StepConfig, TrainState
 from usi.errors import UsageError
 from usi.loss import DistillLoss
 from usi.recipe import Recipe, mixes
-from usi.teacher import Teacher, build_teacher
+from usi.teacher import Ensemble, Teacher, build_teachers
 
 log = logging.getLogger("usi")
 
@@ -135,11 +135,13 @@ def place(model: torch.nn.Module, compute: Compute) -> torch.nn.Module:
     return model
 
 
-def teacher_for(recipe: Recipe, num_classes: int, spec: InputSpec, compute: Compute) -> Teacher | None:
+def teacher_for(recipe: Recipe, num_classes: int, spec: InputSpec, compute: Compute) -> Teacher | Ensemble | None:
+    """The frozen teacher, or the ensemble of teacher and teacher.extra; None without distillation."""
     if not recipe.kd:
         return None
-    return build_teacher(recipe.teacher, num_classes, student_mean=spec.mean, student_std=spec.std,
-                         student_size=spec.size, device=compute.device, channels_last=compute.channels_last)
+    return build_teachers(recipe.teachers(), recipe.teacher.combine, num_classes, student_mean=spec.mean,
+                          student_std=spec.std, student_size=spec.size, device=compute.device,
+                          channels_last=compute.channels_last)
 
 
 def batch_plan(recipe: Recipe, world: int) -> tuple[int, float, str]:
@@ -158,14 +160,39 @@ def batch_plan(recipe: Recipe, world: int) -> tuple[int, float, str]:
                            f"lr {lr:g} x {scale:.4g} ({rule}) = {lr * scale:g}")
 
 
-def create_optimizer(recipe: Recipe, student: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+def create_optimizer(recipe: Recipe, student: torch.nn.Module, lr: float,
+                     extra: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """timm's optimizer for the student; `extra` (feature KD's projection) joins it as groups of its own,
+    at the full lr with the same weight decay (none on biases), so layer decay sees the student alone."""
     fused = recipe.optim.name in ("adamw", "adam") and all(p.dtype == torch.float32 for p in student.parameters())
     try:
-        return create_optimizer_v2(student, opt=recipe.optim.name, lr=lr, weight_decay=recipe.optim.weight_decay,
-                                   eps=recipe.optim.eps, layer_decay=recipe.optim.layer_decay,
-                                   **({"fused": True} if fused else {}))
+        optimizer = create_optimizer_v2(student, opt=recipe.optim.name, lr=lr,
+                                        weight_decay=recipe.optim.weight_decay, eps=recipe.optim.eps,
+                                        layer_decay=recipe.optim.layer_decay, **({"fused": True} if fused else {}))
     except (ValueError, AssertionError) as e:
         raise UsageError(f"optim.name={recipe.optim.name!r}: {e}") from None
+    if extra is not None:
+        for group in param_groups_weight_decay(extra, recipe.optim.weight_decay):
+            if group["params"]:
+                optimizer.add_param_group(group)
+    return optimizer
+
+
+def feature_kd(recipe: Recipe, student: torch.nn.Module, teacher, size: int):
+    """(the student wrapped with its projection, the teacher side) for features.student/teacher."""
+    from usi import features
+    from usi.teacher import primary
+
+    first = primary(teacher)
+    wrapper, kd = features.build(recipe.features, student, first.model, size, first.input_size,
+                                 next(student.parameters()).device)
+    log.info(features.describe(wrapper, recipe.features))
+    return wrapper, kd
+
+
+def wrapped_projector(wrapped: torch.nn.Module) -> torch.nn.Module | None:
+    inner = getattr(wrapped, "module", wrapped)  # DDP keeps the wrapped module as .module
+    return getattr(inner, "projector", None)
 
 
 def create_scheduler(recipe: Recipe, optimizer, updates_per_epoch: int):
@@ -255,23 +282,26 @@ def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path, fresh:
     if steps % accum:
         log.warning(f"{steps} steps per epoch is not a multiple of {accum} accumulation steps; "
                     f"the last {steps % accum} steps of each epoch carry gradient into the next")
-    optimizer = create_optimizer(recipe, student, lr)
+    ema = create_ema(recipe, student)  # before feature KD's hook: the EMA copy must not carry it
+    wrapped, features = student, None
+    if recipe.features.student:
+        wrapped, features = feature_kd(recipe, student, teacher, spec.size)
+    optimizer = create_optimizer(recipe, student, lr, extra=wrapped.projector if features else None)
     scheduler, epochs = create_scheduler(recipe, optimizer, steps // accum)
-    ema = create_ema(recipe, student)
-    wrapped = student
     if dist.distributed:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(student, device_ids=device_ids)
+        wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
     if recipe.run.compile:
         wrapped = torch.compile(wrapped)
         if teacher is not None:
             teacher.compile()
     state = TrainState(student=student, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
-                       ema=ema, scaler=grad_scaler(compute), mixup=create_mixup(recipe, num_classes))
+                       ema=ema, scaler=grad_scaler(compute), mixup=create_mixup(recipe, num_classes),
+                       features=features, projector=wrapped_projector(wrapped))
     params = sum(p.numel() for p in student.parameters())
     log.info(f"student {recipe.model.name}: {params / 1e6:.2f}M params, input {spec.size}, {num_classes} classes, "
              f"{len(train_split)} train / {len(val_split)} val images, {steps} steps x {epochs} epochs"
-             + (f", teacher {recipe.teacher.name}" if teacher is not None else ", no teacher"))
+             + (f", teacher {' + '.join(t.name for t in recipe.teachers())}" if teacher is not None else ", no teacher"))
     return Training(recipe=recipe, dist=dist, run_dir=run_dir, state=state,
                     cfg=step_config(recipe, compute, num_classes, accum), train_split=train_split,
                     val_split=val_split, train_loader=train_loader, val_loader=val_loader, steps=steps, epochs=epochs,
@@ -294,15 +324,23 @@ def dry_run(recipe: Recipe) -> str:
     spec = input_spec(student, recipe.data.input_size)
     check_input_size(recipe.model, classes, spec.size)
     teacher = teacher_for(recipe, classes, spec, Compute(torch.device("cpu")))
+    feature_line = []
+    if recipe.features.student:
+        from usi import features
+
+        feature_line = [features.describe(feature_kd(recipe, student, teacher, spec.size)[0], recipe.features)]
     steps = data.train_loader(train_split, recipe.data, recipe.aug, spec, seed=recipe.run.seed,
                               dist=dist).steps_per_epoch()
     steps = min(steps, recipe.run.max_steps) if recipe.run.max_steps else steps
     epochs = recipe.sched.epochs + recipe.sched.cooldown_epochs
     params = sum(p.numel() for p in student.parameters())
-    teacher_line = "none" if teacher is None else (
-        f"{recipe.teacher.name}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, "
-        f"{recipe.teacher.weights or 'timm pretrained weights'}, {classes} classes, "
-        f"sees {teacher.input_size or spec.size} px")
+    members = teacher.members if isinstance(teacher, Ensemble) else [teacher] if teacher is not None else []
+    teacher_line = "; ".join(
+        f"{cfg.name}, {sum(p.numel() for p in m.parameters()) / 1e6:.1f}M params, "
+        f"{cfg.weights or 'timm pretrained weights'}, {classes} classes, sees {m.input_size or spec.size} px"
+        for cfg, m in zip(recipe.teachers(), members)) or "none"
+    if len(members) > 1:
+        teacher_line = f"an ensemble of {len(members)} (mean of their {recipe.teacher.combine}): {teacher_line}"
     return "\n".join([
         "# the effective recipe", recipe.to_yaml().rstrip(), "",
         "# the plan (nothing was written)",
@@ -311,6 +349,7 @@ def dry_run(recipe: Recipe) -> str:
         f"{classes} classes",
         f"student: {recipe.model.name}, {params / 1e6:.2f}M params, input {spec.size} px",
         f"teacher: {teacher_line}",
+        *feature_line,
         f"batch: {plan}; lr {lr:g}",
         f"steps: {steps} per epoch x {epochs} epochs = {steps * epochs} steps, {steps // accum * epochs} updates",
     ])

@@ -19,9 +19,11 @@ from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
 from usi import distributed
+from usi.features import FeatureKD
 from usi.loss import DistillLoss
 from usi.metrics import MetricSums
 from usi.progress import Progress, Rate, step_line
+from usi.teacher import Ensemble, combine_logits
 
 
 class NonFiniteError(RuntimeError):
@@ -66,6 +68,12 @@ class TrainState:
     ema: object | None = None  # timm ModelEmaV3
     scaler: torch.amp.GradScaler | None = None
     mixup: Mixup | None = None
+    features: FeatureKD | None = None  # feature KD: the teacher's tap and the loss (wrapped returns features)
+    projector: nn.Module | None = None  # feature KD's projection: trained, checkpointed, never exported
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """Everything the optimizer updates: the student's parameters, and the projection's."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
 @dataclass(frozen=True)
@@ -119,11 +127,13 @@ def forward_backward(state: TrainState, cfg: StepConfig, x: torch.Tensor, y: tor
     with (no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()):
         with cfg.compute.autocast():
             teacher_logits = state.teacher(x) if state.teacher is not None else None
-            student_logits = state.wrapped(x)
+            out = state.wrapped(x)
+        student_logits, projected = out if isinstance(out, tuple) else (out, None)
         task, kd = cfg.loss(student_logits, y, teacher_logits)
-        loss = (task + kd) / cfg.accum_steps
+        feature = state.features.loss(projected) if state.features is not None else torch.zeros_like(task)
+        loss = (task + kd + feature) / cfg.accum_steps
         (state.scaler.scale(loss) if state.scaler is not None else loss).backward()
-    return task.detach(), kd.detach()
+    return task.detach(), kd.detach(), feature.detach()
 
 
 def optimizer_update(state: TrainState, cfg: StepConfig) -> torch.Tensor:
@@ -135,7 +145,7 @@ def optimizer_update(state: TrainState, cfg: StepConfig) -> torch.Tensor:
     opt = state.optimizer
     if state.scaler is not None:
         state.scaler.unscale_(opt)
-    params = [p for p in state.student.parameters() if p.grad is not None]
+    params = [p for p in state.trained_parameters() if p.grad is not None]
     if cfg.clip_grad:
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
     else:
@@ -175,7 +185,7 @@ def train_one_epoch(state: TrainState, cfg: StepConfig, batches, *, start: Posit
     loader that broke after a signal ends it at once, at the last finished update.
     """
     state.wrapped.train()
-    sums = torch.zeros(2, device=cfg.compute.device)
+    sums = torch.zeros(3, device=cfg.compute.device)
     counted, rate, timer_images, last, rates = 0, Rate(), 0, {}, []
     updates, stopped_by, end = start.updates, 0, None
     boundary = start  # the last position between two updates
@@ -200,8 +210,7 @@ def train_one_epoch(state: TrainState, cfg: StepConfig, batches, *, start: Posit
         # ---- forward and backward on one (mixed) batch
         x, y = prepare_batch(state, cfg, *batch)
         sync = (step + 1) % cfg.accum_steps == 0
-        task, kd = forward_backward(state, cfg, x, y, sync=sync)
-        sums += torch.stack([task, kd])
+        sums += torch.stack(forward_backward(state, cfg, x, y, sync=sync))
         counted += 1
         timer_images += images_per_step
         # ---- update: optimizer, lr, EMA, non-finite guard
@@ -220,12 +229,14 @@ def train_one_epoch(state: TrainState, cfg: StepConfig, batches, *, start: Posit
             last = read_logs(state, sums, counted, guard)
             rates.append(rate(timer_images))
             timer_images = 0
-            progress.show(step_line({"task": last["task_loss"], "kd": last["kd_loss"], "lr": last["lr"],
-                                     "img/s": round(rates[-1])}, epoch=start.epoch, epochs=epochs, step=step + 1,
-                                    steps=steps, seconds_per_step=images_per_step / max(rates[-1], 1e-9)))
+            shown = {"task": last["task_loss"], "kd": last["kd_loss"]} | (
+                {"feat": last["feature_loss"]} if "feature_loss" in last else {})
+            progress.show(step_line({**shown, "lr": last["lr"], "img/s": round(rates[-1])}, epoch=start.epoch,
+                                    epochs=epochs, step=step + 1, steps=steps,
+                                    seconds_per_step=images_per_step / max(rates[-1], 1e-9)))
             if on_log is not None:
-                on_log(updates, {"task_loss": last["task_loss"], "kd_loss": last["kd_loss"], "lr": last["lr"],
-                                 "img_per_s": rates[-1]})
+                on_log(updates, {k: v for k, v in last.items() if k.endswith("_loss")}
+                       | {"lr": last["lr"], "img_per_s": rates[-1]})
         if stopped_by and sync and step + 1 < steps:  # at the epoch's last step, the epoch ends as usual
             end = boundary
             break
@@ -251,13 +262,16 @@ def next_batch(batches) -> tuple:
 
 def read_logs(state: TrainState, sums: torch.Tensor, counted: int, guard: Guard) -> dict:
     """The one host sync of a logging interval; stops the run after too many bad updates in a row."""
-    task, kd, skipped, worst, worst_step = torch.cat([
+    task, kd, feature, skipped, worst, worst_step = torch.cat([
         sums / max(counted, 1), torch.stack([guard.skipped, guard.worst, guard.worst_step]).float()]).tolist()
-    lr = state.optimizer.param_groups[-1]["lr"]
+    lr = max(group["lr"] for group in state.optimizer.param_groups)  # the peak (layer decay scales the others)
     if worst >= guard.limit:
         raise NonFiniteError(f"{int(worst)} non-finite updates in a row (run.max_nonfinite={guard.limit} reached "
                              f"at update {int(worst_step)}; lr now {lr:.3g})")
-    return {"task_loss": task, "kd_loss": kd, "lr": lr, "skipped_updates": int(skipped)}
+    out = {"task_loss": task, "kd_loss": kd, "lr": lr, "skipped_updates": int(skipped)}
+    if state.features is not None:
+        out["feature_loss"] = feature
+    return out
 
 
 def fp32_logits(model: nn.Module, x: torch.Tensor, compute: Compute) -> torch.Tensor:
@@ -277,6 +291,20 @@ class LoaderBroken(RuntimeError):
     """An evaluation's loader died (on this rank or another): after a stop signal, a stop; else a failure."""
 
 
+def teacher_outputs(teacher: nn.Module, x: torch.Tensor, compute: Compute) -> torch.Tensor:
+    """A teacher's logits for metrics, [B, C]; an ensemble's are [B, 1 + M, C]: combined, then each member."""
+    if isinstance(teacher, Ensemble):
+        members = [fp32_logits(m, x, compute) for m in teacher.members]
+        return torch.stack([combine_logits(members, teacher.combine), *members], dim=1)
+    return fp32_logits(teacher, x, compute)
+
+
+def member_count(teacher: nn.Module | None, teacher_logits: torch.Tensor | None) -> int:
+    if isinstance(teacher, Ensemble):
+        return len(teacher.members)
+    return teacher_logits.shape[1] - 1 if teacher_logits is not None and teacher_logits.ndim == 3 else 0
+
+
 @torch.no_grad()
 def evaluate(models: dict[str, nn.Module], loader, compute: Compute, *, n_bins: int = 15,
              teacher: nn.Module | None = None, teacher_logits: torch.Tensor | None = None,
@@ -284,13 +312,17 @@ def evaluate(models: dict[str, nn.Module], loader, compute: Compute, *, n_bins: 
     """One pass over this rank's shard; every model sees the same batch. Exact across ranks.
 
     Teacher logits come from `teacher_logits` (this rank's samples, by position in its pass) when given,
-    else from running `teacher`, whose own metrics are then reported as "teacher". Returns
-    ({name: metrics}, this rank's teacher logits by position if kept, else None).
+    else from running `teacher`, whose own metrics are then reported as "teacher". An ensemble's logits
+    carry its members' too ([n, 1 + M, C]): agreement and KL are then against the ensemble, and each
+    model's "members" lists them against each member. Returns ({name: metrics}, this rank's teacher
+    logits by position if kept, else None).
     """
     for m in models.values():
         m.eval()
     run_teacher = teacher is not None and teacher_logits is None
-    sums = {name: MetricSums(n_bins, compute.device) for name in list(models) + (["teacher"] if run_teacher else [])}
+    members = member_count(teacher, teacher_logits)
+    names = list(models) + (["teacher"] if run_teacher else [])
+    sums = {(name, i): MetricSums(n_bins, compute.device) for name in names for i in [None, *range(members)]}
     if teacher_logits is not None:
         teacher_logits = teacher_logits.to(compute.device)
     kept = []  # (positions, logits) of this rank's samples
@@ -307,23 +339,41 @@ def evaluate(models: dict[str, nn.Module], loader, compute: Compute, *, n_bins: 
         if teacher_logits is not None:
             t = teacher_logits.index_select(0, pos)
         else:
-            t = fp32_logits(teacher, x, compute) if teacher is not None else None
+            t = teacher_outputs(teacher, x, compute) if teacher is not None else None
+        # against: None (no teacher), or [the teacher's (ensemble's) logits, then each member's]
+        against = None if t is None else ([t] if t.ndim == 2 else list(t.unbind(1)))
         for name, model in models.items():
-            sums[name].add(fp32_logits(model, x, compute), y, t)
+            logits = fp32_logits(model, x, compute)
+            for i, target_logits in enumerate(against or [None]):
+                sums[name, i - 1 if i else None].add(logits, y, target_logits)
         if run_teacher:
-            sums["teacher"].add(t, y)
+            for i, teacher_part in enumerate(against):
+                sums["teacher", i - 1 if i else None].add(teacher_part, y)
         if keep_teacher_logits and t is not None:
             kept.append((pos.cpu(), t.float().cpu()))  # fp32: cached and live metrics match exactly
     # every rank reaches this point, broken or not: all agree before the collective that sums the metrics
     if distributed.max_across(torch.tensor([float(broken is not None)], device=compute.device)).item():
         raise LoaderBroken("evaluation's data loader failed" + (f": {broken}" if broken else " on another rank"))
+    return summed(sums, names), (by_position(kept, local_size(loader)) if kept else None)
+
+
+def summed(sums: dict, names: list[str]) -> dict:
+    """{name: metrics} summed across ranks; with ensemble members, metrics["members"] lists each
+    member's: agreement and KL for a student, the member's own metrics for the teacher."""
+    if not sums:
+        return {}
+    flat = distributed.sum_across(torch.stack([s.flat() for s in sums.values()]))
+    for s, row in zip(sums.values(), flat):
+        s.load_flat(row)
     results = {}
-    if sums:
-        flat = distributed.sum_across(torch.stack([s.flat() for s in sums.values()]))
-        for (name, s), row in zip(sums.items(), flat):
-            s.load_flat(row)
-            results[name] = s.result()
-    return results, (by_position(kept, local_size(loader)) if kept else None)
+    for name in names:
+        results[name] = sums[name, None].result()
+        parts = [sums[key].result() for key in sums if key[0] == name and key[1] is not None]
+        if parts:
+            keep = (lambda m: m) if name == "teacher" else (
+                lambda m: {k: m[k] for k in ("agreement", "kl") if k in m})
+            results[name]["members"] = [keep(m) for m in parts]
+    return results
 
 
 def local_size(loader) -> int:
@@ -335,10 +385,10 @@ def local_size(loader) -> int:
 
 
 def by_position(chunks: list, size: int) -> torch.Tensor:
-    """[max(size, last position + 1), classes] logits, row p for the sample at position p; rows of
+    """[max(size, last position + 1), (1 + members,) classes] logits, row p for the sample at position p; rows of
     samples that could not be read stay NaN."""
     positions = torch.cat([p for p, _ in chunks])
     logits = torch.cat([v for _, v in chunks])
-    out = torch.full((max(size, int(positions.max()) + 1), logits.shape[1]), float("nan"))
+    out = torch.full((max(size, int(positions.max()) + 1), *logits.shape[1:]), float("nan"))
     out[positions] = logits
     return out

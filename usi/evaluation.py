@@ -79,16 +79,21 @@ def eval_recipe(stored: dict, overrides: list[str]):
     """The checkpoint's recipe without its locations, plus the user's overrides."""
     given = {recipe_mod.parse_override(item)[0] for item in overrides}
     tree = {section: dict(values or {}) for section, values in stored.items()}
-    stored_weights = (tree.get("teacher") or {}).get("weights")
+    stored_teacher = tree.get("teacher") or {}
+    members = stored_teacher.get("extra") if isinstance(stored_teacher.get("extra"), list) else []
+    stored_weights = stored_teacher.get("weights") or any(isinstance(m, dict) and m.get("weights") for m in members)
     for section, keys in LOCATIONS.items():
         for key in keys:
             (tree.get(section) or {}).pop(key, None)
+    if any(isinstance(m, dict) and m.get("weights") for m in members):
+        stored_teacher.pop("extra")  # an ensemble member's file: the command line names the ensemble again
     if "data.root" not in given:
         raise UsageError("usi eval needs data.root=<folder with the val split> on the command line: paths and "
                          "commands stored in a checkpoint are never used")
-    if stored_weights and not given & {"teacher.weights", "teacher.name"}:
+    if stored_weights and not given & {"teacher.weights", "teacher.name", "teacher.extra"}:
         log.warning("teacher not evaluated: the checkpoint names a teacher file, and files named in a checkpoint "
-                    "are never opened; pass teacher.weights=... to measure agreement")
+                    "are never opened; pass teacher.weights=... (and teacher.extra=[...] for an ensemble) to "
+                    "measure agreement")
         tree.setdefault("teacher", {})["name"] = None
     return recipe_mod.from_tree(tree, [*overrides, "run.resume=never"])
 
@@ -137,9 +142,11 @@ def run_eval(recipe, saved: Saved, trained_size: int | None, dist) -> dict | Non
     teacher = make.teacher_for(recipe, len(classes), spec, compute)
     if teacher is not None:
         t0 = time.time()
-        report["teacher"], logits, hit = teacher_val_logits(teacher, recipe.teacher, val, loader, compute=compute,
+        report["teacher"], logits, hit = teacher_val_logits(teacher, recipe, val, loader, compute=compute,
                                                             n_bins=recipe.run.ece_bins, dist=dist)
-        report["teacher"]["name"] = recipe.teacher.name
+        report["teacher"]["name"] = " + ".join(t.name for t in recipe.teachers())
+        for member, cfg in zip(report["teacher"].get("members", []), recipe.teachers()):
+            member["name"] = cfg.name
         report["teacher_time_s"], report["teacher_cached"] = time.time() - t0, hit
         report["teacher_cacheable"] = val.cache_identity() is not None
     t0 = time.time()
@@ -178,9 +185,23 @@ def format_report(report: dict, as_json: bool = False) -> str:
     for name, m in rows.items():
         cells = [format(m[key], fmt) if key in m else f"{'-':>{widths[key]}s}" for key, (_, fmt) in COLUMNS.items()]
         lines.append(f"{name:10s} " + " ".join(cells))
+    lines += member_lines(report)
     if "teacher" in report:
         how = ("from cache" if report["teacher_cached"] else
                "computed and cached" if report["teacher_cacheable"] else "computed (shards are not cached)")
         lines += ["", f"teacher {report['teacher']['name']}: logits {how} "
                       f"in {report['teacher_time_s']:.1f} s; students evaluated in {report['eval_time_s']:.1f} s"]
     return "\n".join(lines)
+
+
+def member_lines(report: dict) -> list[str]:
+    """An ensemble's members: each one's top-1, and each student's agreement and KL against each."""
+    members = report.get("teacher", {}).get("members")
+    if not members:
+        return []
+    lines = ["", f"{'against':10s} {'member':28s} {'top-1':>7s} {'agree':>7s} {'KL(t||s)':>9s}"]
+    for name, m in report["students"].items():
+        for i, (own, vs) in enumerate(zip(members, m.get("members", []))):
+            lines.append(f"{name:10s} {f'{i + 1}: ' + own.get('name', '?'):28.28s} {own.get('top1', float('nan')):7.2f} "
+                         f"{vs.get('agreement', float('nan')):7.2f} {vs.get('kl', float('nan')):9.4f}")
+    return lines

@@ -8,6 +8,7 @@ change of any one gives a new key. Every later evaluation of every student then 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from usi import checkpoint, distributed
 from usi.engine import Compute, evaluate
+from usi.teacher import Ensemble
 
 log = logging.getLogger("usi")
 
@@ -39,29 +41,36 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(teacher_cfg, split_identity: str, teacher, compute: Compute) -> str:
-    h = hashlib.sha256(b"usi teacher logits v2 (fp32 head)\n")
-    weights = teacher_cfg.weights
-    h.update(f"teacher {teacher_cfg.name} {file_digest(Path(weights)) if weights else 'timm-pretrained'} "
-             f"{teacher_cfg.input_size} {teacher_cfg.fold_bn} {sorted(teacher_cfg.kwargs.items())}\n".encode())
-    h.update(f"bridge {teacher.scale.flatten().tolist()} {teacher.shift.flatten().tolist()}\n".encode())
+def cache_key(teacher_cfgs: list, combine: str, split_identity: str, teacher, compute: Compute) -> str:
+    """teacher_cfgs: the recipe's teachers (one, or an ensemble's members in order); teacher: the built one."""
+    h = hashlib.sha256(b"usi teacher logits v3 (fp32 head, ensembles)\n")
+    members = teacher.members if isinstance(teacher, Ensemble) else [teacher]
+    for cfg, member in zip(teacher_cfgs, members, strict=True):
+        weights = cfg.weights
+        h.update(f"teacher {cfg.name} {file_digest(Path(weights)) if weights else 'timm-pretrained'} "
+                 f"{cfg.input_size} {cfg.fold_bn} {sorted(cfg.kwargs.items())}\n".encode())
+        h.update(f"bridge {member.scale.flatten().tolist()} {member.shift.flatten().tolist()}\n".encode())
+    if len(members) > 1:
+        h.update(f"combine {combine}\n".encode())
     h.update(f"split {split_identity}\n".encode())
     # The teacher pass's precision and layout change its logits' last bits (bf16: more than that).
     h.update(f"compute {compute.device.type} {compute.amp_dtype} {compute.channels_last}\n".encode())
     return h.hexdigest()[:32]
 
 
-def teacher_val_logits(teacher, teacher_cfg, split, loader, *, compute: Compute, n_bins: int,
+def teacher_val_logits(teacher, recipe, split, loader, *, compute: Compute, n_bins: int,
                        dist: distributed.Dist) -> tuple[dict, torch.Tensor, bool]:
     """(the teacher's val metrics, this rank's logits in loader order, whether the cache was hit).
 
-    `split` is the val split that `loader` reads; a split without a cache identity is not cached.
+    `split` is the val split that `loader` reads; a split without a cache identity is not cached. An
+    ensemble is cached as one entry: its combined logits and each member's ([N, 1 + M, C]).
     """
     identity = split.cache_identity()
     if identity is None:
         results, mine = evaluate({}, loader, compute, n_bins=n_bins, teacher=teacher, keep_teacher_logits=True)
         return results["teacher"], mine, False
-    path = cache_dir() / f"{cache_key(teacher_cfg, identity, teacher, compute)}.pt"
+    key = cache_key(recipe.teachers(), recipe.teacher.combine, identity, teacher, compute)
+    path = cache_dir() / f"{key}.pt"
     if is_file(path):
         try:
             state = checkpoint.load_state_file(path)
@@ -74,11 +83,11 @@ def teacher_val_logits(teacher, teacher_cfg, split, loader, *, compute: Compute,
     if distributed.max_across(torch.tensor([int(mine is None)], device=dist.device)).item():
         return results["teacher"], mine, False  # a rank read no image at all: nothing worth caching
     # Assemble the full [N, C] tensor: each rank fills its rows (rank::world), a sum joins them.
-    full = torch.zeros(len(split), mine.shape[1], device=dist.device)
+    full = torch.zeros(len(split), *mine.shape[1:], device=dist.device)
     full[dist.rank::dist.world] = mine.to(dist.device)
     full = distributed.sum_across(full).cpu()
     if dist.main:
-        metrics = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in results["teacher"].items()}
+        metrics = json.dumps(results["teacher"])  # a string: weights_only loads it back
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write(path, lambda tmp: torch.save({"logits": full, "metrics": metrics}, tmp))
@@ -89,6 +98,7 @@ def teacher_val_logits(teacher, teacher_cfg, split, loader, *, compute: Compute,
 
 
 def state_metrics(state: dict) -> dict:
-    out = {k: float(v) for k, v in state["metrics"].items()}
-    out["count"] = int(out["count"])
-    return out
+    metrics = json.loads(state["metrics"])
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("count"), int):
+        raise ValueError("damaged cache entry")
+    return metrics

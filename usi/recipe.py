@@ -64,6 +64,25 @@ class TeacherSection:
                                         help="resize the student's batch for the teacher; null: as is")
     fold_bn: bool = setting(True, help="fold BatchNorm into the preceding convolutions")
     kwargs: dict = setting(factory=dict, help="extra timm.create_model arguments for the teacher")
+    extra: list = setting(factory=list, help="more teachers, an ensemble: a list of {name, weights, input_size, "
+                                             "fold_bn, kwargs}, each with its own normalization")
+    combine: str = setting("probs", choices=("probs", "logits"),
+                           help="an ensemble's soft labels: the mean of its teachers' probabilities, or of "
+                                "their logits")
+
+
+# The keys a member of teacher.extra may have: a teacher's own settings, not the ensemble's.
+MEMBER_KEYS = ("name", "weights", "input_size", "fold_bn", "kwargs")
+
+
+@dataclass
+class FeaturesSection:
+    student: Optional[str] = setting(None, help="feature KD: the student module whose output is matched to the "
+                                                "teacher's (e.g. layer4, blocks.5, global_pool); null: off")
+    teacher: Optional[str] = setting(None, help="the teacher module it is matched to (the first teacher's)")
+    weight: float = setting(1.0, low=0.0, help="weight of the feature term, added to the task and KD terms")
+    loss: str = setting("mse", choices=("mse", "cosine"),
+                        help="mse, or cosine (1 - cosine similarity per position)")
 
 
 @dataclass
@@ -194,6 +213,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     aug: AugSection = field(default_factory=AugSection)
     loss: LossSection = field(default_factory=LossSection)
+    features: FeaturesSection = field(default_factory=FeaturesSection)
     optim: OptimSection = field(default_factory=OptimSection)
     sched: SchedSection = field(default_factory=SchedSection)
     ema: EmaSection = field(default_factory=EmaSection)
@@ -202,6 +222,12 @@ class Recipe:
     @property
     def kd(self) -> bool:
         return bool(self.teacher.name)
+
+    def teachers(self) -> list[TeacherSection]:
+        """Every teacher: teacher itself, then the members of teacher.extra (validated by `validate`)."""
+        if not self.kd:
+            return []
+        return [self.teacher] + [member_section(i, m) for i, m in enumerate(self.teacher.extra)]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -512,11 +538,49 @@ def validate(recipe: Recipe) -> None:
     if recipe.model.weights and not Path(recipe.model.weights).is_file():
         raise UsageError(f"model.weights={recipe.model.weights!r} does not exist")
     check_model_name("model.name", recipe.model.name)
-    if recipe.kd:
-        check_model_name("teacher.name", recipe.teacher.name)
-        if recipe.teacher.weights and not Path(recipe.teacher.weights).is_file():
-            raise UsageError(f"teacher.weights={recipe.teacher.weights!r} does not exist")
+    check_teachers(recipe)
+    check_features(recipe)
     recipe.run_dir()  # fails early on a bad template
+
+
+def member_section(index: int, member: Any) -> TeacherSection:
+    """teacher.extra[index] as a TeacherSection, its keys and values checked like the teacher's own."""
+    where = f"teacher.extra[{index}]"
+    if not isinstance(member, dict):
+        raise UsageError(f"{where} must be a mapping such as {{name: resnet50, weights: w.safetensors}}, "
+                         f"got {member!r}")
+    for key in member:
+        if key not in MEMBER_KEYS:
+            raise UsageError(f"unknown key {where}.{key}{suggest(key, MEMBER_KEYS)} (a member takes "
+                             f"{', '.join(MEMBER_KEYS)})")
+    if not member.get("name"):
+        raise UsageError(f"{where} needs a name (a timm model name)")
+    hints = typing.get_type_hints(TeacherSection)
+    section = TeacherSection(**{k: coerce(f"{where}.{k}", v, hints[k]) for k, v in member.items()})
+    for f in fields_of("teacher"):
+        if f.name in MEMBER_KEYS:
+            check_field(f"{where}.{f.name}", getattr(section, f.name), f.metadata)
+    return section
+
+
+def check_teachers(recipe: Recipe) -> None:
+    if recipe.teacher.extra and not recipe.kd:
+        raise UsageError("teacher.extra lists ensemble members but teacher.name is null; name the first teacher")
+    for i, t in enumerate(recipe.teachers()):
+        key = "teacher" if i == 0 else f"teacher.extra[{i - 1}]"
+        check_model_name(f"{key}.name", t.name)
+        if t.weights and not Path(t.weights).is_file():
+            raise UsageError(f"{key}.weights={t.weights!r} does not exist")
+
+
+def check_features(recipe: Recipe) -> None:
+    f = recipe.features
+    if bool(f.student) != bool(f.teacher):
+        given, missing = ("student", "teacher") if f.student else ("teacher", "student")
+        raise UsageError(f"features.{given} is set but features.{missing} is not: feature KD matches a student "
+                         f"module to a teacher module")
+    if f.student and not recipe.kd:
+        raise UsageError("features.student needs a teacher (teacher.name is null)")
 
 
 def check_field(key: str, value: Any, meta) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import math
 from pathlib import Path
 
 import timm
@@ -77,6 +78,52 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(features)
+
+
+class Ensemble(nn.Module):
+    """Several frozen teachers on the same batch, each with its own weights, normalization and resolution.
+
+    Its logits are log(mean of the members' probabilities) (combine="probs", which softmax maps back to
+    that mean) or the mean of their logits (combine="logits"); either way they stand wherever one
+    teacher's logits do: the KD term, agreement, KL, the val logit cache.
+    """
+
+    def __init__(self, members: list[Teacher], combine: str = "probs"):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.combine = combine
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "Ensemble":
+        return super().train(False)
+
+    def compile(self, **kwargs) -> "Ensemble":
+        for member in self.members:
+            member.compile(**kwargs)
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return combine_logits([member(x) for member in self.members], self.combine)
+
+
+def combine_logits(logits: list[torch.Tensor], how: str) -> torch.Tensor:
+    """The ensemble's logits from its members', in fp32: log of the mean probability, or the mean logit."""
+    stacked = torch.stack([v.float() for v in logits])
+    if how == "logits":
+        return stacked.mean(0)
+    return torch.logsumexp(stacked.log_softmax(dim=-1), dim=0) - math.log(len(logits))
+
+
+def build_teachers(cfgs: list, combine: str, num_classes: int, **kwargs) -> Teacher | Ensemble:
+    """The recipe's teacher, or an Ensemble when teacher.extra names more (each built as build_teacher)."""
+    teachers = [build_teacher(cfg, num_classes, **kwargs) for cfg in cfgs]
+    return teachers[0] if len(teachers) == 1 else Ensemble(teachers, combine)
+
+
+def primary(teacher: Teacher | Ensemble) -> Teacher:
+    """The first teacher (the one feature KD reads)."""
+    return teacher.members[0] if isinstance(teacher, Ensemble) else teacher
 
 
 def build_teacher(cfg, num_classes: int, *, student_mean, student_std, student_size: int, device: torch.device,

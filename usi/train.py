@@ -220,7 +220,7 @@ def val_teacher(t: Training) -> tuple[dict, torch.Tensor | None]:
     if t.state.teacher is None:
         return {}, None
     t0 = time.time()
-    metrics, logits, hit = teacher_val_logits(t.state.teacher, t.recipe.teacher, t.val_split, t.val_loader,
+    metrics, logits, hit = teacher_val_logits(t.state.teacher, t.recipe, t.val_split, t.val_loader,
                                               compute=t.cfg.compute, n_bins=t.recipe.run.ece_bins, dist=t.dist)
     log.info(f"teacher val top-1 {metrics.get('top1', float('nan')):.2f} "
              f"({cache_note(hit, t.val_split)}, {time.time() - t0:.1f} s)")
@@ -240,7 +240,9 @@ def bad_images(t: Training) -> tuple[int, int]:
 
 def epoch_line(record: dict) -> str:
     s = record["train"]
-    text = f"epoch {record['epoch']}: task {s['task_loss']:.4f} kd {s['kd_loss']:.4f} {s['img_per_s']:.0f} img/s"
+    feature = f" feat {s['feature_loss']:.4f}" if "feature_loss" in s else ""
+    text = (f"epoch {record['epoch']}: task {s['task_loss']:.4f} kd {s['kd_loss']:.4f}{feature} "
+            f"{s['img_per_s']:.0f} img/s")
     for name in ("raw", "ema"):
         if name in record:
             m = record[name]

@@ -1,0 +1,172 @@
+"""Feature (internal-representation) distillation: a student module's output matched to a teacher module's.
+
+FitNets (Romero et al. 2015) and Aguilar et al. 2019 match hidden representations through a learned
+projection. Here a forward hook on each named module keeps its latest output; both are brought to a
+common form, then a projection maps the student's into the teacher's space:
+
+- feature maps [B, C, H, W] stay maps; tokens [B, N, D] (ViTs, MLP-Mixers) become maps [B, D, h, w] once
+  the model's prefix (class, distillation) tokens are dropped, when h * w = N is a square grid;
+- when either side is a vector [B, D] (pooled pre-logits), the other is average-pooled to one too;
+- the projection is a 1x1 convolution (maps) or a linear layer (vectors), only where the widths differ;
+  a student map of another resolution is resized to the teacher's (averaged down, bilinear up).
+
+Maps are read as channels-first (timm's CNNs and the token grids above); a model whose stages are
+channels-last (Swin's [B, H, W, C]) is matched at a pooled layer instead.
+
+torchdistill's FitNet and timm have no equivalent that works on any timm student and teacher by module
+name, keeps the projection in the student's optimizer and checkpoint, and leaves it out of the export.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from usi.errors import UsageError
+
+
+class Tap:
+    """The latest output of one named submodule, kept by a forward hook."""
+
+    def __init__(self, model: nn.Module, name: str, key: str):
+        modules = dict(model.named_modules())
+        if name not in modules or not name:
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=1, cutoff=0.5)
+            top = ", ".join(n for n, _ in model.named_children())
+            raise UsageError(f"{key}={name!r} is not a module of {type(model).__name__}"
+                             + (f"; did you mean {close[0]!r}?" if close else f" (its top-level modules: {top})"))
+        self.value = None
+        self.handle = modules[name].register_forward_hook(self.hook)
+
+    def hook(self, module, args, output):
+        self.value = output[0] if isinstance(output, (tuple, list)) else output
+
+    def take(self) -> torch.Tensor:
+        value, self.value = self.value, None
+        return value
+
+
+def common_form(x: torch.Tensor, prefix_tokens: int, other: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, C, H, W] or [B, D] (see the module docstring); `other`, the other side, pools to a vector."""
+    if x.ndim == 3:  # tokens
+        tokens = x[:, prefix_tokens:]
+        side = math.isqrt(tokens.shape[1])
+        if side * side == tokens.shape[1]:
+            x = tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+        else:  # not a square grid: the tokens as a 1-row map
+            x = tokens.transpose(1, 2).unsqueeze(2)
+    if x.ndim == 4 and other is not None and other.ndim == 2:
+        x = x.mean(dim=(2, 3))
+    if x.ndim not in (2, 4):
+        raise ValueError(f"a feature of shape {tuple(x.shape)}")
+    return x
+
+
+class Projector(nn.Module):
+    """Student features -> the teacher's: 1x1 convolution or linear where the widths differ, then resize."""
+
+    def __init__(self, student_shape: tuple, teacher_shape: tuple):
+        super().__init__()
+        s_width, t_width = student_shape[1], teacher_shape[1]
+        self.size = tuple(teacher_shape[2:]) if len(teacher_shape) == 4 else None
+        if s_width == t_width:
+            self.proj = nn.Identity()
+        elif len(teacher_shape) == 4:
+            self.proj = nn.Conv2d(s_width, t_width, kernel_size=1)
+        else:
+            self.proj = nn.Linear(s_width, t_width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        if self.size is None or tuple(x.shape[2:]) == self.size:
+            return x
+        if x.shape[2] >= self.size[0] and x.shape[3] >= self.size[1]:  # down: the mean of each cell
+            return F.adaptive_avg_pool2d(x, self.size)
+        return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """MSE, or 1 - cosine similarity along the channels at each position; in fp32."""
+    s, t = student.float(), teacher.float()
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=1)).mean()
+    return F.mse_loss(s, t)
+
+
+class StudentWithProjector(nn.Module):
+    """What DDP wraps under feature KD: the student and its projection, so both are all-reduced.
+    Returns (logits, projected student features)."""
+
+    def __init__(self, student: nn.Module, projector: Projector, tap: Tap, prefix: int, pool: bool):
+        super().__init__()
+        self.student, self.projector = student, projector
+        self.tap, self.prefix, self.pool = tap, prefix, pool
+
+    def forward(self, x: torch.Tensor):
+        logits = self.student(x)
+        feature = common_form(self.tap.take(), self.prefix)
+        if self.pool and feature.ndim == 4:
+            feature = feature.mean(dim=(2, 3))
+        return logits, self.projector(feature)
+
+
+class FeatureKD:
+    """The teacher side of feature KD and its loss: the teacher's tapped output in common form."""
+
+    def __init__(self, tap: Tap, prefix: int, pool: bool, weight: float, kind: str):
+        self.tap, self.prefix, self.pool = tap, prefix, pool
+        self.weight, self.kind = weight, kind
+
+    def loss(self, projected: torch.Tensor) -> torch.Tensor:
+        target = common_form(self.tap.take(), self.prefix)
+        if self.pool and target.ndim == 4:
+            target = target.mean(dim=(2, 3))
+        return self.weight * feature_loss(projected, target.detach(), self.kind)
+
+
+def prefix_tokens(model: nn.Module) -> int:
+    return int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+
+def build(cfg, student: nn.Module, teacher_model: nn.Module, size: int, teacher_size: int | None,
+          device: torch.device) -> tuple[StudentWithProjector, FeatureKD]:
+    """Taps both modules, reads their shapes from one forward of one image each, sizes the projection.
+
+    cfg: the recipe's features section. Call after the EMA copy of the student is made (a deepcopy
+    would copy the student's hook too).
+    """
+    s_tap = Tap(student, cfg.student, "features.student")
+    t_tap = Tap(teacher_model, cfg.teacher, "features.teacher")
+    s_prefix, t_prefix = prefix_tokens(student), prefix_tokens(teacher_model)
+    was_training = student.training
+    with torch.no_grad():
+        student.eval()
+        student(torch.zeros(1, 3, size, size, device=device))
+        teacher_model(torch.zeros(1, 3, teacher_size or size, teacher_size or size, device=device))
+    student.train(was_training)
+    s_raw, t_raw = s_tap.take(), t_tap.take()
+    for key, name, value in (("student", cfg.student, s_raw), ("teacher", cfg.teacher, t_raw)):
+        if not isinstance(value, torch.Tensor) or value.ndim not in (2, 3, 4):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise UsageError(f"features.{key}={name!r} gives {got}; feature KD matches maps [B, C, H, W], tokens "
+                             f"[B, N, D] or vectors [B, D]")
+    s_form = common_form(s_raw, s_prefix)
+    t_form = common_form(t_raw, t_prefix)
+    pool = s_form.ndim == 2 or t_form.ndim == 2
+    if pool:
+        s_form, t_form = common_form(s_form, 0, torch.empty(1, 1)), common_form(t_form, 0, torch.empty(1, 1))
+    projector = Projector(tuple(s_form.shape), tuple(t_form.shape)).to(device)
+    return (StudentWithProjector(student, projector, s_tap, s_prefix, pool),
+            FeatureKD(t_tap, t_prefix, pool, cfg.weight, cfg.loss))
+
+
+def describe(wrapper: StudentWithProjector, cfg) -> str:
+    p = wrapper.projector
+    what = "none (same width)" if isinstance(p.proj, nn.Identity) else type(p.proj).__name__
+    params = sum(q.numel() for q in p.parameters())
+    return (f"feature KD: student {cfg.student} -> teacher {cfg.teacher}, {cfg.loss} x {cfg.weight:g}, "
+            f"{'pooled vectors' if wrapper.pool else 'maps'}, projection {what} ({params} params)"
+            + (f", resized to {p.size[0]}x{p.size[1]}" if p.size else ""))
