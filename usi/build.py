@@ -292,6 +292,11 @@ def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path, fresh:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
     if recipe.run.compile:
+        if features is not None:
+            # dynamo shares one compiled graph between instances of a class (an ensemble's two ResNets) and
+            # by default does not guard on forward hooks: the tapped teacher could run its hook-less twin's
+            # graph and never record its feature. Guarding on hooks gives each its own graph.
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
         wrapped = torch.compile(wrapped)
         if teacher is not None:
             teacher.compile()

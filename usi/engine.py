@@ -126,6 +126,8 @@ def forward_backward(state: TrainState, cfg: StepConfig, x: torch.Tensor, y: tor
     no_sync = getattr(state.wrapped, "no_sync", None)
     with (no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()):
         with cfg.compute.autocast():
+            if state.features is not None:
+                state.features.tap.clear()  # what the teacher records now, not what evaluation left
             teacher_logits = state.teacher(x) if state.teacher is not None else None
             out = state.wrapped(x)
         student_logits, projected = out if isinstance(out, tuple) else (out, None)

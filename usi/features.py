@@ -38,14 +38,20 @@ class Tap:
             top = ", ".join(n for n, _ in model.named_children())
             raise UsageError(f"{key}={name!r} is not a module of {type(model).__name__}"
                              + (f"; did you mean {close[0]!r}?" if close else f" (its top-level modules: {top})"))
-        self.value = None
+        self.name, self.value = name, None
         self.handle = modules[name].register_forward_hook(self.hook)
 
     def hook(self, module, args, output):
         self.value = output[0] if isinstance(output, (tuple, list)) else output
 
+    def clear(self) -> None:
+        self.value = None
+
     def take(self) -> torch.Tensor:
+        """The output recorded since the last clear(); never an earlier forward's (e.g. evaluation's)."""
         value, self.value = self.value, None
+        if value is None:
+            raise RuntimeError(f"feature KD: module {self.name} did not run in this forward pass")
         return value
 
 
@@ -106,6 +112,7 @@ class StudentWithProjector(nn.Module):
         self.tap, self.prefix, self.pool = tap, prefix, pool
 
     def forward(self, x: torch.Tensor):
+        self.tap.clear()
         logits = self.student(x)
         feature = common_form(self.tap.take(), self.prefix)
         if self.pool and feature.ndim == 4:
