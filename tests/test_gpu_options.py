@@ -63,7 +63,7 @@ def test_compiled_and_eager_steps_agree_in_fp32():
     for wrapped in (model, torch.compile(model)):
         model.zero_grad()
         state = TrainState(student=model, wrapped=wrapped, optimizer=None, scheduler=None)
-        task, _ = forward_backward(state, cfg, x, y, sync=True)
+        task, _, _ = forward_backward(state, cfg, x, y, sync=True)
         results.append((task.item(), torch.cat([p.grad.flatten() for p in model.parameters()])))
     (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
     assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)

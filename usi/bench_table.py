@@ -102,7 +102,9 @@ def main(argv=None) -> int:
     locations = ([f"data.root={base.data.root}", f"data.val_split={base.data.val_split}"]
                  + ([f"data.val_shards={base.data.val_shards}"] if base.data.val_shards else []))
     teacher = ([f"teacher.name={base.teacher.name}"]
-               + ([f"teacher.weights={base.teacher.weights}"] if base.teacher.weights else []))
+               + ([f"teacher.weights={base.teacher.weights}"] if base.teacher.weights else [])
+               + ([f"teacher.extra={json.dumps(base.teacher.extra)}", f"teacher.combine={base.teacher.combine}"]
+                  if base.teacher.extra else []))  # an ensemble: agreement against all of it
     rows = []
     for model in args.models:
         notes, metrics = [], {}

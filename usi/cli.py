@@ -76,9 +76,11 @@ def cmd_quickstart(args) -> int:
 
 
 def cmd_tool(name: str, argv: list[str]) -> int:
-    """`usi shards ...` and `usi table ...`: tools with arguments of their own (see --help of each)."""
+    """`usi shards ...`, `usi table ...`, `usi fidelity ...`: tools with arguments of their own (see --help)."""
     if name == "shards":
         from usi.make_shards import main as tool
+    elif name == "fidelity":
+        from usi.fidelity import main as tool
     else:
         from usi.bench_table import main as tool
     return tool(argv)
@@ -117,6 +119,8 @@ def parser() -> argparse.ArgumentParser:
     # parsed by the tools themselves (main() hands them their arguments); listed here for --help
     sub.add_parser("shards", help="write image folders as webdataset shards (usi shards --help)")
     sub.add_parser("table", help="one recipe, many backbones: the benchmark table (usi table --help)")
+    sub.add_parser("fidelity", help="the fidelity study: self-distillation, augmentation, ensembles "
+                                    "(usi fidelity --help)")
     return p
 
 
@@ -133,7 +137,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("shards", "table"):
+    if argv and argv[0] in ("shards", "table", "fidelity"):
         run = partial(cmd_tool, argv[0], argv[1:])
     else:
         args = parse(argv)

@@ -70,30 +70,29 @@ def against_teacher(run_dir: Path, overrides: list[str]) -> dict:
     return metrics
 
 
-def train_all(jobs: dict[str, list[str]], runs: Path, rerun: bool, start: float) -> dict[str, dict]:
-    """{name: summary}: the teacher and the students without one first, the distilled ones once the
-    teacher is done."""
-    kd = {name: job for name, job in jobs.items() if name.endswith("-kd")}
-    summaries, waiting = {}, {}
+def train_all(jobs: dict[str, list[str]], runs: Path, rerun: bool, start: float,
+              needs: dict[str, list[str]] | None = None, tag: str = "quickstart") -> dict[str, dict]:
+    """{name: summary} of every job, two at a time (one per core), each as soon as the jobs it needs
+    (e.g. its teacher) are done; in the order given otherwise."""
+    needs = needs or {}
+    summaries, waiting, queued = {}, {}, list(jobs)
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        def submit(name):
-            print(f"[quickstart] {time.time() - start:4.0f} s  training {name}", flush=True)
-            waiting[pool.submit(in_worker, jobs[name], runs / name, rerun)] = name
+        def submit_ready():
+            for name in [n for n in queued if all(d in summaries for d in needs.get(n, []))][:2 - len(waiting)]:
+                queued.remove(name)
+                print(f"[{tag}] {time.time() - start:4.0f} s  training {name}", flush=True)
+                waiting[pool.submit(in_worker, jobs[name], runs / name, rerun)] = name
 
-        for name in jobs:
-            if name not in kd:
-                submit(name)
+        submit_ready()
         while waiting:
             done, _ = wait(waiting, return_when=FIRST_COMPLETED)
             for future in done:
                 name = waiting.pop(future)
                 summaries[name] = future.result()
                 best = summaries[name]["best"]
-                print(f"[quickstart] {time.time() - start:4.0f} s  {name} done: best top-1 {best['value']:.1f} "
+                print(f"[{tag}] {time.time() - start:4.0f} s  {name} done: best top-1 {best['value']:.1f} "
                       f"(log: {runs / name}.log)", flush=True)
-                if name == "teacher":
-                    for student in kd:
-                        submit(student)
+            submit_ready()
     return summaries
 
 
@@ -117,7 +116,10 @@ def quickstart(out: Path, seed: int = 42, rerun: bool = False, per_class: tuple[
     for name, _, student in STUDENTS:
         jobs[f"{name}-nokd"] = [*common, *extra, f"model.name={name}", *student, "teacher.name=null"]
         jobs[f"{name}-kd"] = [*common, *extra, f"model.name={name}", *student, *with_teacher]
-    summaries = train_all(jobs, runs, rerun, start)
+    # the teacher and the students without one first; the distilled ones once the teacher is done
+    order = [n for n in jobs if not n.endswith("-kd")] + [n for n in jobs if n.endswith("-kd")]
+    summaries = train_all({n: jobs[n] for n in order}, runs, rerun, start,
+                          needs={n: ["teacher"] for n in jobs if n.endswith("-kd")})
     rows = []
     for name, family, student in STUDENTS:
         nokd, kd = (against_teacher(runs / f"{name}-{kind}", [f"data.root={data}", *with_teacher])
