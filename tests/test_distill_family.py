@@ -70,7 +70,8 @@ def test_each_member_sees_the_batch_in_its_own_normalization_and_size():
 
 @pytest.mark.parametrize("extra, message", [
     (["teacher.extra=[resnet50]"], "teacher.extra[0] must be a mapping"),
-    (["teacher.extra=[{name: test_resnet, wieghts: x}]"], "unknown key teacher.extra[0].wieghts; did you mean 'weights'"),
+    (["teacher.extra=[{name: test_resnet, wieghts: x}]"],
+     "unknown key teacher.extra[0].wieghts; did you mean 'weights'"),
     (["teacher.extra=[{weights: x}]"], "teacher.extra[0] needs a name"),
     (["teacher.extra=[{name: resnet5O}]"], "teacher.extra[0].name='resnet5O' is not a timm model; did you mean"),
     (["teacher.extra=[{name: test_resnet, weights: /nonexistent.pth}]"], "teacher.extra[0].weights="),
@@ -254,9 +255,9 @@ def test_ensemble_feature_kd_and_bf16_under_torchrun_with_shards(image_root, tmp
     from conftest import REPO
 
     for split in ("train", "val"):
-        subprocess.run([sys.executable, "tools/make_shards.py", str(image_root / split), str(tmp_path / "shards" / split),
-                        "--classes-from", str(image_root / "train"), "--shard-size", "8"], cwd=REPO, check=True,
-                       capture_output=True)
+        subprocess.run([sys.executable, "tools/make_shards.py", str(image_root / split),
+                        str(tmp_path / "shards" / split), "--classes-from", str(image_root / "train"),
+                        "--shard-size", "8"], cwd=REPO, check=True, capture_output=True)
     paths = teacher_files(tmp_path)
     extra = [*ensemble_args(paths), "features.student=layer3", "features.teacher=layer4", "run.amp_on_cpu=true",
              "data.format=shards", "data.batch_size=4", "optim.global_batch=8"]

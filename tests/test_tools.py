@@ -90,3 +90,35 @@ def test_usi_table_takes_overrides_before_or_after_its_flags():
     assert args.models == ["resnet50", "vit_small_patch16_224"] and args.overrides == ["optim.lr=1e-3", "data.root=/d"]
     with pytest.raises(SystemExit):
         parse(["recipes/usi.yaml", "--nproc", "1", "--bogus"])
+
+
+def test_bench_table_composes_with_an_ensemble_and_feature_kd(image_root, tmp_path):
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"teacher{i}.safetensors")
+        save_file(timm.create_model("test_resnet", num_classes=4).state_dict(), str(files[-1]))
+    overrides = [o for o in TINY if not o.startswith(("model.", "teacher."))] + [
+        f"data.root={image_root}", "sched.epochs=1", "sched.warmup_epochs=0", "teacher.name=test_resnet",
+        f"teacher.weights={files[0]}", f"teacher.extra=[{{name: test_resnet, weights: {files[1]}}}]",
+        "features.student=layer3", "features.teacher=layer4"]
+    out = run_tool("tools/bench_table.py", "recipes/quickstart.yaml", *overrides, "--models", "test_resnet", "--kd",
+                   "on", "--nproc", "1", "--out", str(tmp_path / "table"), "--device", "cpu")
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads((tmp_path / "table" / "test_resnet-kd.eval.json").read_text())["metrics"]
+    assert len(metrics["members"]) == 2  # evaluated against the whole ensemble, each member too
+    assert "feature KD: student layer3 -> teacher layer4" in (tmp_path / "table" / "test_resnet-kd.log").read_text()
+
+
+def test_kd_cost_times_every_configuration_against_logit_kd():
+    out = run_tool("tools/kd_cost.py", "--student", "test_resnet", "--teacher", "test_resnet", "--size", "16",
+                   "--batch", "4", "--rounds", "2", "--student-layer", "layer3", "--teacher-layer", "layer4",
+                   "--device", "cpu")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.stdout.splitlines() if line.startswith("| ") and "configuration" not in line}
+    assert list(rows) == ["no teacher", "logit KD", "ensemble of 2", "ensemble of 3", "feature KD",
+                          "ensemble of 3 + feature KD"]
+    assert rows["logit KD"][1] == "1.00" and float(rows["ensemble of 3"][0]) > 0
+    one = float(rows["logit KD"][2])
+    assert float(rows["ensemble of 2"][2]) == pytest.approx(2 * one) and float(rows["no teacher"][2]) == 0
+    assert int(rows["feature KD"][3]) > 0 and int(rows["logit KD"][3]) == 0  # the projection's parameters

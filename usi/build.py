@@ -306,7 +306,8 @@ def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path, fresh:
     params = sum(p.numel() for p in student.parameters())
     log.info(f"student {recipe.model.name}: {params / 1e6:.2f}M params, input {spec.size}, {num_classes} classes, "
              f"{len(train_split)} train / {len(val_split)} val images, {steps} steps x {epochs} epochs"
-             + (f", teacher {' + '.join(t.name for t in recipe.teachers())}" if teacher is not None else ", no teacher"))
+             + (f", teacher {' + '.join(t.name for t in recipe.teachers())}" if teacher is not None
+                else ", no teacher"))
     return Training(recipe=recipe, dist=dist, run_dir=run_dir, state=state,
                     cfg=step_config(recipe, compute, num_classes, accum), train_split=train_split,
                     val_split=val_split, train_loader=train_loader, val_loader=val_loader, steps=steps, epochs=epochs,

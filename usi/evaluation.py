@@ -202,6 +202,8 @@ def member_lines(report: dict) -> list[str]:
     lines = ["", f"{'against':10s} {'member':28s} {'top-1':>7s} {'agree':>7s} {'KL(t||s)':>9s}"]
     for name, m in report["students"].items():
         for i, (own, vs) in enumerate(zip(members, m.get("members", []))):
-            lines.append(f"{name:10s} {f'{i + 1}: ' + own.get('name', '?'):28.28s} {own.get('top1', float('nan')):7.2f} "
-                         f"{vs.get('agreement', float('nan')):7.2f} {vs.get('kl', float('nan')):9.4f}")
+            nan = float("nan")
+            member = f"{i + 1}: {own.get('name', '?')}"
+            lines.append(f"{name:10s} {member:28.28s} {own.get('top1', nan):7.2f} {vs.get('agreement', nan):7.2f} "
+                         f"{vs.get('kl', nan):9.4f}")
     return lines

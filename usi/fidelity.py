@@ -23,11 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from usi.data.synthetic import make_dataset
-from usi.errors import UsageError
 from usi.evaluation import evaluate_checkpoint
-from usi.quickstart import train_all
-from usi.rundir import check_writable
+from usi.quickstart import prepare, train_all
 
 ARCH = "test_resnet"
 AUG_OFF = ["aug.mixup_alpha=0", "aug.cutmix_alpha=0", "aug.auto_augment=null", "aug.repeats=1"]
@@ -117,13 +114,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def study(out: Path, seed: int = 42, teacher_epochs: int = 24, student_epochs: int = 24, rerun: bool = False,
           per_class: tuple[int, int] = (200, 50), extra: list[str] = ()) -> list[dict]:
     start = time.time()
-    check_writable(out, "--out")
-    runs = out / f"seed{seed}"
-    try:
-        data = make_dataset(out / "data", *per_class)
-        runs.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {out} cannot hold the study's files ({e.strerror})") from None
+    data, runs = prepare(out, seed, per_class, "the study's")
     jobs, needs, students = plan(data, runs, seed, teacher_epochs, student_epochs, list(extra))
     train_all(jobs, runs, rerun, start, needs=needs, tag="fidelity")
     rows = [row(name, labels, measure(runs / name, data, teacher)) for name, (teacher, labels) in students.items()]

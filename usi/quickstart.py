@@ -96,17 +96,23 @@ def train_all(jobs: dict[str, list[str]], runs: Path, rerun: bool, start: float,
     return summaries
 
 
-def quickstart(out: Path, seed: int = 42, rerun: bool = False, per_class: tuple[int, int] = (200, 50),
-               extra: list[str] = ()) -> list[dict]:
-    """per_class: train and val images per class; extra: overrides for every run (tests shrink it)."""
-    start = time.time()
+def prepare(out: Path, seed: int, per_class: tuple[int, int], whose: str) -> tuple[Path, Path]:
+    """(the generated dataset, the folder for this seed's runs) under --out."""
     check_writable(out, "--out")
     runs = out / f"seed{seed}"
     try:
         data = make_dataset(out / "data", *per_class)
         runs.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--out {out} cannot hold the quickstart's files ({e.strerror})") from None
+        raise UsageError(f"--out {out} cannot hold {whose} files ({e.strerror})") from None
+    return data, runs
+
+
+def quickstart(out: Path, seed: int = 42, rerun: bool = False, per_class: tuple[int, int] = (200, 50),
+               extra: list[str] = ()) -> list[dict]:
+    """per_class: train and val images per class; extra: overrides for every run (tests shrink it)."""
+    start = time.time()
+    data, runs = prepare(out, seed, per_class, "the quickstart's")
     common = [f"data.root={data}", f"run.seed={seed}"]
     teacher_weights = runs / "teacher" / "best.safetensors"
     with_teacher = [f"teacher.name={TEACHER}", f"teacher.weights={teacher_weights}"]
