@@ -283,3 +283,90 @@ def test_compiled_ensemble_with_feature_kd_and_mean_logits(image_root, tmp_path)
     (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert record["train"]["feature_loss"] > 0 and record["train"]["kd_loss"] > 0
     assert record["train"]["skipped_updates"] == 0 and len(record["ema"]["members"]) == 3
+
+
+# ---------------------------------------------------------------- found by a hostile review
+
+
+def test_eval_of_a_feature_kd_or_ensemble_run_needs_no_teacher(image_root, tmp_path):
+    paths = teacher_files(tmp_path)
+    out = train(image_root, tmp_path / "run", *ensemble_args(paths), "features.student=layer3",
+                "features.teacher=layer4", "sched.epochs=1", "sched.warmup_epochs=0")
+    assert out.returncode == 0, out.stderr
+    for ckpt in ("best.safetensors", "last.pt"):
+        for extra in ([], ["teacher.name=null"]):
+            report = usi_main("eval", str(tmp_path / "run" / ckpt), f"data.root={image_root}", *extra, "--json")
+            assert report.returncode == 0, report.stderr
+            assert "teacher" not in json.loads(report.stdout)
+
+
+def test_a_feature_module_that_does_not_run_or_gives_no_map_is_one_line(image_root, tmp_path):
+    (path,) = teacher_files(tmp_path, ("test_resnet",))
+    base = ["model.name=test_vit", "model.kwargs={patch_size: 4}", "teacher.name=test_resnet",
+            f"teacher.weights={path}", "features.teacher=layer3"]
+    cases = [("blocks.0.attn.attn_drop", "does not run in the model's forward pass"),  # dropout 0: not called
+             ("blocks.0.attn.q_norm", "feature KD matches square maps")]  # [B, heads, N, d]
+    for module, message in cases:
+        out = train(image_root, tmp_path / "run", *base, f"features.student={module}")
+        assert out.returncode == 2 and message in out.stderr.splitlines()[-1], out.stderr
+        assert out.stderr.splitlines()[-1].startswith("usi: error: features.student=")
+    assert not (tmp_path / "run").exists()
+
+
+def test_token_and_channels_last_layouts():
+    assert features.layout((2, 17, 8), 1) == "tokens"  # a class token and a 4x4 grid
+    assert features.layout((2, 16, 8), 1) == "grid"  # a patch embedding: no class token to drop
+    assert features.layout((2, 15, 8), 0) == "row"
+    assert features.layout((2, 3, 3, 64), 0) == "nhwc" and features.layout((2, 64, 3, 3), 0) == "nchw"
+    assert features.layout((2, 3, 10, 32), 0) is None  # attention internals
+    x = torch.randn(2, 3, 3, 64)
+    assert torch.equal(features.common_form(x, 0), x.permute(0, 3, 1, 2))
+    grid = torch.randn(2, 16, 8)
+    assert features.common_form(grid, 1).shape == (2, 8, 4, 4)  # all 16 tokens kept
+
+
+def test_folded_teacher_keeps_timm_module_names(image_root, tmp_path):
+    (path,) = teacher_files(tmp_path, ("test_efficientnet",))
+    out = train(image_root, tmp_path / "run", "teacher.name=test_efficientnet", f"teacher.weights={path}",
+                "features.student=layer4", "features.teacher=bn1.act", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "teacher bn1.act" in out.stdout
+
+
+def test_member_errors_name_the_member(image_root, tmp_path):
+    (path,) = teacher_files(tmp_path, ("test_resnet",))
+    out = train(image_root, tmp_path / "run", "teacher.name=test_resnet", f"teacher.weights={path}",
+                f"teacher.extra=[{{name: test_efficientnet, weights: {path}}}]")
+    assert out.returncode == 2 and "usi: error: teacher.extra[0]: teacher.weights=" in out.stderr
+
+
+def test_a_feature_checkpoint_does_not_resume_a_plain_run(image_root, tmp_path):
+    (path,) = teacher_files(tmp_path, ("test_resnet",))
+    teacher = ["teacher.name=test_resnet", f"teacher.weights={path}"]
+    feature = ["features.student=layer3", "features.teacher=layer4"]
+    assert train(image_root, tmp_path / "run", *teacher, *feature, "run.stop_after=1").returncode == 0
+    out = train(image_root, tmp_path / "other", *teacher, f"run.resume={tmp_path / 'run' / 'last.pt'}")
+    assert out.returncode == 2 and "was trained with feature KD" in out.stderr.splitlines()[-1]
+
+
+def test_a_finished_study_run_of_another_recipe_is_not_reused(image_root, tmp_path):
+    from usi.quickstart import run_once
+
+    small = ["data.batch_size=8", "optim.global_batch=8", "data.input_size=16", "data.workers=0",
+             "teacher.name=null", f"data.root={image_root}", "sched.warmup_epochs=0"]
+    first = run_once([*small, "sched.epochs=1"], tmp_path / "run", rerun=False)
+    assert run_once([*small, "sched.epochs=1"], tmp_path / "run", rerun=False) == first  # reused
+    with pytest.raises(Exception, match="finished run of another recipe .*sched.epochs was 1, now 2"):
+        run_once([*small, "sched.epochs=2"], tmp_path / "run", rerun=False)
+    assert run_once([*small, "sched.epochs=2"], tmp_path / "run", rerun=True)["epochs"] == 2
+
+
+def test_a_member_with_its_defaults_spelled_out_is_the_same_ensemble(image_root, tmp_path):
+    paths = teacher_files(tmp_path, ("test_resnet", "test_resnet"))
+    short = ["teacher.name=test_resnet", f"teacher.weights={paths[0]}",
+             f"teacher.extra=[{{name: test_resnet, weights: {paths[1]}}}]"]
+    spelled = short[:2] + [f"teacher.extra=[{{kwargs: {{}}, input_size: null, fold_bn: true, name: test_resnet, "
+                           f"weights: {paths[1]}}}]"]
+    assert train(image_root, tmp_path / "run", *short, "run.stop_after=1").returncode == 0
+    out = train(image_root, tmp_path / "run", *spelled, "run.resume=auto")
+    assert out.returncode == 0, out.stderr

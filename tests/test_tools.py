@@ -122,3 +122,13 @@ def test_kd_cost_times_every_configuration_against_logit_kd():
     one = float(rows["logit KD"][2])
     assert float(rows["ensemble of 2"][2]) == pytest.approx(2 * one) and float(rows["no teacher"][2]) == 0
     assert int(rows["feature KD"][3]) > 0 and int(rows["logit KD"][3]) == 0  # the projection's parameters
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "0"], "--rounds: must be at least 1"),
+    (["--batch", "3", "--size", "16", "--student", "test_resnet", "--teacher", "test_resnet"], "must be even"),
+    (["--student", "nosuch", "--size", "16"], "model.name='nosuch' is not a timm model"),
+])
+def test_kd_cost_bad_arguments_are_one_line(args, message):
+    out = run_tool("tools/kd_cost.py", *args)
+    assert out.returncode == 2 and message in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr

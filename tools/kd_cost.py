@@ -26,6 +26,7 @@ from usi import build, distributed  # noqa: E402
 from usi import recipe as recipe_mod  # noqa: E402
 from usi.data.synthetic import make_dataset  # noqa: E402
 from usi.engine import forward_backward, optimizer_update, prepare_batch  # noqa: E402
+from usi.errors import UsageError, one_line  # noqa: E402
 
 CLASSES = 10
 
@@ -65,13 +66,30 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default="resnet50")
     p.add_argument("--student-layer", default="layer3")
     p.add_argument("--teacher-layer", default="layer3")
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", default="bf16" if torch.cuda.is_available() else "none")
-    p.add_argument("--channels-last", action="store_true", default=torch.cuda.is_available())
+    p.add_argument("--size", type=positive, default=128)
+    p.add_argument("--batch", type=positive, default=16, help="even (mixup pairs samples)")
+    p.add_argument("--rounds", type=positive, default=7)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default="bf16" if torch.cuda.is_available() else "none")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=torch.cuda.is_available())
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA GPU here")
+    try:
+        return measure(args)
+    except UsageError as e:  # a bad model or module name, an odd batch: one line, as usi says it
+        print(f"kd_cost: error: {one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def measure(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = make_dataset(Path(tmp) / "data", train_per_class=4, val_per_class=1, size=args.size,
                             num_classes=CLASSES)

@@ -229,6 +229,9 @@ def restore(state, path: Path) -> dict:
     saved = check_training_state(load(path), path)
     models = [("student", state.student)] + ([("ema", state.ema.module)] if state.ema is not None and saved["ema"]
                                              else [])
+    if state.projector is None and saved.get("projector"):
+        raise UsageError(f"checkpoint {path} was trained with feature KD (features.student); resume it with the "
+                         f"same features settings")
     if state.projector is not None and state.projector.state_dict():  # an identity projection holds nothing
         if not saved.get("projector"):
             raise UsageError(f"checkpoint {path} was trained without feature KD (features.student); it cannot "

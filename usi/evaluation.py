@@ -77,8 +77,9 @@ LOCATIONS = {"data": ("root", "train_shards", "val_shards", "train_split", "val_
 
 def eval_recipe(stored: dict, overrides: list[str]):
     """The checkpoint's recipe without its locations, plus the user's overrides."""
-    given = {recipe_mod.parse_override(item)[0] for item in overrides}
+    given = dict(recipe_mod.parse_override(item) for item in overrides)
     tree = {section: dict(values or {}) for section, values in stored.items()}
+    tree.pop("features", None)  # feature KD shapes training only; evaluation compares logits
     stored_teacher = tree.get("teacher") or {}
     members = stored_teacher.get("extra") if isinstance(stored_teacher.get("extra"), list) else []
     stored_weights = stored_teacher.get("weights") or any(isinstance(m, dict) and m.get("weights") for m in members)
@@ -90,11 +91,13 @@ def eval_recipe(stored: dict, overrides: list[str]):
     if "data.root" not in given:
         raise UsageError("usi eval needs data.root=<folder with the val split> on the command line: paths and "
                          "commands stored in a checkpoint are never used")
-    if stored_weights and not given & {"teacher.weights", "teacher.name", "teacher.extra"}:
+    if stored_weights and not given.keys() & {"teacher.weights", "teacher.name", "teacher.extra"}:
         log.warning("teacher not evaluated: the checkpoint names a teacher file, and files named in a checkpoint "
                     "are never opened; pass teacher.weights=... (and teacher.extra=[...] for an ensemble) to "
                     "measure agreement")
         tree.setdefault("teacher", {})["name"] = None
+    if (tree.get("teacher") or {}).get("name", "") is None or given.get("teacher.name", "") is None:
+        (tree.get("teacher") or {}).pop("extra", None)  # no teacher: no ensemble members either
     return recipe_mod.from_tree(tree, [*overrides, "run.resume=never"])
 
 

@@ -10,8 +10,9 @@ common form, then a projection maps the student's into the teacher's space:
 - the projection is a 1x1 convolution (maps) or a linear layer (vectors), only where the widths differ;
   a student map of another resolution is resized to the teacher's (averaged down, bilinear up).
 
-Maps are read as channels-first (timm's CNNs and the token grids above); a model whose stages are
-channels-last (Swin's [B, H, W, C]) is matched at a pooled layer instead.
+usi's inputs are square, so maps are square: [B, C, S, S] is read as channels-first, [B, S, S, C] as
+channels-last (Swin's stages, a dynamic-size patch embedding); other 4-D outputs (attention internals,
+[B, heads, N, d]) are refused at start, in one line.
 
 torchdistill's FitNet and timm have no equivalent that works on any timm student and teacher by module
 name, keeps the projection in the student's optimizer and checkpoint, and leaves it out of the export.
@@ -55,19 +56,42 @@ class Tap:
         return value
 
 
+def layout(shape: tuple, prefix_tokens: int) -> str | None:
+    """How a module's output is read: "nchw", "nhwc", "tokens" (prefix tokens dropped), "grid" (all tokens a
+    square grid), "row" (tokens, not a grid), "vector"; None if none fits. usi's inputs are square, so a
+    map is square: [B, C, S, S] channels-first, [B, S, S, C] channels-last (Swin, a dynamic-size patch
+    embedding); anything else 4-D (attention internals [B, heads, N, d]) is refused."""
+    if len(shape) == 2:
+        return "vector"
+    if len(shape) == 3:
+        n = shape[1]
+        if prefix_tokens and n > prefix_tokens and math.isqrt(n - prefix_tokens) ** 2 == n - prefix_tokens:
+            return "tokens"
+        return "grid" if math.isqrt(n) ** 2 == n else "row"
+    if len(shape) == 4:
+        if shape[2] == shape[3]:
+            return "nchw"
+        if shape[1] == shape[2]:
+            return "nhwc"
+    return None
+
+
 def common_form(x: torch.Tensor, prefix_tokens: int, other: torch.Tensor | None = None) -> torch.Tensor:
     """[B, C, H, W] or [B, D] (see the module docstring); `other`, the other side, pools to a vector."""
-    if x.ndim == 3:  # tokens
-        tokens = x[:, prefix_tokens:]
-        side = math.isqrt(tokens.shape[1])
-        if side * side == tokens.shape[1]:
-            x = tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
-        else:  # not a square grid: the tokens as a 1-row map
-            x = tokens.transpose(1, 2).unsqueeze(2)
+    how = layout(tuple(x.shape), prefix_tokens)
+    if how == "tokens":
+        x = x[:, prefix_tokens:]
+    if how in ("tokens", "grid"):
+        side = math.isqrt(x.shape[1])
+        x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+    elif how == "row":  # not a square grid: the tokens as a 1-row map
+        x = x.transpose(1, 2).unsqueeze(2)
+    elif how == "nhwc":
+        x = x.permute(0, 3, 1, 2)
+    elif how is None:
+        raise ValueError(f"a feature of shape {tuple(x.shape)}")
     if x.ndim == 4 and other is not None and other.ndim == 2:
         x = x.mean(dim=(2, 3))
-    if x.ndim not in (2, 4):
-        raise ValueError(f"a feature of shape {tuple(x.shape)}")
     return x
 
 
@@ -154,12 +178,17 @@ def build(cfg, student: nn.Module, teacher_model: nn.Module, size: int, teacher_
         student(torch.zeros(1, 3, size, size, device=device))
         teacher_model(torch.zeros(1, 3, teacher_size or size, teacher_size or size, device=device))
     student.train(was_training)
-    s_raw, t_raw = s_tap.take(), t_tap.take()
-    for key, name, value in (("student", cfg.student, s_raw), ("teacher", cfg.teacher, t_raw)):
-        if not isinstance(value, torch.Tensor) or value.ndim not in (2, 3, 4):
+    for key, name, tap, prefix in (("student", cfg.student, s_tap, s_prefix),
+                                   ("teacher", cfg.teacher, t_tap, t_prefix)):
+        value = tap.value
+        if value is None:
+            raise UsageError(f"features.{key}={name!r} does not run in the model's forward pass; choose a module "
+                             f"that does")
+        if not isinstance(value, torch.Tensor) or layout(tuple(value.shape), prefix) is None:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise UsageError(f"features.{key}={name!r} gives {got}; feature KD matches maps [B, C, H, W], tokens "
-                             f"[B, N, D] or vectors [B, D]")
+            raise UsageError(f"features.{key}={name!r} gives {got}; feature KD matches square maps [B, C, S, S] "
+                             f"(or [B, S, S, C]), tokens [B, N, D] or vectors [B, D]")
+    s_raw, t_raw = s_tap.take(), t_tap.take()
     s_form = common_form(s_raw, s_prefix)
     t_form = common_form(t_raw, t_prefix)
     pool = s_form.ndim == 2 or t_form.ndim == 2

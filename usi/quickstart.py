@@ -24,7 +24,7 @@ from usi.cli import recipe_path
 from usi.data.synthetic import make_dataset
 from usi.errors import UsageError
 from usi.evaluation import evaluate_checkpoint
-from usi.rundir import check_writable, read_summary
+from usi.rundir import RECIPE_FILE, check_same_recipe, check_writable, read_summary
 from usi.table import model_cost
 
 log = logging.getLogger("usi")
@@ -41,14 +41,17 @@ QUICKSTART_COLUMNS = ["model", "family", "params_m", "top1_nokd", "top1_kd", "ga
 
 
 def run_once(overrides: list[str], run_dir: Path, rerun: bool) -> dict:
-    """Train one recipe unless a finished run is already there; an unfinished one is resumed."""
+    """Train one recipe unless a finished run of it is already there; an unfinished one is resumed, a
+    finished one of another recipe (other epochs, say) is refused."""
+    resume = "never" if rerun or not run_dir.exists() else "auto"
+    recipe = recipe_mod.load(recipe_path("quickstart"), overrides + [f"run.dir={run_dir}", f"run.resume={resume}"])
     summary = read_summary(run_dir)
     if summary is not None and not rerun:
+        check_same_recipe(recipe, recipe_mod.read_yaml(run_dir / RECIPE_FILE),
+                          f"{run_dir} is a finished run of another recipe (pass --rerun, or another --out)")
         return summary
-    resume = "never" if rerun or not run_dir.exists() else "auto"
     if rerun and run_dir.exists():
         shutil.rmtree(run_dir)
-    recipe = recipe_mod.load(recipe_path("quickstart"), overrides + [f"run.dir={run_dir}", f"run.resume={resume}"])
     from usi.train import train  # in the worker process
 
     return train(recipe)

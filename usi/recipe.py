@@ -411,7 +411,12 @@ def from_dict(tree: dict) -> Recipe:
         if not isinstance(values, dict):
             raise UsageError(f"recipe section {name!r} must be a mapping, got {values!r}")
         sections[name] = build_section(name, values)
-    return Recipe(**sections)
+    recipe = Recipe(**sections)
+    # Each member in full (every key, defaults filled in): a member written with its defaults spelled
+    # out is the same ensemble, and a resume must see it so.
+    recipe.teacher.extra = [{k: getattr(member_section(i, m), k) for k in MEMBER_KEYS}
+                            for i, m in enumerate(recipe.teacher.extra)]
+    return recipe
 
 
 def build_section(section: str, values: dict):

@@ -117,7 +117,12 @@ def combine_logits(logits: list[torch.Tensor], how: str) -> torch.Tensor:
 
 def build_teachers(cfgs: list, combine: str, num_classes: int, **kwargs) -> Teacher | Ensemble:
     """The recipe's teacher, or an Ensemble when teacher.extra names more (each built as build_teacher)."""
-    teachers = [build_teacher(cfg, num_classes, **kwargs) for cfg in cfgs]
+    teachers = []
+    for i, cfg in enumerate(cfgs):
+        try:
+            teachers.append(build_teacher(cfg, num_classes, **kwargs))
+        except UsageError as e:
+            raise UsageError(f"teacher.extra[{i - 1}]: {e}" if i else str(e)) from None
     return teachers[0] if len(teachers) == 1 else Ensemble(teachers, combine)
 
 
@@ -142,7 +147,8 @@ def build_teacher(cfg, num_classes: int, *, student_mean, student_std, student_s
     check_input(model, cfg.name, seen)
     if cfg.fold_bn:
         model, n = fold_batchnorm(model, torch.randn(2, 3, seen, seen))
-        log.info(f"teacher: folded {n} BatchNorm layers into their convolutions")
+        if n:
+            log.info(f"teacher {cfg.name}: folded {n} BatchNorm layers into their convolutions")
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -282,9 +288,21 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
+class FoldedNormAct(nn.Module):
+    """What is left of a BatchNormAct2d once its norm is folded: its drop and activation, under their own
+    names (bn1.act stays bn1.act, so feature KD finds the module names timm documents)."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.drop, self.act = drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
 def bn_replacement(bn: nn.Module) -> nn.Module:
     if isinstance(bn, BatchNormAct2d):  # keeps its activation (and drop) after the folded norm
-        return nn.Sequential(bn.drop, bn.act)
+        return FoldedNormAct(bn.drop, bn.act)
     return nn.Identity()
 
 
