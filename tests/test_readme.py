@@ -26,3 +26,30 @@ def test_readme_names_every_module_of_the_package():
     for path in (REPO / "usi").rglob("*.py"):
         if path.name not in ("__init__.py", "__main__.py", "errors.py", "progress.py"):
             assert path.name in text, f"README architecture section misses {path.name}"
+
+
+def readme_command(start: str) -> list[str]:
+    """The README's inline `usi train ...` example that starts with `start`, split as a shell would."""
+    import shlex
+
+    text = " ".join((REPO / "README.md").read_text().split())  # inline examples wrap across lines
+    return shlex.split(re.search(re.escape(start) + r"[^`]*", text).group(0))[3:]  # after `usi train recipe`
+
+
+def test_the_ensemble_and_feature_examples_are_valid_recipes():
+    import timm
+    import torch
+
+    from usi import recipe as R
+    ensemble = readme_command("usi train recipes/usi.yaml model.name=resnet50 teacher.name=resnet101")
+    tree = R.read_yaml(REPO / "recipes" / "usi.yaml")
+    for item in ensemble:
+        R.set_dotted(tree, *R.parse_override(item))
+    recipe = R.from_dict(tree)  # not validated: the example's weight files do not exist here
+    assert [t.name for t in recipe.teachers()] == ["resnet101", "convnext_base", "vit_base_patch16_224"]
+    feature = R.load(REPO / "recipes" / "usi.yaml", readme_command(
+        "usi train recipes/usi.yaml model.name=resnet50 features.student"))
+    with torch.device("meta"):  # the named modules exist in the student and in the default teacher
+        student, teacher = timm.create_model("resnet50"), timm.create_model(feature.teacher.name.split(".")[0])
+    assert feature.features.student in dict(student.named_modules())
+    assert feature.features.teacher in dict(teacher.named_modules())
