@@ -46,6 +46,20 @@ def test_ensemble_logits_are_the_log_mean_probability_or_the_mean_logit():
     assert torch.allclose(combine_logits([a, b], "logits"), (a + b) / 2)
 
 
+def test_at_a_temperature_the_ensemble_target_is_the_mean_of_tempered_probabilities():
+    from usi.loss import kd_kl
+
+    torch.manual_seed(0)
+    members = [Teacher(torch.nn.Flatten(), student_mean=(0.5,) * 3, student_std=(0.5,) * 3,
+                       teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3) for _ in range(2)]
+    x = torch.randn(4, 3, 1, 1) * 5  # the "logits" are the 3 pixel values
+    student = torch.randn(4, 3)
+    for how, target in (("probs", ((x / 4).flatten(1).softmax(1) * 2) / 2), ("logits", (x.flatten(1) / 4).softmax(1))):
+        ensemble = Ensemble(members, how, temperature=4.0)
+        expected = F.kl_div(F.log_softmax(student / 4, 1), target, reduction="batchmean") * 16
+        assert torch.allclose(kd_kl(student, ensemble(x), 4.0), expected, atol=1e-5), how
+
+
 def test_each_member_sees_the_batch_in_its_own_normalization_and_size():
     torch.manual_seed(0)
     models = [timm.create_model("test_resnet", num_classes=4).eval(), timm.create_model("test_vit", num_classes=4,
@@ -73,6 +87,7 @@ def test_each_member_sees_the_batch_in_its_own_normalization_and_size():
     (["teacher.extra=[{name: test_resnet, wieghts: x}]"],
      "unknown key teacher.extra[0].wieghts; did you mean 'weights'"),
     (["teacher.extra=[{weights: x}]"], "teacher.extra[0] needs a name"),
+    (["teacher.extra=[{name:test_vit}]"], "YAML needs a space after each colon"),
     (["teacher.extra=[{name: resnet5O}]"], "teacher.extra[0].name='resnet5O' is not a timm model; did you mean"),
     (["teacher.extra=[{name: test_resnet, weights: /nonexistent.pth}]"], "teacher.extra[0].weights="),
     (["teacher.extra=[{name: test_resnet, input_size: 2}]"], "teacher.extra[0].input_size=2 is out of range"),
@@ -102,6 +117,8 @@ def test_an_ensemble_run_reports_fidelity_to_the_ensemble_and_each_member(image_
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     teacher = summary["teacher_metrics"]
     assert teacher["count"] == 12 and len(teacher["members"]) == 3
+    assert summary["teacher"] == "test_resnet + test_efficientnet + test_resnet"
+    assert [m["name"] for m in teacher["members"]] == ["test_resnet", "test_efficientnet", "test_resnet"]
     # the members are different networks: their KLs to the student differ, and so do their own NLLs
     assert len({round(m["kl"], 6) for m in record["raw"]["members"]}) == 3
     assert len({round(m["nll"], 6) for m in teacher["members"]}) == 3
@@ -113,6 +130,10 @@ def test_an_ensemble_run_reports_fidelity_to_the_ensemble_and_each_member(image_
     again = usi_main("eval", str(tmp_path / "run" / "best.safetensors"), f"data.root={image_root}",
                      *ensemble_args(paths)[1:], "--json")
     assert again.returncode == 0, again.stderr
+    # the other members alone would leave the first teacher to timm's hub: refused in one line
+    partial = usi_main("eval", str(tmp_path / "run" / "best.safetensors"), f"data.root={image_root}",
+                       *ensemble_args(paths)[2:])
+    assert partial.returncode == 2 and "pass teacher.weights=... for the first teacher too" in partial.stderr
     report = json.loads(again.stdout)
     assert report["teacher_cached"]  # the training run cached the ensemble's val logits
     assert report["teacher"]["name"] == "test_resnet + test_efficientnet + test_resnet"
@@ -155,6 +176,7 @@ def test_the_projection_maps_widths_and_resolutions_to_the_teachers():
     assert isinstance(p.proj, torch.nn.Conv2d) and p(torch.randn(2, 8, 8, 8)).shape == (2, 16, 4, 4)
     up = features.Projector((2, 16, 2, 2), (2, 16, 4, 4))
     assert isinstance(up.proj, torch.nn.Identity) and up(torch.randn(2, 16, 2, 2)).shape == (2, 16, 4, 4)
+    assert up.resizes and not features.Projector((2, 16, 2, 2), (2, 32, 2, 2)).resizes
     down = features.Projector((2, 16, 4, 4), (2, 16, 2, 2))
     x = torch.randn(2, 16, 4, 4)
     assert torch.allclose(down(x), F.avg_pool2d(x, 2))  # averaged down, cell by cell
@@ -337,7 +359,7 @@ def test_member_errors_name_the_member(image_root, tmp_path):
     (path,) = teacher_files(tmp_path, ("test_resnet",))
     out = train(image_root, tmp_path / "run", "teacher.name=test_resnet", f"teacher.weights={path}",
                 f"teacher.extra=[{{name: test_efficientnet, weights: {path}}}]")
-    assert out.returncode == 2 and "usi: error: teacher.extra[0]: teacher.weights=" in out.stderr
+    assert out.returncode == 2 and "usi: error: teacher.extra[0].weights=" in out.stderr
 
 
 def test_a_feature_checkpoint_does_not_resume_a_plain_run(image_root, tmp_path):

@@ -101,9 +101,12 @@ def test_bench_table_composes_with_an_ensemble_and_feature_kd(image_root, tmp_pa
         f"data.root={image_root}", "sched.epochs=1", "sched.warmup_epochs=0", "teacher.name=test_resnet",
         f"teacher.weights={files[0]}", f"teacher.extra=[{{name: test_resnet, weights: {files[1]}}}]",
         "features.student=layer3", "features.teacher=layer4"]
-    out = run_tool("tools/bench_table.py", "recipes/quickstart.yaml", *overrides, "--models", "test_resnet", "--kd",
-                   "on", "--nproc", "1", "--out", str(tmp_path / "table"), "--device", "cpu")
+    out = run_tool("tools/bench_table.py", "recipes/quickstart.yaml", *overrides, "--models", "test_resnet",
+                   "--nproc", "1", "--out", str(tmp_path / "table"), "--device", "cpu")
     assert out.returncode == 0, out.stderr[-2000:]
+    with open(tmp_path / "table" / "table.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert float(row["top1_nokd"]) >= 0 and not row["note"]  # the baseline row drops teacher and features
     metrics = json.loads((tmp_path / "table" / "test_resnet-kd.eval.json").read_text())["metrics"]
     assert len(metrics["members"]) == 2  # evaluated against the whole ensemble, each member too
     assert "feature KD: student layer3 -> teacher layer4" in (tmp_path / "table" / "test_resnet-kd.log").read_text()
@@ -132,3 +135,15 @@ def test_kd_cost_times_every_configuration_against_logit_kd():
 def test_kd_cost_bad_arguments_are_one_line(args, message):
     out = run_tool("tools/kd_cost.py", *args)
     assert out.returncode == 2 and message in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
+
+
+def test_bench_table_survives_a_first_model_that_fails_before_any_folder_exists(image_root, tmp_path):
+    overrides = [o for o in TINY if not o.startswith(("model.", "teacher."))] + [
+        f"data.root={image_root}", "sched.epochs=1", "sched.warmup_epochs=0", "data.input_size=18"]
+    out_dir = tmp_path / "new" / "table"  # does not exist yet
+    out = run_tool("tools/bench_table.py", "recipes/quickstart.yaml", *overrides, "model.kwargs={patch_size: 4}",
+                   "--models", "test_vit", "--kd", "off", "--nproc", "1", "--out", str(out_dir), "--device", "cpu")
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(out_dir / "table.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert "fails on 18 px inputs" in row["note"]

@@ -45,10 +45,11 @@ def train(recipe_path: str, model: str, run_dir: Path, *, overrides: list[str], 
         print(f"[table] {run_dir} already finished")
         return ""
     args = ["train", recipe_path, *overrides, f"model.name={model}", f"run.dir={run_dir}", "run.resume=auto"]
-    if not kd:
-        args.append("teacher.name=null")
+    if not kd:  # the baseline: no teacher, no ensemble, no feature KD
+        args += ["teacher.name=null", "teacher.extra=[]", "features.student=null", "features.teacher=null"]
     print(f"[table] training {model} ({'KD' if kd else 'no KD'}) -> {run_dir}", flush=True)
     out = subprocess.run(launcher(nproc) + args, capture_output=True, text=True)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)  # a run that failed at start made no folder
     (run_dir.parent / f"{run_dir.name}.log").write_text(out.stdout + out.stderr)
     return "" if out.returncode == 0 else last_error(out.stderr)
 

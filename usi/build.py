@@ -139,7 +139,8 @@ def teacher_for(recipe: Recipe, num_classes: int, spec: InputSpec, compute: Comp
     """The frozen teacher, or the ensemble of teacher and teacher.extra; None without distillation."""
     if not recipe.kd:
         return None
-    return build_teachers(recipe.teachers(), recipe.teacher.combine, num_classes, student_mean=spec.mean,
+    return build_teachers(recipe.teachers(), recipe.teacher.combine, num_classes,
+                          temperature=recipe.loss.temperature, student_mean=spec.mean,
                           student_std=spec.std, student_size=spec.size, device=compute.device,
                           channels_last=compute.channels_last)
 

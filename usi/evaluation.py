@@ -78,27 +78,39 @@ LOCATIONS = {"data": ("root", "train_shards", "val_shards", "train_split", "val_
 def eval_recipe(stored: dict, overrides: list[str]):
     """The checkpoint's recipe without its locations, plus the user's overrides."""
     given = dict(recipe_mod.parse_override(item) for item in overrides)
-    tree = {section: dict(values or {}) for section, values in stored.items()}
-    tree.pop("features", None)  # feature KD shapes training only; evaluation compares logits
-    stored_teacher = tree.get("teacher") or {}
-    members = stored_teacher.get("extra") if isinstance(stored_teacher.get("extra"), list) else []
-    stored_weights = stored_teacher.get("weights") or any(isinstance(m, dict) and m.get("weights") for m in members)
-    for section, keys in LOCATIONS.items():
-        for key in keys:
-            (tree.get(section) or {}).pop(key, None)
-    if any(isinstance(m, dict) and m.get("weights") for m in members):
-        stored_teacher.pop("extra")  # an ensemble member's file: the command line names the ensemble again
     if "data.root" not in given:
         raise UsageError("usi eval needs data.root=<folder with the val split> on the command line: paths and "
                          "commands stored in a checkpoint are never used")
-    if stored_weights and not given.keys() & {"teacher.weights", "teacher.name", "teacher.extra"}:
+    tree = {section: dict(values or {}) for section, values in stored.items()}
+    tree.pop("features", None)  # feature KD shapes training only; evaluation compares logits
+    overrides = [item for item in overrides if not item.startswith("features.")]
+    tree["teacher"] = eval_teacher(tree.get("teacher") or {}, given)
+    for section, keys in LOCATIONS.items():
+        for key in keys:
+            (tree.get(section) or {}).pop(key, None)
+    return recipe_mod.from_tree(tree, [*overrides, "run.resume=never"])
+
+
+def eval_teacher(stored: dict, given: dict) -> dict:
+    """The stored teacher section as evaluation uses it. Files it names are never opened: a teacher (or
+    ensemble) named by a file is measured only when the command line names its files again."""
+    teacher = dict(stored)
+    members = teacher.get("extra") if isinstance(teacher.get("extra"), list) else []
+    member_files = any(isinstance(m, dict) and m.get("weights") for m in members)
+    if member_files:
+        teacher.pop("extra")  # the command line names the ensemble again
+    named = given.keys() & {"teacher.weights", "teacher.name", "teacher.extra"}
+    if teacher.get("weights") and "teacher.extra" in named and not named - {"teacher.extra"}:
+        raise UsageError("teacher.extra names the other members only: pass teacher.weights=... for the first "
+                         "teacher too (files named in a checkpoint are never opened)")
+    if (teacher.get("weights") or member_files) and not named:
         log.warning("teacher not evaluated: the checkpoint names a teacher file, and files named in a checkpoint "
                     "are never opened; pass teacher.weights=... (and teacher.extra=[...] for an ensemble) to "
                     "measure agreement")
-        tree.setdefault("teacher", {})["name"] = None
-    if (tree.get("teacher") or {}).get("name", "") is None or given.get("teacher.name", "") is None:
-        (tree.get("teacher") or {}).pop("extra", None)  # no teacher: no ensemble members either
-    return recipe_mod.from_tree(tree, [*overrides, "run.resume=never"])
+        teacher["name"] = None
+    if teacher.get("name", "") is None or given.get("teacher.name", "") is None:
+        teacher.pop("extra", None)  # no teacher: no ensemble members either
+    return teacher
 
 
 def evaluate_checkpoint(path: Path, overrides: list[str], verbose: bool = True) -> dict | None:

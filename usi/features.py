@@ -102,6 +102,7 @@ class Projector(nn.Module):
         super().__init__()
         s_width, t_width = student_shape[1], teacher_shape[1]
         self.size = tuple(teacher_shape[2:]) if len(teacher_shape) == 4 else None
+        self.resizes = self.size is not None and tuple(student_shape[2:]) != self.size
         if s_width == t_width:
             self.proj = nn.Identity()
         elif len(teacher_shape) == 4:
@@ -205,4 +206,4 @@ def describe(wrapper: StudentWithProjector, cfg) -> str:
     params = sum(q.numel() for q in p.parameters())
     return (f"feature KD: student {cfg.student} -> teacher {cfg.teacher}, {cfg.loss} x {cfg.weight:g}, "
             f"{'pooled vectors' if wrapper.pool else 'maps'}, projection {what} ({params} params)"
-            + (f", resized to {p.size[0]}x{p.size[1]}" if p.size else ""))
+            + (f", resized to {p.size[0]}x{p.size[1]}" if p.resizes else ""))

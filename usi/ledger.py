@@ -99,7 +99,8 @@ def finish(t: Training, ledger: Ledger) -> dict:
     final = next((r for r in reversed(history) if "raw" in r), {})
     train_time = sum(r["train"]["time_s"] for r in history)
     summary = {
-        "model": recipe.model.name, "teacher": recipe.teacher.name if recipe.kd else None,
+        "model": recipe.model.name,
+        "teacher": " + ".join(t.name for t in recipe.teachers()) if recipe.kd else None,
         "params": t.params, "epochs": t.epochs, "num_classes": len(t.classes), "best": ledger.best,
         "final": {k: v for k, v in final.items() if k in ("raw", "ema")},
         "teacher_metrics": ledger.teacher,

@@ -556,8 +556,9 @@ def member_section(index: int, member: Any) -> TeacherSection:
                          f"got {member!r}")
     for key in member:
         if key not in MEMBER_KEYS:
+            hint = " (YAML needs a space after each colon: {name: resnet50})" if ":" in str(key) else ""
             raise UsageError(f"unknown key {where}.{key}{suggest(key, MEMBER_KEYS)} (a member takes "
-                             f"{', '.join(MEMBER_KEYS)})")
+                             f"{', '.join(MEMBER_KEYS)}){hint}")
     if not member.get("name"):
         raise UsageError(f"{where} needs a name (a timm model name)")
     hints = typing.get_type_hints(TeacherSection)

@@ -12,6 +12,7 @@ import collections
 import copy
 import logging
 import math
+import re
 from pathlib import Path
 
 import timm
@@ -88,10 +89,10 @@ class Ensemble(nn.Module):
     teacher's logits do: the KD term, agreement, KL, the val logit cache.
     """
 
-    def __init__(self, members: list[Teacher], combine: str = "probs"):
+    def __init__(self, members: list[Teacher], combine: str = "probs", temperature: float = 1.0):
         super().__init__()
         self.members = nn.ModuleList(members)
-        self.combine = combine
+        self.combine, self.temperature = combine, temperature
         super().train(False)
 
     def train(self, mode: bool = True) -> "Ensemble":
@@ -104,6 +105,11 @@ class Ensemble(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The KD term's teacher logits: at loss.temperature T, softmax(these / T) is the mean of the members'
+        softmax(z / T) (combine=probs), not a softened mean of their plain probabilities."""
+        t = self.temperature
+        if self.combine == "probs" and t != 1.0:
+            return combine_logits([member(x) / t for member in self.members], "probs") * t
         return combine_logits([member(x) for member in self.members], self.combine)
 
 
@@ -115,15 +121,25 @@ def combine_logits(logits: list[torch.Tensor], how: str) -> torch.Tensor:
     return torch.logsumexp(stacked.log_softmax(dim=-1), dim=0) - math.log(len(logits))
 
 
-def build_teachers(cfgs: list, combine: str, num_classes: int, **kwargs) -> Teacher | Ensemble:
+def build_teachers(cfgs: list, combine: str, num_classes: int, temperature: float = 1.0,
+                   **kwargs) -> Teacher | Ensemble:
     """The recipe's teacher, or an Ensemble when teacher.extra names more (each built as build_teacher)."""
     teachers = []
     for i, cfg in enumerate(cfgs):
         try:
             teachers.append(build_teacher(cfg, num_classes, **kwargs))
         except UsageError as e:
-            raise UsageError(f"teacher.extra[{i - 1}]: {e}" if i else str(e)) from None
-    return teachers[0] if len(teachers) == 1 else Ensemble(teachers, combine)
+            raise UsageError(member_message(str(e), i)) from None
+    return teachers[0] if len(teachers) == 1 else Ensemble(teachers, combine, temperature)
+
+
+def member_message(message: str, index: int) -> str:
+    """build_teacher's message about teacher.<key> as one about teacher.extra[index - 1].<key>."""
+    if index == 0:
+        return message
+    member = f"teacher.extra[{index - 1}]"
+    named = re.sub(r"\bteacher\.(?=[a-z])", member + ".", message)
+    return named if named != message else f"{member}: {message}"
 
 
 def primary(teacher: Teacher | Ensemble) -> Teacher:
