@@ -4,7 +4,7 @@ import csv
 from usi.quickstart import STUDENTS, quickstart
 
 
-def test_quickstart_pipeline_writes_its_table(tmp_path):
+def test_quickstart_pipeline_writes_its_table(tmp_path, capsys):
     rows = quickstart(tmp_path, seed=1, per_class=(8, 2),
                       extra=["sched.epochs=1", "sched.warmup_epochs=0", "data.batch_size=8", "optim.global_batch=8",
                              "data.input_size=16", "data.workers=0"])
@@ -24,3 +24,5 @@ def test_quickstart_pipeline_writes_its_table(tmp_path):
                        extra=["sched.epochs=1", "sched.warmup_epochs=0", "data.batch_size=8",
                               "optim.global_batch=8", "data.input_size=16", "data.workers=0"])
     assert [r["top1_kd"] for r in again] == [r["top1_kd"] for r in rows]
+    printed = capsys.readouterr().out
+    assert printed.count("reusing") == 7 and "training teacher" in printed  # the first call trained, the second not

@@ -83,7 +83,8 @@ def train_all(jobs: dict[str, list[str]], runs: Path, rerun: bool, start: float,
         def submit_ready():
             for name in [n for n in queued if all(d in summaries for d in needs.get(n, []))][:2 - len(waiting)]:
                 queued.remove(name)
-                print(f"[{tag}] {time.time() - start:4.0f} s  training {name}", flush=True)
+                verb = "reusing" if read_summary(runs / name) is not None and not rerun else "training"
+                print(f"[{tag}] {time.time() - start:4.0f} s  {verb} {name}", flush=True)
                 waiting[pool.submit(in_worker, jobs[name], runs / name, rerun)] = name
 
         submit_ready()
