@@ -45,6 +45,10 @@ def test_the_fidelity_study_measures_each_student_against_its_own_teacher(tmp_pa
         assert list(csv.DictReader(f).fieldnames) == COLUMNS
     assert (tmp_path / "fidelity-seed3.png").stat().st_size > 1000
     assert "| student |" in (tmp_path / "fidelity-seed3.md").read_text()
+    assert "reused" not in (tmp_path / "fidelity-seed3.md").read_text()
+    # a second call trains nothing and measures the same, and its title says so
+    assert study(tmp_path, seed=3, per_class=(8, 3), extra=SMALL) == rows
+    assert "(7 of 7 runs reused)" in (tmp_path / "fidelity-seed3.md").read_text()
 
 
 def test_the_fidelity_command_checks_its_arguments():

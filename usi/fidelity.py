@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 from usi.evaluation import evaluate_checkpoint
 from usi.quickstart import prepare, train_all
+from usi.rundir import read_summary
 
 ARCH = "test_resnet"
 AUG_OFF = ["aug.mixup_alpha=0", "aug.cutmix_alpha=0", "aug.auto_augment=null", "aug.repeats=1"]
@@ -104,8 +106,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
             d.rectangle([x0 + j * bar, y(r[key]), x0 + (j + 1) * bar - 2, bottom], fill=color)
             d.text((x0 + j * bar, y(r[key]) - 12), f"{r[key]:.0f}", fill="black")
         label = r["student"].split("(")[-1].rstrip(")")
-        d.text((x0, bottom + 6), label[:22], fill="black")
-        d.text((x0, bottom + 20), label[22:44], fill="black")
+        for k, text in enumerate(textwrap.wrap(label.replace("-", " "), 18)[:2]):  # whole words per line
+            d.text((x0, bottom + 6 + 14 * k), text, fill="black")
     d.text((m, h - 30), "gray: agreement on train   red: agreement on val   blue: student top-1 (val)   (%)",
            fill="black")
     img.save(path)
@@ -116,10 +118,12 @@ def study(out: Path, seed: int = 42, teacher_epochs: int = 24, student_epochs: i
     start = time.time()
     data, runs = prepare(out, seed, per_class, "the study's")
     jobs, needs, students = plan(data, runs, seed, teacher_epochs, student_epochs, list(extra))
+    reused = [name for name in jobs if not rerun and read_summary(runs / name) is not None]
     train_all(jobs, runs, rerun, start, needs=needs, tag="fidelity")
     rows = [row(name, labels, measure(runs / name, data, teacher)) for name, (teacher, labels) in students.items()]
     wall = time.time() - start
-    title = f"usi fidelity: seed {seed}, {ARCH} students and teachers, {wall:.0f} s"
+    note = f" ({len(reused)} of {len(jobs)} runs reused)" if reused else ""
+    title = f"usi fidelity: seed {seed}, {ARCH} students and teachers, {wall:.0f} s{note}"
     (out / f"fidelity-seed{seed}.md").write_text(f"{title}\n\n{markdown(rows)}\n")
     with open(out / f"fidelity-seed{seed}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
