@@ -167,8 +167,8 @@ def test_maps_tokens_and_vectors_take_a_common_form():
     vit = torch.randn(2, 1 + 9, 16)  # a class token and a 3x3 grid
     grid = features.common_form(vit, 1)
     assert grid.shape == (2, 16, 3, 3) and torch.equal(grid[:, :, 0, 1], vit[:, 2])  # row-major patches
-    assert features.common_form(cnn, 0, torch.empty(2, 5)).shape == (2, 8)  # the other side is a vector: pool
-    assert torch.allclose(features.common_form(cnn, 0, torch.empty(2, 5)), cnn.mean(dim=(2, 3)))
+    assert features.common_form(cnn, 0, pool=True).shape == (2, 8)  # the other side is a vector: pool
+    assert torch.allclose(features.common_form(cnn, 0, pool=True), cnn.mean(dim=(2, 3)))
 
 
 def test_the_projection_maps_widths_and_resolutions_to_the_teachers():

@@ -191,11 +191,6 @@ def feature_kd(recipe: Recipe, student: torch.nn.Module, teacher, size: int):
     return wrapper, kd
 
 
-def wrapped_projector(wrapped: torch.nn.Module) -> torch.nn.Module | None:
-    inner = getattr(wrapped, "module", wrapped)  # DDP keeps the wrapped module as .module
-    return getattr(inner, "projector", None)
-
-
 def create_scheduler(recipe: Recipe, optimizer, updates_per_epoch: int):
     """(timm scheduler stepped per update, total epochs including cool-down)."""
     s = recipe.sched
@@ -287,7 +282,7 @@ def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path, fresh:
     wrapped, features = student, None
     if recipe.features.student:
         wrapped, features = feature_kd(recipe, student, teacher, spec.size)
-    optimizer = create_optimizer(recipe, student, lr, extra=wrapped.projector if features else None)
+    optimizer = create_optimizer(recipe, student, lr, extra=features.projector if features else None)
     scheduler, epochs = create_scheduler(recipe, optimizer, steps // accum)
     if dist.distributed:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -303,7 +298,7 @@ def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path, fresh:
             teacher.compile()
     state = TrainState(student=student, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
                        ema=ema, scaler=grad_scaler(compute), mixup=create_mixup(recipe, num_classes),
-                       features=features, projector=wrapped_projector(wrapped))
+                       features=features)
     params = sum(p.numel() for p in student.parameters())
     log.info(f"student {recipe.model.name}: {params / 1e6:.2f}M params, input {spec.size}, {num_classes} classes, "
              f"{len(train_split)} train / {len(val_split)} val images, {steps} steps x {epochs} epochs"

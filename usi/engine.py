@@ -69,7 +69,11 @@ class TrainState:
     scaler: torch.amp.GradScaler | None = None
     mixup: Mixup | None = None
     features: FeatureKD | None = None  # feature KD: the teacher's tap and the loss (wrapped returns features)
-    projector: nn.Module | None = None  # feature KD's projection: trained, checkpointed, never exported
+
+    @property
+    def projector(self) -> nn.Module | None:
+        """Feature KD's projection: trained, checkpointed, never exported."""
+        return self.features.projector if self.features is not None else None
 
     def trained_parameters(self) -> list[nn.Parameter]:
         """Everything the optimizer updates: the student's parameters, and the projection's."""

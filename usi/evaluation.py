@@ -159,9 +159,6 @@ def run_eval(recipe, saved: Saved, trained_size: int | None, dist) -> dict | Non
         t0 = time.time()
         report["teacher"], logits, hit = teacher_val_logits(teacher, recipe, val, loader, compute=compute,
                                                             n_bins=recipe.run.ece_bins, dist=dist)
-        report["teacher"]["name"] = " + ".join(t.name for t in recipe.teachers())
-        for member, cfg in zip(report["teacher"].get("members", []), recipe.teachers()):
-            member["name"] = cfg.name
         report["teacher_time_s"], report["teacher_cached"] = time.time() - t0, hit
         report["teacher_cacheable"] = val.cache_identity() is not None
     t0 = time.time()

@@ -76,8 +76,9 @@ def layout(shape: tuple, prefix_tokens: int) -> str | None:
     return None
 
 
-def common_form(x: torch.Tensor, prefix_tokens: int, other: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, C, H, W] or [B, D] (see the module docstring); `other`, the other side, pools to a vector."""
+def common_form(x: torch.Tensor, prefix_tokens: int, pool: bool = False) -> torch.Tensor:
+    """[B, C, H, W] or [B, D] (see the module docstring); `pool`: a map averaged to a vector (the other side
+    is one)."""
     how = layout(tuple(x.shape), prefix_tokens)
     if how == "tokens":
         x = x[:, prefix_tokens:]
@@ -90,7 +91,7 @@ def common_form(x: torch.Tensor, prefix_tokens: int, other: torch.Tensor | None 
         x = x.permute(0, 3, 1, 2)
     elif how is None:
         raise ValueError(f"a feature of shape {tuple(x.shape)}")
-    if x.ndim == 4 and other is not None and other.ndim == 2:
+    if pool and x.ndim == 4:
         x = x.mean(dim=(2, 3))
     return x
 
@@ -103,6 +104,8 @@ class Projector(nn.Module):
         s_width, t_width = student_shape[1], teacher_shape[1]
         self.size = tuple(teacher_shape[2:]) if len(teacher_shape) == 4 else None
         self.resizes = self.size is not None and tuple(student_shape[2:]) != self.size
+        # down: the mean of each cell; up: bilinear
+        self.shrinks = self.resizes and all(s >= t for s, t in zip(student_shape[2:], self.size))
         if s_width == t_width:
             self.proj = nn.Identity()
         elif len(teacher_shape) == 4:
@@ -112,9 +115,9 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
-        if self.size is None or tuple(x.shape[2:]) == self.size:
+        if not self.resizes:
             return x
-        if x.shape[2] >= self.size[0] and x.shape[3] >= self.size[1]:  # down: the mean of each cell
+        if self.shrinks:
             return F.adaptive_avg_pool2d(x, self.size)
         return F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
 
@@ -139,23 +142,19 @@ class StudentWithProjector(nn.Module):
     def forward(self, x: torch.Tensor):
         self.tap.clear()
         logits = self.student(x)
-        feature = common_form(self.tap.take(), self.prefix)
-        if self.pool and feature.ndim == 4:
-            feature = feature.mean(dim=(2, 3))
-        return logits, self.projector(feature)
+        return logits, self.projector(common_form(self.tap.take(), self.prefix, self.pool))
 
 
 class FeatureKD:
-    """The teacher side of feature KD and its loss: the teacher's tapped output in common form."""
+    """The teacher side of feature KD and its loss: the teacher's tapped output in common form. Also holds
+    the student's projection, which checkpoints save (it is trained, but never exported)."""
 
-    def __init__(self, tap: Tap, prefix: int, pool: bool, weight: float, kind: str):
+    def __init__(self, tap: Tap, prefix: int, pool: bool, weight: float, kind: str, projector: Projector):
         self.tap, self.prefix, self.pool = tap, prefix, pool
-        self.weight, self.kind = weight, kind
+        self.weight, self.kind, self.projector = weight, kind, projector
 
     def loss(self, projected: torch.Tensor) -> torch.Tensor:
-        target = common_form(self.tap.take(), self.prefix)
-        if self.pool and target.ndim == 4:
-            target = target.mean(dim=(2, 3))
+        target = common_form(self.tap.take(), self.prefix, self.pool)
         return self.weight * feature_loss(projected, target.detach(), self.kind)
 
 
@@ -190,14 +189,11 @@ def build(cfg, student: nn.Module, teacher_model: nn.Module, size: int, teacher_
             raise UsageError(f"features.{key}={name!r} gives {got}; feature KD matches square maps [B, C, S, S] "
                              f"(or [B, S, S, C]), tokens [B, N, D] or vectors [B, D]")
     s_raw, t_raw = s_tap.take(), t_tap.take()
-    s_form = common_form(s_raw, s_prefix)
-    t_form = common_form(t_raw, t_prefix)
-    pool = s_form.ndim == 2 or t_form.ndim == 2
-    if pool:
-        s_form, t_form = common_form(s_form, 0, torch.empty(1, 1)), common_form(t_form, 0, torch.empty(1, 1))
+    pool = s_raw.ndim == 2 or t_raw.ndim == 2  # one side is a vector: both are
+    s_form, t_form = common_form(s_raw, s_prefix, pool), common_form(t_raw, t_prefix, pool)
     projector = Projector(tuple(s_form.shape), tuple(t_form.shape)).to(device)
     return (StudentWithProjector(student, projector, s_tap, s_prefix, pool),
-            FeatureKD(t_tap, t_prefix, pool, cfg.weight, cfg.loss))
+            FeatureKD(t_tap, t_prefix, pool, cfg.weight, cfg.loss, projector))
 
 
 def describe(wrapper: StudentWithProjector, cfg) -> str:

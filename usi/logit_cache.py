@@ -63,8 +63,20 @@ def teacher_val_logits(teacher, recipe, split, loader, *, compute: Compute, n_bi
     """(the teacher's val metrics, this rank's logits in loader order, whether the cache was hit).
 
     `split` is the val split that `loader` reads; a split without a cache identity is not cached. An
-    ensemble is cached as one entry: its combined logits and each member's ([N, 1 + M, C]).
+    ensemble is cached as one entry: its combined logits and each member's ([N, 1 + M, C]). The metrics
+    carry the teacher's name, and each member's ("a + b" for an ensemble).
     """
+    metrics, logits, hit = cached_or_computed(teacher, recipe, split, loader, compute=compute, n_bins=n_bins,
+                                              dist=dist)
+    names = [t.name for t in recipe.teachers()]
+    metrics["name"] = " + ".join(names)
+    for member, name in zip(metrics.get("members", []), names):
+        member["name"] = name
+    return metrics, logits, hit
+
+
+def cached_or_computed(teacher, recipe, split, loader, *, compute: Compute, n_bins: int,
+                       dist: distributed.Dist) -> tuple[dict, torch.Tensor, bool]:
     identity = split.cache_identity()
     if identity is None:
         results, mine = evaluate({}, loader, compute, n_bins=n_bins, teacher=teacher, keep_teacher_logits=True)

@@ -107,10 +107,8 @@ class Ensemble(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The KD term's teacher logits: at loss.temperature T, softmax(these / T) is the mean of the members'
         softmax(z / T) (combine=probs), not a softened mean of their plain probabilities."""
-        t = self.temperature
-        if self.combine == "probs" and t != 1.0:
-            return combine_logits([member(x) / t for member in self.members], "probs") * t
-        return combine_logits([member(x) for member in self.members], self.combine)
+        t = self.temperature  # (for combine=logits the mean logit, whatever T)
+        return combine_logits([member(x).float() / t for member in self.members], self.combine) * t
 
 
 def combine_logits(logits: list[torch.Tensor], how: str) -> torch.Tensor:

@@ -222,8 +222,6 @@ def val_teacher(t: Training) -> tuple[dict, torch.Tensor | None]:
     t0 = time.time()
     metrics, logits, hit = teacher_val_logits(t.state.teacher, t.recipe, t.val_split, t.val_loader,
                                               compute=t.cfg.compute, n_bins=t.recipe.run.ece_bins, dist=t.dist)
-    for member, cfg in zip(metrics.get("members", []), t.recipe.teachers()):
-        member["name"] = cfg.name
     log.info(f"teacher val top-1 {metrics.get('top1', float('nan')):.2f} "
              f"({cache_note(hit, t.val_split)}, {time.time() - t0:.1f} s)")
     return metrics, logits
