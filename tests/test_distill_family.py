@@ -297,10 +297,11 @@ def test_ensemble_feature_kd_and_bf16_under_torchrun_with_shards(image_root, tmp
 
 
 def test_compiled_ensemble_with_feature_kd_and_mean_logits(image_root, tmp_path):
-    """run.compile: the student's hook and the teachers' taps work inside compiled graphs."""
+    """run.compile and channels_last: the student's hook and the teachers' taps work inside compiled graphs."""
     paths = teacher_files(tmp_path)
     out = train(image_root, tmp_path / "run", *ensemble_args(paths), "teacher.combine=logits", "run.compile=true",
-                "features.student=layer3", "features.teacher=layer4", "sched.epochs=1", "sched.warmup_epochs=0")
+                "run.channels_last=true", "features.student=layer3", "features.teacher=layer4", "sched.epochs=1",
+                "sched.warmup_epochs=0")
     assert out.returncode == 0, out.stderr
     (record,) = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert record["train"]["feature_loss"] > 0 and record["train"]["kd_loss"] > 0
