@@ -139,9 +139,13 @@ def test_an_ensemble_run_reports_fidelity_to_the_ensemble_and_each_member(image_
     assert report["teacher"]["name"] == "test_resnet + test_efficientnet + test_resnet"
     assert [m["name"] for m in report["teacher"]["members"]] == ["test_resnet", "test_efficientnet", "test_resnet"]
     best = summary["best"]["weights"]
-    assert report["students"][best]["members"] == pytest.approx(
-        next(r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")
-             if r["epoch"] == summary["best"]["epoch"])[best]["members"])
+    recorded = next(r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")
+                    if r["epoch"] == summary["best"]["epoch"])[best]["members"]
+    evaluated = report["students"][best]["members"]
+    assert len(evaluated) == len(recorded) == 3
+    for got, expected in zip(evaluated, recorded):  # pytest.approx takes no list of dicts (pytest >= 9.1)
+        assert got.keys() == expected.keys()
+        assert got == pytest.approx(expected)
     text = usi_main("eval", str(tmp_path / "run" / "best.safetensors"), f"data.root={image_root}",
                     *ensemble_args(paths)[1:])
     assert "2: test_efficientnet" in text.stdout and "against" in text.stdout

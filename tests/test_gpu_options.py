@@ -86,10 +86,19 @@ def test_precision_and_memory_format_follow_the_device_unless_a_recipe_insists()
         R.load(None, ["run.amp_on_cpu=true", "run.amp=fp16"])
 
 
-def test_cudnn_benchmark_and_tf32_are_a_recipe_choice(monkeypatch):
-    for name in ("benchmark", "allow_tf32"):
-        monkeypatch.setattr(torch.backends.cudnn, name, getattr(torch.backends.cudnn, name))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+@pytest.fixture
+def backend_flags():
+    """torch's global cuDNN/TF32 flags, restored by assignment through torch's own setters afterwards
+    (monkeypatch's undo would delattr them: cuBLASModule has no instance attribute to delete)."""
+    flags = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cuda.matmul, "allow_tf32")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in flags]
+    yield
+    for owner, name, value in saved:
+        setattr(owner, name, value)
+
+
+def test_cudnn_benchmark_and_tf32_are_a_recipe_choice(backend_flags):
     set_backend_flags(R.load(None).run, torch.device("cuda"))
     assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
     assert torch.backends.cuda.matmul.allow_tf32
