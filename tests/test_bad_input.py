@@ -16,10 +16,11 @@ from conftest import REPO, TINY, read_jsonl, usi_main
 from PIL import Image
 from safetensors.torch import save_file
 
-from usi import checkpoint
 from usi import recipe as R
 from usi.data.folder import FolderSplit, load_rgb
 from usi.errors import UsageError
+from usi.runtime import files
+from usi.training import checkpoint
 
 
 def train_args(root, run_dir, *extra):
@@ -54,7 +55,7 @@ def teacher_file(path, classes=4, name="test_resnet"):
 
 def test_eval_never_runs_commands_or_opens_files_named_in_a_checkpoint(image_root, tmp_path):
     pwned = tmp_path / "pwned"
-    subprocess.run([sys.executable, "tools/make_shards.py", str(image_root / "val"), str(tmp_path / "shards" / "val"),
+    subprocess.run([sys.executable, "-m", "usi", "shards", str(image_root / "val"), str(tmp_path / "shards" / "val"),
                     "--classes-from", str(image_root / "train"), "--shard-size", "4"], cwd=REPO, check=True,
                    capture_output=True)
     trained = usi_main(*train_args(image_root, tmp_path / "run", "sched.epochs=1", "sched.warmup_epochs=0"))
@@ -63,9 +64,9 @@ def test_eval_never_runs_commands_or_opens_files_named_in_a_checkpoint(image_roo
         "data.format=shards",
         f"data.val_shards=pipe:touch {pwned}; cat {tmp_path}/shards/val/shard-{{000000..000002}}.tar",
         "teacher.name=test_resnet", f"teacher.weights={tmp_path / 'run' / 'last.pt'}"])
-    state = checkpoint.load_state_file(tmp_path / "run" / "best.safetensors")
-    meta = checkpoint.read_metadata(tmp_path / "run" / "best.safetensors")
-    checkpoint.export_weights(state, tmp_path / "evil.safetensors", {**meta, "recipe": hostile.to_yaml()})
+    state = files.load_state_file(tmp_path / "run" / "best.safetensors")
+    meta = files.read_metadata(tmp_path / "run" / "best.safetensors")
+    files.export_weights(state, tmp_path / "evil.safetensors", {**meta, "recipe": hostile.to_yaml()})
     full = checkpoint.load(tmp_path / "run" / "last.pt")
     checkpoint.save({**{k: v for k, v in full.items() if k != "format"}, "recipe": hostile.to_yaml()},
                     tmp_path / "evil.pt")
@@ -274,7 +275,7 @@ def test_make_shards_bad_arguments_end_in_one_line(image_root, tmp_path, args, m
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     names = {"missing": tmp_path / "nope", "out": tmp_path / "out", "train": image_root / "train", "zebra": zebra,
              "root": image_root, "afile": tmp_path / "afile", "foreign": tmp_path / "foreign"}
-    out = subprocess.run([sys.executable, "tools/make_shards.py", *[a.format(**names) for a in args]], cwd=REPO,
+    out = subprocess.run([sys.executable, "-m", "usi", "shards", *[a.format(**names) for a in args]], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(("usi: error:", "usi shards: error:"))
@@ -334,7 +335,7 @@ def test_an_unreadable_val_image_is_left_out_and_reported_never_duplicated(image
 
 
 def make_shards(src, out, *extra):
-    return subprocess.run([sys.executable, "tools/make_shards.py", str(src), str(out), "--workers", "1", *extra],
+    return subprocess.run([sys.executable, "-m", "usi", "shards", str(src), str(out), "--workers", "1", *extra],
                           cwd=REPO, capture_output=True, text=True)
 
 
@@ -535,7 +536,7 @@ def test_more_values_that_a_library_rejects_are_one_line_before_any_run_director
     (tmp_path / "afile").write_text("x")
     shards = tmp_path / "sh"
     if any("data.format=shards" in a for a in args):
-        from usi.make_shards import main as make_shards
+        from usi.data.shard_writer import main as make_shards
         assert make_shards([str(image_root / "train"), str(shards / "train"), "--shard-size", "16"]) == 0
         assert make_shards([str(image_root / "val"), str(shards / "val"), "--classes-from",
                             str(image_root / "train")]) == 0
@@ -554,12 +555,12 @@ def test_a_failed_start_removes_every_folder_it_made(image_root, tmp_path):
 
 
 def test_an_unforeseen_error_is_still_one_line_and_its_traceback_is_kept(image_root, tmp_path, monkeypatch):
-    import usi.build
+    import usi.training.build
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("something nobody checked for")
 
-    monkeypatch.setattr(usi.build, "build_training", broken)
+    monkeypatch.setattr(usi.training.build, "build_training", broken)
     out = usi_main(*train_args(image_root, tmp_path / "r"))
     lines = [x for x in out.stderr.splitlines() if x.startswith("usi: error:")]
     assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
@@ -594,11 +595,11 @@ def test_damaged_checkpoint_metadata_and_misfit_exports_are_one_line(image_root,
                             ({"recipe": "- a"}, "stored recipe is not a usi recipe"),
                             ({"classes": "not json"}, "stored class list"), ({"classes": "5"}, "stored class list")):
         path = tmp_path / "edited.safetensors"
-        checkpoint.export_weights(tensors, path, {**meta, **change})
+        files.export_weights(tensors, path, {**meta, **change})
         one_error(usi_main("eval", str(path), f"data.root={image_root}"), message)
         one_error(usi_main("export", str(path), str(tmp_path / "out")), message)
     other = tmp_path / "other.safetensors"
-    checkpoint.export_weights(tensors, other, {**meta, "model": "test_efficientnet",
+    files.export_weights(tensors, other, {**meta, "model": "test_efficientnet",
                                                "recipe": meta["recipe"].replace("test_resnet", "test_efficientnet")})
     one_error(usi_main("export", str(other), str(tmp_path / "out")), "does not fit test_efficientnet")
     (tmp_path / "afile").write_text("x")
@@ -612,7 +613,7 @@ def test_damaged_checkpoint_metadata_and_misfit_exports_are_one_line(image_root,
 
 
 def test_truncated_or_missing_val_shards_are_counted_by_what_they_lack(image_root, tmp_path):
-    from usi.make_shards import main as make_shards
+    from usi.data.shard_writer import main as make_shards
     shards = tmp_path / "sh"
     assert make_shards([str(image_root / "train"), str(shards / "train"), "--shard-size", "16"]) == 0
     assert make_shards([str(image_root / "val"), str(shards / "val"), "--classes-from", str(image_root / "train"),
@@ -662,7 +663,7 @@ def test_yaml_aliases_are_refused_in_recipe_files_and_in_checkpoint_metadata(ima
     assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
     with safe_open(str(run / "best.safetensors"), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    checkpoint.export_weights(tensors, tmp_path / "bomb.safetensors", {**meta, "recipe": bomb.replace("\\n", "\n")})
+    files.export_weights(tensors, tmp_path / "bomb.safetensors", {**meta, "recipe": bomb.replace("\\n", "\n")})
     started = time.time()
     one_error(usi_main("eval", str(tmp_path / "bomb.safetensors"), f"data.root={image_root}"), "stored recipe")
     assert time.time() - started < 30
@@ -718,7 +719,7 @@ def test_checkpoints_whose_weights_are_not_tensors_and_odd_export_targets_are_on
 
 
 def test_a_shard_index_that_undercounts_its_shard_is_reported(image_root, tmp_path):
-    from usi.make_shards import main as make_shards
+    from usi.data.shard_writer import main as make_shards
     shards = tmp_path / "sh"
     assert make_shards([str(image_root / "train"), str(shards / "train"), "--shard-size", "16"]) == 0
     assert make_shards([str(image_root / "val"), str(shards / "val"), "--classes-from", str(image_root / "train"),

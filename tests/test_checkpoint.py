@@ -3,8 +3,9 @@ import pytest
 import torch
 from conftest import Payload
 
-from usi import checkpoint
 from usi.errors import UsageError
+from usi.runtime import files
+from usi.training import checkpoint
 
 
 def state():
@@ -28,7 +29,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        checkpoint.atomic_write(path, crash)
+        files.atomic_write(path, crash)
     assert checkpoint.load(path)["epoch"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
@@ -49,7 +50,7 @@ def test_truncated_and_foreign_files_are_clear_errors(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 20)
     with pytest.raises(UsageError, match="not a readable safetensors file"):
-        checkpoint.load_state_file(bad)
+        files.load_state_file(bad)
 
 
 
@@ -65,6 +66,6 @@ def test_a_pickle_payload_is_refused_without_running(tmp_path, monkeypatch):
 
 def test_exported_weights_carry_metadata(tmp_path):
     path = tmp_path / "best.safetensors"
-    checkpoint.export_weights({"w": torch.ones(2, 2)}, path, {"model": "resnet50"})
-    assert checkpoint.read_metadata(path)["model"] == "resnet50"
-    assert torch.equal(checkpoint.load_state_file(path)["w"], torch.ones(2, 2))
+    files.export_weights({"w": torch.ones(2, 2)}, path, {"model": "resnet50"})
+    assert files.read_metadata(path)["model"] == "resnet50"
+    assert torch.equal(files.load_state_file(path)["w"], torch.ones(2, 2))

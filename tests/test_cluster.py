@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, TINY, read_jsonl, usi_cmd, usi_main
 from safetensors import safe_open
 
-from usi import checkpoint
+from usi.training import checkpoint
 
 
 def train_args(root, run_dir, *extra):
@@ -194,8 +194,8 @@ def test_torchrun_ranks_agree_on_the_stop_whoever_gets_the_signal(image_root, tm
 # would: the val loader's workers are gone).
 DRIVER = """
 import os, signal, sys
-import usi.train as T
-from usi.engine import LoaderBroken
+import usi.training.loop as T
+from usi.training.engine import LoaderBroken
 phase, calls = sys.argv.pop(1), []
 real = getattr(T, phase)
 def during(*args):
@@ -245,8 +245,8 @@ def test_a_signal_during_evaluation_keeps_the_epoch_and_the_resume_evaluates_it(
 
 def test_a_signal_during_the_teachers_val_pass_stops_with_a_checkpoint(image_root, tmp_path):
     teacher = tmp_path / "teacher.safetensors"
-    from safetensors.torch import save_file
     import timm
+    from safetensors.torch import save_file
     save_file(timm.create_model("test_resnet", num_classes=4).state_dict(), str(teacher))
     kd = ["teacher.name=test_resnet", f"teacher.weights={teacher}"]
     run = tmp_path / "run"

@@ -94,7 +94,7 @@ def test_device_randaugment_batches_are_normalized_augmented_and_seeded(image_ro
     from usi import data
     from usi import recipe as R
     from usi.data.loader import AugmentOnDevice
-    from usi.distributed import Dist
+    from usi.runtime.distributed import Dist
 
     recipe = R.load(None, [f"data.root={image_root}", "data.batch_size=8", "data.workers=0",
                            "aug.randaugment_on=device", "aug.repeats=1"])

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conftest import TINY, read_jsonl, usi_cmd, usi_main
 from safetensors.torch import load_file, save_file
 
-from usi import features
-from usi.teacher import Ensemble, Teacher, combine_logits
+from usi.distill import features
+from usi.distill.teacher import Ensemble, Teacher, combine_logits
 
 
 def teacher_files(tmp_path, names=("test_resnet", "test_efficientnet", "test_resnet")):
@@ -47,7 +47,7 @@ def test_ensemble_logits_are_the_log_mean_probability_or_the_mean_logit():
 
 
 def test_at_a_temperature_the_ensemble_target_is_the_mean_of_tempered_probabilities():
-    from usi.loss import kd_kl
+    from usi.distill.loss import kd_kl
 
     torch.manual_seed(0)
     members = [Teacher(torch.nn.Flatten(), student_mean=(0.5,) * 3, student_std=(0.5,) * 3,
@@ -256,7 +256,9 @@ def test_feature_kd_resumes_exactly_projection_included(image_root, tmp_path):
 
 
 def test_the_ema_copy_carries_no_feature_hook(image_root, tmp_path):
-    from usi import build, distributed, recipe as recipe_mod
+    from usi import recipe as recipe_mod
+    from usi.runtime import distributed
+    from usi.training import build
 
     (path,) = teacher_files(tmp_path, ("test_resnet",))
     recipe = recipe_mod.load(None, [*TINY, f"data.root={image_root}", f"run.dir={tmp_path / 'run'}",
@@ -281,7 +283,7 @@ def test_ensemble_feature_kd_and_bf16_under_torchrun_with_shards(image_root, tmp
     from conftest import REPO
 
     for split in ("train", "val"):
-        subprocess.run([sys.executable, "tools/make_shards.py", str(image_root / split),
+        subprocess.run([sys.executable, "-m", "usi", "shards", str(image_root / split),
                         str(tmp_path / "shards" / split), "--classes-from", str(image_root / "train"),
                         "--shard-size", "8"], cwd=REPO, check=True, capture_output=True)
     paths = teacher_files(tmp_path)
@@ -377,7 +379,7 @@ def test_a_feature_checkpoint_does_not_resume_a_plain_run(image_root, tmp_path):
 
 
 def test_a_finished_study_run_of_another_recipe_is_not_reused(image_root, tmp_path):
-    from usi.quickstart import run_once
+    from usi.studies.quickstart import run_once
 
     small = ["data.batch_size=8", "optim.global_batch=8", "data.input_size=16", "data.workers=0",
              "teacher.name=null", f"data.root={image_root}", "sched.warmup_epochs=0"]

@@ -3,10 +3,18 @@ import pytest
 import torch
 from timm.data import Mixup
 
-from usi.engine import Compute, Guard, NonFiniteError, Position, StepConfig, TrainState, train_one_epoch
-from usi.loss import DistillLoss
-from usi.progress import Progress
-from usi.teacher import Teacher
+from usi.distill.loss import DistillLoss
+from usi.distill.teacher import Teacher
+from usi.models import Compute
+from usi.runtime.progress import Progress
+from usi.training.engine import (
+    Guard,
+    NonFiniteError,
+    Position,
+    StepConfig,
+    TrainState,
+    train_one_epoch,
+)
 
 
 class Spy(torch.nn.Module):
@@ -157,7 +165,7 @@ class Split(torch.nn.Module):
 
 
 def test_evaluation_logits_come_from_an_fp32_head_under_bf16():
-    from usi.engine import fp32_logits
+    from usi.training.engine import fp32_logits
     model, x = Split().eval(), torch.randn(4, 3, 6, 6)
     bf16 = Compute(torch.device("cpu"), amp_dtype=torch.bfloat16)
     with torch.no_grad():
@@ -173,7 +181,7 @@ def test_evaluation_logits_come_from_an_fp32_head_under_bf16():
 
 
 def test_the_progress_line_tells_the_time_left_in_the_epoch_and_the_run():
-    from usi.progress import step_line
+    from usi.runtime.progress import step_line
     line = step_line({"task": 1.5}, epoch=1, epochs=3, step=8, steps=10, seconds_per_step=2.0)
     # 2 steps of this epoch, then 10 more of the last epoch: 4 s and 24 s
     assert line == "epoch 2/3  step 8/10  task 1.5  eta 0:04 epoch, 0:24 run"
@@ -183,7 +191,7 @@ def test_the_progress_line_tells_the_time_left_in_the_epoch_and_the_run():
 def test_an_evaluation_whose_loader_dies_raises_loader_broken():
     """A SIGTERM to the process group kills the val loader's workers: the evaluation says so in a type of
     its own (the trainer then checkpoints the trained epoch and stops), after every rank has agreed."""
-    from usi.engine import LoaderBroken, evaluate
+    from usi.training.engine import LoaderBroken, evaluate
 
     def val_batches():
         yield torch.randn(4, 3, 6, 6), torch.stack([torch.arange(4) % 4, torch.arange(4)], 1)

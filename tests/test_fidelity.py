@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import usi_main
 
-from usi.fidelity import COLUMNS, study
+from usi.studies.fidelity import COLUMNS, study
 
 SMALL = ["sched.epochs=2", "data.batch_size=8", "optim.global_batch=8", "data.input_size=16", "data.workers=0"]
 

@@ -9,11 +9,11 @@ from conftest import REPO, TINY, read_jsonl, usi_cmd
 from safetensors.torch import save_file
 
 from usi import recipe as R
-from usi.build import amp_dtype, channels_last
-from usi.engine import Compute, StepConfig, TrainState, forward_backward
-from usi.environment import set_backend_flags
+from usi.distill.loss import DistillLoss
 from usi.errors import UsageError
-from usi.loss import DistillLoss
+from usi.models import Compute, amp_dtype, channels_last
+from usi.runtime.environment import set_backend_flags
+from usi.training.engine import StepConfig, TrainState, forward_backward
 
 GPU_OPTIONS = ["run.compile=true", "run.amp=bf16", "run.amp_on_cpu=true", "run.channels_last=true"]
 

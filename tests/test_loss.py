@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from usi.loss import kd_kl, usi_loss
+from usi.distill.loss import kd_kl, usi_loss
 
 
 def softmax(row):
@@ -47,7 +47,7 @@ def test_kl_is_computed_in_fp32_from_low_precision_logits():
 
 
 def test_hintons_weighting_is_alpha_ce_plus_one_minus_alpha_t_squared_kl():
-    from usi.loss import DistillLoss
+    from usi.distill.loss import DistillLoss
     s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.softmax(torch.randn(4, 6), 1)
     ce, _ = usi_loss(s, y, None)
     T = 4.0
@@ -62,9 +62,9 @@ def test_the_recipe_chooses_the_weighting_and_refuses_mixed_settings():
     import pytest
 
     from usi import recipe as R
-    from usi.build import step_config
-    from usi.engine import Compute
     from usi.errors import UsageError
+    from usi.models import Compute
+    from usi.training.build import step_config
     recipe = R.load(None, ["loss.weighting=hinton", "loss.alpha=0.9", "loss.temperature=4"])
     loss = step_config(recipe, Compute(torch.device("cpu")), 10, 1).loss
     assert (loss.weighting, loss.alpha, loss.temperature) == ("hinton", 0.9, 4.0)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from usi import metrics as M
+from usi.evaluation import metrics as M
 
 
 def test_accuracy_topk_by_hand():
@@ -78,7 +78,7 @@ def test_sums_without_teacher_report_no_fidelity_and_empty_reports_count_zero():
 
 
 def test_better_and_best_of_follow_each_metrics_direction():
-    from usi.metrics import best_of, better
+    from usi.evaluation.metrics import best_of, better
     assert better("top1", 50.0, 40.0) and not better("top1", 40.0, 50.0)
     assert better("nll", 0.5, 0.9) and not better("nll", 0.9, 0.5)
     assert better("kl", 1.0, None) and better("ece", 3.0, float("nan")) and not better("top1", float("nan"), 1.0)

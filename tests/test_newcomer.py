@@ -12,8 +12,9 @@ import torch
 from conftest import REPO, TINY, read_jsonl, usi_cmd, usi_main
 from safetensors.torch import save_file
 
-from usi import build
+from usi import models
 from usi import recipe as R
+from usi.training import build
 
 
 def train_args(root, run_dir, *extra):
@@ -29,7 +30,7 @@ def test_a_built_wheel_installed_elsewhere_trains_with_its_built_in_recipes(imag
                     str(dist)], cwd=REPO, check=True, capture_output=True)
     (wheel,) = dist.glob("usi-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    wanted = {"usi/recipes/usi.yaml", "usi/recipes/quickstart.yaml", "usi/make_shards.py", "usi/bench_table.py"}
+    wanted = {"usi/recipes/usi.yaml", "usi/recipes/quickstart.yaml", "usi/data/shard_writer.py", "usi/studies/tables.py"}
     assert wanted <= set(names)
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
@@ -119,7 +120,7 @@ def test_a_student_starts_from_a_local_file_with_its_classifier_reinitialized(im
     source = timm.create_model("test_resnet", num_classes=10)
     save_file(source.state_dict(), str(tmp_path / "pretrained.safetensors"))
     recipe = R.load(None, ["model.name=test_resnet", f"model.weights={tmp_path / 'pretrained.safetensors'}"])
-    student = build.create_student(recipe.model, 4, None, starting_weights=True)
+    student = models.create_student(recipe.model, 4, None, starting_weights=True)
     assert torch.equal(student.conv1[0].weight, source.conv1[0].weight)  # the body: the file's
     assert student.fc.weight.shape == (4, student.fc.weight.shape[1])  # the head: 4 classes, fresh
     out = usi_main(*train_args(image_root, tmp_path / "run", f"model.weights={tmp_path / 'pretrained.safetensors'}",

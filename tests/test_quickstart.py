@@ -1,7 +1,7 @@
 """The quickstart's whole path on a shrunken dataset: data, teacher, students with and without KD, table."""
 import csv
 
-from usi.quickstart import STUDENTS, quickstart
+from usi.studies.quickstart import STUDENTS, quickstart
 
 
 def test_quickstart_pipeline_writes_its_table(tmp_path, capsys):

@@ -102,7 +102,7 @@ def test_each_field_declares_its_facts_once_next_to_it():
 
 
 def test_best_metric_choices_are_the_metrics_table():
-    from usi.metrics import METRICS
+    from usi.evaluation.metrics import METRICS
     for name in METRICS:
         assert R.load(None, [f"run.best_metric={name}"]).run.best_metric == name
     with pytest.raises(UsageError, match="run.best_metric='acc' is not one of top1, top5, nll, ece, agreement, kl"):

@@ -12,7 +12,7 @@ import torch
 from conftest import REPO, TINY, Payload, read_jsonl, usi_cmd, usi_main
 from safetensors.torch import save_file
 
-from usi import checkpoint
+from usi.training import checkpoint
 
 
 def train_args(root, run_dir, *extra):
@@ -84,7 +84,7 @@ def test_mid_epoch_checkpoints_resume_without_losing_the_epoch(image_root, tmp_p
 
 CRASHING_SAVE = """
 import os, signal, sys, torch
-from usi import checkpoint
+from usi.training import checkpoint
 real_save = torch.save
 def half_then_die(obj, f):
     real_save(obj, f)

@@ -16,12 +16,12 @@ from usi.data.folder import FolderSplit
 from usi.data.images import Decoded
 from usi.data.loader import InputSpec
 from usi.data.shards import ShardSplit, ShardStream, ShardTrainLoader, read_index
-from usi.distributed import Dist
 from usi.errors import UsageError
+from usi.runtime.distributed import Dist
 
 
 def make_shards(src, out, *extra):
-    return subprocess.run([sys.executable, "tools/make_shards.py", str(src), str(out), "--workers", "2", *extra],
+    return subprocess.run([sys.executable, "-m", "usi", "shards", str(src), str(out), "--workers", "2", *extra],
                           cwd=REPO, capture_output=True, text=True)
 
 
@@ -146,6 +146,7 @@ def test_training_and_validation_from_shards_match_the_folder(image_root, shards
 @pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
 def test_the_tar_reader_reads_what_tarfile_writes(tmp_path, fmt):
     import tarfile
+
     from usi.data.shards import tar_members
     files = {"a.jpg": b"x" * 700, "dir/" + "long" * 40 + ".cls": b"3", "empty.txt": b""}
     path = tmp_path / "t.tar"

@@ -6,9 +6,9 @@ import torch
 from conftest import Payload
 from safetensors.torch import save_file
 
+from usi.distill.teacher import Ensemble, Teacher, build_teacher, fold_batchnorm
 from usi.errors import UsageError
 from usi.recipe import TeacherSection as TeacherCfg
-from usi.teacher import Ensemble, Teacher, build_teacher, fold_batchnorm
 
 SAME = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3)
 HALF = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, student_size=24, device=torch.device("cpu"))
@@ -172,7 +172,7 @@ def test_folding_falls_back_when_one_batchnorm_follows_two_convolutions():
 
 
 def test_folding_survives_any_failure(monkeypatch):
-    import usi.teacher as T
+    import usi.distill.teacher as T
     monkeypatch.setattr(T, "fuse_conv_bn_weights", lambda **kw: (_ for _ in ()).throw(AttributeError("boom")))
     model = randomize_bn(timm.create_model("test_resnet", num_classes=3)).eval()
     folded, n = fold_batchnorm(model, torch.randn(2, 3, 16, 16))
@@ -180,8 +180,8 @@ def test_folding_survives_any_failure(monkeypatch):
 
 
 def test_teacher_logit_cache_key_depends_on_the_precision_of_the_pass():
-    from usi.engine import Compute
-    from usi.logit_cache import cache_key
+    from usi.evaluation.teacher_logits import cache_key
+    from usi.models import Compute
     teacher = Teacher(torch.nn.Identity(), **SAME)
     cfg = TeacherCfg(name="test_resnet")
     cpu = torch.device("cpu")

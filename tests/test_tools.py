@@ -1,4 +1,4 @@
-"""tools/bench_table.py and tools/throughput.py on tiny models, CPU."""
+"""`usi table` and tools/throughput.py on tiny models, CPU."""
 import csv
 import json
 import math
@@ -22,7 +22,7 @@ def test_bench_table_runs_each_model_skips_finished_ones_and_survives_a_failure(
     overrides = [o for o in TINY if not o.startswith(("model.", "teacher."))] + [
         f"data.root={image_root}", "sched.epochs=1", "sched.warmup_epochs=0", "teacher.name=test_resnet",
         f"teacher.weights={teacher}"]
-    args = ["tools/bench_table.py", "recipes/quickstart.yaml", *overrides, "--models", "test_efficientnet",
+    args = ["-m", "usi", "table", "recipes/quickstart.yaml", *overrides, "--models", "test_efficientnet",
             "not_a_model", "--nproc", "1", "--out", str(tmp_path / "table"), "--device", "cpu"]
     out = run_tool(*args)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -82,7 +82,7 @@ def test_loader_bench_times_both_paths_from_folders_and_shards(tmp_path):
 
 
 def test_usi_table_takes_overrides_before_or_after_its_flags():
-    from usi.bench_table import DEFAULT_MODELS, parse
+    from usi.studies.tables import DEFAULT_MODELS, parse
     args = parse(["recipes/usi.yaml", "--nproc", "8", "--out", "runs/t", "data.root=/data/imagenet"])
     assert args.overrides == ["data.root=/data/imagenet"] and args.nproc == 8 and args.models == DEFAULT_MODELS
     args = parse(["recipes/usi.yaml", "optim.lr=1e-3", "--models", "resnet50", "vit_small_patch16_224",
@@ -101,7 +101,7 @@ def test_bench_table_composes_with_an_ensemble_and_feature_kd(image_root, tmp_pa
         f"data.root={image_root}", "sched.epochs=1", "sched.warmup_epochs=0", "teacher.name=test_resnet",
         f"teacher.weights={files[0]}", f"teacher.extra=[{{name: test_resnet, weights: {files[1]}}}]",
         "features.student=layer3", "features.teacher=layer4"]
-    out = run_tool("tools/bench_table.py", "recipes/quickstart.yaml", *overrides, "--models", "test_resnet",
+    out = run_tool("-m", "usi", "table", "recipes/quickstart.yaml", *overrides, "--models", "test_resnet",
                    "--nproc", "1", "--out", str(tmp_path / "table"), "--device", "cpu")
     assert out.returncode == 0, out.stderr[-2000:]
     with open(tmp_path / "table" / "table.csv") as f:
@@ -141,7 +141,7 @@ def test_bench_table_survives_a_first_model_that_fails_before_any_folder_exists(
     overrides = [o for o in TINY if not o.startswith(("model.", "teacher."))] + [
         f"data.root={image_root}", "sched.epochs=1", "sched.warmup_epochs=0", "data.input_size=18"]
     out_dir = tmp_path / "new" / "table"  # does not exist yet
-    out = run_tool("tools/bench_table.py", "recipes/quickstart.yaml", *overrides, "model.kwargs={patch_size: 4}",
+    out = run_tool("-m", "usi", "table", "recipes/quickstart.yaml", *overrides, "model.kwargs={patch_size: 4}",
                    "--models", "test_vit", "--kd", "off", "--nproc", "1", "--out", str(out_dir), "--device", "cpu")
     assert out.returncode == 0, out.stderr[-2000:]
     with open(out_dir / "table.csv") as f:

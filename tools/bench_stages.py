@@ -36,9 +36,8 @@ from timm.data.auto_augment import RandAugment
 from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torchvision.transforms import RandomHorizontalFlip
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from usi.data.device_augment import DeviceRandAugment  # noqa: E402
-from usi.data.fast_crop import FastRandomResizedCrop, draft_scale, reduced_box  # noqa: E402
+from usi.data.device_augment import DeviceRandAugment
+from usi.data.fast_crop import FastRandomResizedCrop, draft_scale, reduced_box
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 

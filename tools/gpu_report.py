@@ -28,21 +28,18 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import throughput
 import timm
 import torch
+from loader_bench import layout, rate
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import throughput  # noqa: E402
-from loader_bench import layout, rate  # noqa: E402
-
-from usi.data.device_augment import DeviceRandAugment  # noqa: E402
-from usi.data.folder import FolderSplit  # noqa: E402
-from usi.data.loader import InputSpec, train_transform  # noqa: E402
-from usi.environment import versions  # noqa: E402
-from usi.recipe import AugSection  # noqa: E402
+from usi.data.device_augment import DeviceRandAugment
+from usi.data.folder import FolderSplit
+from usi.data.loader import InputSpec, train_transform
+from usi.recipe import AugSection
+from usi.runtime.environment import versions
 
 # Dense bf16 peaks (no sparsity), for MFU. A name not listed reports no MFU rather than a guess.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}

@@ -16,17 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import timm
+import torch
+from safetensors.torch import save_file
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from usi import build, distributed  # noqa: E402
-from usi import recipe as recipe_mod  # noqa: E402
-from usi.data.synthetic import make_dataset  # noqa: E402
-from usi.engine import forward_backward, optimizer_update, prepare_batch  # noqa: E402
-from usi.errors import UsageError, one_line  # noqa: E402
+from usi import build, distributed
+from usi import recipe as recipe_mod
+from usi.data.synthetic import make_dataset
+from usi.errors import UsageError, one_line
+from usi.training.engine import forward_backward, optimizer_update, prepare_batch
 
 CLASSES = 10
 

@@ -29,12 +29,11 @@ import torch
 from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, RandomSampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from usi.data.folder import FolderSplit  # noqa: E402
-from usi.data.images import IMAGE_EXTENSIONS, load_rgb  # noqa: E402
-from usi.data.loader import InputSpec, train_transform  # noqa: E402
-from usi.data.shards import ShardStream, read_index  # noqa: E402
-from usi.recipe import AugSection  # noqa: E402
+from usi.data.folder import FolderSplit
+from usi.data.images import IMAGE_EXTENSIONS, load_rgb
+from usi.data.loader import InputSpec, train_transform
+from usi.data.shards import ShardStream, read_index
+from usi.recipe import AugSection
 
 SPEC = InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = layout(args.images, Path(tmp), args.copies)
         distinct = layout(args.images, Path(tmp) / "distinct", 1)
-        subprocess.run([sys.executable, str(Path(__file__).parent / "make_shards.py"), str(distinct),
+        subprocess.run([sys.executable, "-m", "usi", "shards", str(distinct),
                         str(Path(tmp) / "shards"), "--shard-size", str(args.shard_size), "--workers", "2"],
                        check=True, capture_output=True)
         urls, _, _ = read_index(Path(tmp) / "shards")

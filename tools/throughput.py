@@ -33,10 +33,16 @@ import torch
 from timm.data import Mixup, resolve_model_data_config
 from timm.task import DistillationTeacher, LogitDistillationTask
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from usi.engine import Compute, StepConfig, TrainState, forward_backward, optimizer_update, prepare_batch  # noqa: E402
-from usi.loss import DistillLoss  # noqa: E402
-from usi.teacher import Teacher, fold_batchnorm  # noqa: E402
+from usi.distill.loss import DistillLoss
+from usi.distill.teacher import Teacher, fold_batchnorm
+from usi.models import Compute
+from usi.training.engine import (
+    StepConfig,
+    TrainState,
+    forward_backward,
+    optimizer_update,
+    prepare_batch,
+)
 
 
 def interleaved_medians(fns: dict, warmup: int, runs: int, device: torch.device) -> dict[str, float]:

@@ -10,30 +10,13 @@ from pathlib import Path
 from usi import __version__
 from usi.errors import UsageError, one_line
 
-PACKAGE = Path(__file__).resolve().parent
-# An installed wheel carries the recipes inside the package (setup.py copies them); a checkout, or an
-# editable install, reads them from recipes/ beside the package.
-RECIPES = PACKAGE / "recipes" if (PACKAGE / "recipes").is_dir() else PACKAGE.parent / "recipes"
-
-
-def recipe_path(name: str) -> Path:
-    """A recipe file, or the name of a built-in one (`usi`, `quickstart`)."""
-    path = Path(name)
-    if path.is_file() or path.suffix in (".yaml", ".yml"):
-        return path
-    builtin = RECIPES / f"{name}.yaml"
-    if builtin.is_file():
-        return builtin
-    raise UsageError(f"recipe {name!r} is neither a file nor a built-in recipe "
-                     f"({', '.join(sorted(p.stem for p in RECIPES.glob('*.yaml')))})")
-
 
 def cmd_train(args) -> int:
     from usi import recipe as recipe_mod
-    from usi.build import dry_run
-    from usi.train import train
+    from usi.training.build import dry_run
+    from usi.training.loop import train
 
-    recipe = recipe_mod.load(recipe_path(args.recipe), args.overrides)
+    recipe = recipe_mod.load(recipe_mod.recipe_path(args.recipe), args.overrides)
     if args.dry_run:
         print(dry_run(recipe))
         return 0
@@ -42,7 +25,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from usi.export import export
+    from usi.evaluation.export import export
 
     report = export(Path(args.checkpoint), Path(args.out), weights=args.weights, onnx=args.onnx)
     print(f"{report['model']} ({report['weights']} weights) -> {report['out']}: timm loads it as "
@@ -60,7 +43,7 @@ def cmd_keys(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from usi.evaluation import evaluate_checkpoint, format_report
+    from usi.evaluation.report import evaluate_checkpoint, format_report
 
     report = evaluate_checkpoint(Path(args.checkpoint), args.overrides)
     if report is not None:
@@ -69,7 +52,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from usi.quickstart import quickstart
+    from usi.studies.quickstart import quickstart
 
     quickstart(Path(args.out), seed=args.seed, rerun=args.rerun)
     return 0
@@ -78,11 +61,11 @@ def cmd_quickstart(args) -> int:
 def cmd_tool(name: str, argv: list[str]) -> int:
     """`usi shards ...`, `usi table ...`, `usi fidelity ...`: tools with arguments of their own (see --help)."""
     if name == "shards":
-        from usi.make_shards import main as tool
+        from usi.data.shard_writer import main as tool
     elif name == "fidelity":
-        from usi.fidelity import main as tool
+        from usi.studies.fidelity import main as tool
     else:
-        from usi.bench_table import main as tool
+        from usi.studies.tables import main as tool
     return tool(argv)
 
 
@@ -142,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parse(argv)
         run = partial(args.run, args)
-    from usi.engine import NonFiniteError
-    from usi.preempt import Interrupted
+    from usi.runtime.preempt import Interrupted
+    from usi.training.engine import NonFiniteError
 
     try:
         return run()
@@ -167,7 +150,7 @@ def unexpected(error: Exception) -> str:
     with USI_TRACEBACK=1."""
     import traceback
 
-    from usi.progress import to_log_file
+    from usi.runtime.progress import to_log_file
 
     frame = traceback.extract_tb(error.__traceback__)[-1]
     to_log_file("".join(traceback.format_exception(error)).rstrip())
@@ -178,8 +161,8 @@ def unexpected(error: Exception) -> str:
 def report(line: str, code: int) -> int:
     """The one line a failed or stopped command ends with: on rank 0's console, and in log.txt if a run
     directory is open."""
-    from usi.distributed import env_rank
-    from usi.progress import to_log_file
+    from usi.runtime.distributed import env_rank
+    from usi.runtime.progress import to_log_file
 
     if env_rank() == 0:
         print(line, file=sys.stderr)

@@ -1,4 +1,6 @@
-"""The one exception type a user is meant to see: a one-line message, exit code 2."""
+"""The one exception type a user is meant to see (a one-line message, exit code 2), and the helpers that
+keep its messages to one readable line."""
+import difflib
 
 
 class UsageError(Exception):
@@ -19,3 +21,9 @@ def one_line(error: Exception) -> str:
 def shorten(line: str, limit: int = 1000) -> str:
     """A line a person reads: a 50 MB value echoed back is cut, with how much was left out."""
     return line if len(line) <= limit else f"{line[:limit]}... ({len(line) - limit} more characters)"
+
+
+def suggest(word: str, choices) -> str:
+    """'; did you mean X?' for the closest of `choices`, or ''."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from usi import distributed
 from usi.data.images import IMAGE_EXTENSIONS, load_rgb
 from usi.data.loader import InputSpec, TrainLoader, eval_loader
 from usi.errors import UsageError
+from usi.runtime import distributed
 
 log = logging.getLogger("usi")
 

@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from usi.data.device_augment import DeviceRandAugment
 from usi.data.fast_crop import FastRandomResizedCrop
 from usi.data.images import Decoded
-from usi.distributed import Dist
-from usi.preempt import ignore_interrupts
+from usi.runtime.distributed import Dist
+from usi.runtime.preempt import ignore_interrupts
 
 
 @dataclass(frozen=True)
@@ -201,3 +201,15 @@ def eval_loader(dataset, *, batch_size: int, workers: int, spec: InputSpec, dist
                         collate_fn=eval_collate, pin_memory=dist.device.type == "cuda", drop_last=False,
                         persistent_workers=workers > 0, worker_init_fn=ignore_interrupts)
     return to_device(loader, spec, dist)
+
+
+def next_batch(batches) -> tuple:
+    """(batch or None at the epoch's end, the loader's error or None). A SIGTERM sent to every process
+    kills the loader's workers; whether that is a stop or a failure is for all ranks to decide."""
+    try:
+        return next(batches), None
+    except StopIteration:
+        return None, None
+    except (RuntimeError, OSError, EOFError) as e:  # "DataLoader worker (pid ...) exited unexpectedly", or
+        return None, e  # the pipe to a worker that died mid-transfer (ConnectionResetError)
+

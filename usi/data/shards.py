@@ -26,11 +26,18 @@ from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
-from usi import distributed
 from usi.data.images import IMAGE_EXTENSIONS, load_rgb
-from usi.data.loader import AugmentOnDevice, InputSpec, epoch_seed, eval_collate, seed_everything, to_device
+from usi.data.loader import (
+    AugmentOnDevice,
+    InputSpec,
+    epoch_seed,
+    eval_collate,
+    seed_everything,
+    to_device,
+)
 from usi.errors import UsageError
-from usi.preempt import ignore_interrupts
+from usi.runtime import distributed
+from usi.runtime.preempt import ignore_interrupts
 
 log = logging.getLogger("usi")
 SLOTS = 256  # bad-sample counter slots, one per loader worker

@@ -19,13 +19,17 @@ from pathlib import Path
 import torch
 
 from usi import recipe as recipe_mod
-from usi import table
-from usi.cli import recipe_path
 from usi.data.synthetic import make_dataset
 from usi.errors import UsageError
-from usi.evaluation import evaluate_checkpoint
-from usi.rundir import RECIPE_FILE, check_same_recipe, check_writable, read_summary
-from usi.table import model_cost
+from usi.evaluation.report import evaluate_checkpoint
+from usi.studies import table
+from usi.studies.table import model_cost
+from usi.training.rundir import (
+    RECIPE_FILE,
+    check_same_recipe,
+    check_writable,
+    read_summary,
+)
 
 log = logging.getLogger("usi")
 
@@ -44,7 +48,7 @@ def run_once(overrides: list[str], run_dir: Path, rerun: bool) -> dict:
     """Train one recipe unless a finished run of it is already there; an unfinished one is resumed, a
     finished one of another recipe (other epochs, say) is refused."""
     resume = "never" if rerun or not run_dir.exists() else "auto"
-    recipe = recipe_mod.load(recipe_path("quickstart"), overrides + [f"run.dir={run_dir}", f"run.resume={resume}"])
+    recipe = recipe_mod.load(recipe_mod.recipe_path("quickstart"), overrides + [f"run.dir={run_dir}", f"run.resume={resume}"])
     summary = read_summary(run_dir)
     if summary is not None and not rerun:
         check_same_recipe(recipe, recipe_mod.read_yaml(run_dir / RECIPE_FILE),
@@ -52,7 +56,7 @@ def run_once(overrides: list[str], run_dir: Path, rerun: bool) -> dict:
         return summary
     if rerun and run_dir.exists():
         shutil.rmtree(run_dir)
-    from usi.train import train  # in the worker process
+    from usi.training.loop import train  # in the worker process
 
     return train(recipe)
 

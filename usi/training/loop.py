@@ -15,18 +15,34 @@ from functools import partial
 import torch
 from timm.utils import distribute_bn
 
-from usi import build as make
-from usi import checkpoint, distributed, rundir
-from usi.build import Training
-from usi.engine import (EpochResult, Guard, LoaderBroken, NonFiniteError, Position, due, evaluate,
-                        train_one_epoch)
 from usi.errors import UsageError
-from usi.ledger import Ledger, export_if_best, finish, mid_epoch_checkpoint, models_to_eval, resume, save
-from usi.logit_cache import teacher_val_logits
-from usi.preempt import Interrupted, StopSignals
-from usi.progress import Progress, setup_logging
+from usi.evaluation.evaluate import LoaderBroken, evaluate
+from usi.evaluation.teacher_logits import teacher_val_logits
 from usi.recipe import Recipe
-from usi.tracking import Trackers
+from usi.runtime import distributed
+from usi.runtime.preempt import Interrupted, StopSignals
+from usi.runtime.progress import Progress, setup_logging
+from usi.training import build as make
+from usi.training import checkpoint, rundir
+from usi.training.build import Training
+from usi.training.engine import (
+    EpochResult,
+    Guard,
+    NonFiniteError,
+    Position,
+    due,
+    train_one_epoch,
+)
+from usi.training.ledger import (
+    Ledger,
+    export_if_best,
+    finish,
+    mid_epoch_checkpoint,
+    models_to_eval,
+    resume,
+    save,
+)
+from usi.training.tracking import Trackers
 
 log = logging.getLogger("usi")
 

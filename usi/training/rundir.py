@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import time
 from pathlib import Path
 
-from usi import checkpoint, distributed
 from usi import recipe as recipe_mod
 from usi.errors import UsageError
 from usi.recipe import Recipe
+from usi.runtime import distributed, files
+from usi.training import checkpoint
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -156,7 +156,7 @@ def create(recipe: Recipe, run_dir: Path, dist: distributed.Dist, versions: dict
             probe.unlink()
         except OSError as e:
             raise UsageError(f"run directory {run_dir} is not writable ({e.strerror})") from None
-        checkpoint.remove_stale_temporaries(run_dir)  # a writer killed mid-write; we hold the lock
+        files.remove_stale_temporaries(run_dir)  # a writer killed mid-write; we hold the lock
         recipe.save(run_dir / RECIPE_FILE)
         path = run_dir / VERSIONS_FILE
         try:
@@ -164,31 +164,22 @@ def create(recipe: Recipe, run_dir: Path, dist: distributed.Dist, versions: dict
         except (OSError, ValueError):
             starts = []  # a damaged record of earlier starts is started again
         starts.append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "world": dist.world, **versions})
-        checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(starts, indent=1)))
+        files.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(starts, indent=1)))
     distributed.barrier()
 
 
-def json_safe(value):
-    """NaN and infinity as null: json.dumps would write bare NaN, which is not JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
     with open(run_dir / METRICS_FILE, "a") as f:
-        f.write(json.dumps(json_safe(record)) + "\n")
+        f.write(json.dumps(files.json_safe(record)) + "\n")
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """metrics.jsonl as the checkpoint's history says: a crash between the checkpoint and the append
     (or during the append) leaves nothing that a resume keeps."""
-    text = "".join(json.dumps(json_safe(record)) + "\n" for record in history)
-    checkpoint.atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(text))
+    text = "".join(json.dumps(files.json_safe(record)) + "\n" for record in history)
+    files.atomic_write(run_dir / METRICS_FILE, lambda tmp: Path(tmp).write_text(text))
 
 
 def read_summary(run_dir: Path) -> dict | None:
@@ -202,5 +193,5 @@ def read_summary(run_dir: Path) -> dict | None:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    text = json.dumps(json_safe(summary), indent=2)
-    checkpoint.atomic_write(run_dir / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(text))
+    text = json.dumps(files.json_safe(summary), indent=2)
+    files.atomic_write(run_dir / SUMMARY_FILE, lambda tmp: Path(tmp).write_text(text))

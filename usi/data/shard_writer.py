@@ -2,7 +2,7 @@
 
   usi shards /data/imagenet/train /data/shards/train --shard-size 1000 --workers 16
   usi shards /data/imagenet/val /data/shards/val --classes-from /data/imagenet/train
-(or python tools/make_shards.py ..., from a checkout)
+(or python -m usi shards ...)
 
 Samples are shuffled (seeded) across shards. Each shard is written as a temporary file and renamed
 when complete, so a crash never leaves a half-written shard under a final name; re-running skips
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import webdataset as wds
 
-from usi.checkpoint import atomic_write
 from usi.data.folder import find_classes, list_images
 from usi.data.images import load_rgb
 from usi.errors import UsageError, one_line
+from usi.runtime.files import atomic_write
 
 MANIFEST = ".make_shards.json"  # the settings and source the shards here were written from
 

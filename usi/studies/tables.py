@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from usi import recipe as recipe_mod
-from usi import table
-from usi.rundir import read_summary
+from usi.studies import table
+from usi.training.rundir import read_summary
 
 DEFAULT_MODELS = ["resnet50", "mobilenetv3_large_100", "efficientnet_b0", "vit_small_patch16_224", "levit_384",
                   "convnext_small", "mixer_b16_224"]

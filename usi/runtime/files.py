@@ -1,13 +1,15 @@
-"""Atomic checkpoint writes, safe and checked loads, and the student's exported weights.
+"""Weight files: atomic writes, and safe, checked loads.
 
-A checkpoint is written to a temporary file in the same directory, flushed to disk, then renamed
-over the old one: a crash at any point leaves either the old or the new file, never half of one.
-Loading uses weights_only=True (or safetensors), so a file carrying a pickled payload is refused
-without running it, and checks the file's checksums, so damaged bytes are refused too.
+A file is written to a temporary file in the same directory, flushed to disk, then renamed over the old
+one: a crash at any point leaves either the old or the new file, never half of one. Loading uses
+weights_only=True (or safetensors), so a file carrying a pickled payload is refused without running
+it, and checks the file's checksums, so damaged bytes are refused too. Used by the training checkpoint,
+the teacher's weights, evaluation and export alike.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import zipfile
@@ -18,10 +20,6 @@ from safetensors.torch import load_file, save_file
 
 from usi.errors import UsageError
 from usi.recipe import parse_yaml
-
-LAST = "last.pt"
-BEST = "best.safetensors"
-FORMAT = 1
 
 
 def atomic_write(path: Path, write) -> None:
@@ -60,18 +58,6 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     return stale
 
 
-def save(state: dict, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
-
-
-def load(path: Path) -> dict:
-    """A full usi checkpoint, safely loaded to CPU."""
-    state = load_state_file(Path(path))
-    if state.get("format") != FORMAT or "student" not in state:
-        raise UsageError(f"{path} is not a usi training checkpoint (no 'student' state)")
-    return state
-
-
 def metadata_problem(recipe_text, classes) -> str | None:
     """What is wrong with the recipe and class list a checkpoint stores (last.pt's keys, or the metadata
     of best.safetensors), or None: the recipe must be YAML sections, the classes a list of names."""
@@ -89,17 +75,6 @@ def metadata_problem(recipe_text, classes) -> str | None:
 def non_finite(state: dict) -> list[str]:
     """Names of the floating-point tensors holding NaN or infinity (the weights of a diverged run)."""
     return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-
-
-def check_training_state(saved: dict, path: Path) -> dict:
-    """What a resume reads besides the weights: a recipe (a YAML mapping), the class list, the position."""
-    problem = metadata_problem(saved.get("recipe"), saved.get("classes"))
-    if problem:
-        raise UsageError(f"{path} is a damaged usi checkpoint: {problem}")
-    for key in ("epoch", "step", "num_updates"):
-        if not isinstance(saved.get(key), int):
-            raise UsageError(f"{path} is a damaged usi checkpoint: no training position ({key})")
-    return saved
 
 
 def load_state_file(path: Path) -> dict:
@@ -206,56 +181,19 @@ def export_weights(state_dict: dict, path: Path, metadata: dict[str, str]) -> No
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def capture(state, *, recipe_yaml: str, classes: list[str], at, best: dict) -> dict:
-    """The full training state of a TrainState at Position `at`: everything a resume needs."""
-    return {
-        "recipe": recipe_yaml,
-        "student": state.student.state_dict(),
-        "ema": state.ema.module.state_dict() if state.ema is not None else {},
-        "projector": state.projector.state_dict() if state.projector is not None else {},  # feature KD
-        "optimizer": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
-        "scaler": state.scaler.state_dict() if state.scaler is not None else {},
-        "classes": classes,
-        "epoch": at.epoch,  # the epoch to run next (or the one in progress)
-        "step": at.step,  # the next step within it
-        "num_updates": at.updates,
-        "best": best,
-    }
-
-
-def restore(state, path: Path) -> dict:
-    """Load a checkpoint into a TrainState; returns the checkpoint (for its position and best)."""
-    saved = check_training_state(load(path), path)
-    models = [("student", state.student)] + ([("ema", state.ema.module)] if state.ema is not None and saved["ema"]
-                                             else [])
-    if state.projector is None and saved.get("projector"):
-        raise UsageError(f"checkpoint {path} was trained with feature KD (features.student); resume it with the "
-                         f"same features settings")
-    if state.projector is not None and state.projector.state_dict():  # an identity projection holds nothing
-        if not saved.get("projector"):
-            raise UsageError(f"checkpoint {path} was trained without feature KD (features.student); it cannot "
-                             f"resume a run with it")
-        models.append(("projector", state.projector))
-    for key, model in models:
-        try:
-            model.load_state_dict(saved[key])
-        except (RuntimeError, KeyError) as e:
-            raise UsageError(f"checkpoint {path} does not fit this recipe's model ({key}): "
-                             f"{mismatch(model, saved[key]) if key in saved else e}") from None
-    try:
-        state.optimizer.load_state_dict(saved["optimizer"])
-        state.scheduler.load_state_dict(saved["scheduler"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise UsageError(f"checkpoint {path} does not fit this recipe's optimizer: "
-                         f"{str(e).strip().splitlines()[0][:200]}") from None
-    if state.scaler is not None and saved["scaler"]:
-        state.scaler.load_state_dict(saved["scaler"])
-    return saved
-
-
 def read_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
+
+
+def json_safe(value):
+    """NaN and infinity as null: json.dumps would write bare NaN, which is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value

@@ -20,11 +20,11 @@ from pathlib import Path
 import timm
 import torch
 
-from usi import build as make
-from usi import checkpoint
+from usi import models
 from usi import recipe as recipe_mod
 from usi.errors import UsageError
-from usi.evaluation import read_checkpoint
+from usi.evaluation.report import read_checkpoint
+from usi.runtime import files
 
 
 def export(path: Path, out: Path, weights: str | None = None, onnx: bool = False) -> dict:
@@ -37,17 +37,17 @@ def export(path: Path, out: Path, weights: str | None = None, onnx: bool = False
         raise UsageError(f"{path} holds {', '.join(saved.variants)} weights, not {name!r}")
     recipe = recipe_mod.from_dict(recipe_mod.parse_yaml(saved.recipe_yaml, f"{path}'s stored recipe"))
     state = saved.variants[name]
-    broken = checkpoint.non_finite(state)
+    broken = files.non_finite(state)
     if broken:
         raise UsageError(f"{path}: the {name} weights hold NaN or infinite values ({len(broken)} tensors, e.g. "
                          f"{broken[0]}): a diverged run; nothing worth exporting")
-    model = make.create_student(recipe.model, len(saved.classes), recipe.data.input_size)
+    model = models.create_student(recipe.model, len(saved.classes), recipe.data.input_size)
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        raise UsageError(f"{path} does not fit {recipe.model.name}: {checkpoint.mismatch(model, state)}") from None
+        raise UsageError(f"{path} does not fit {recipe.model.name}: {files.mismatch(model, state)}") from None
     model.eval()
-    spec = make.input_spec(model, recipe.data.input_size)
+    spec = models.input_spec(model, recipe.data.input_size)
     x = torch.randn(2, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(x)
@@ -66,7 +66,7 @@ def export(path: Path, out: Path, weights: str | None = None, onnx: bool = False
         if onnx:
             report["onnx_max_abs_diff"] = onnx_difference(model, tmp / "model.onnx", x, expected)
         (tmp / "usi-export.json").write_text(json.dumps(report, indent=1))
-        readable_by_others(tmp, checkpoint.current_umask())
+        readable_by_others(tmp, files.current_umask())
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -24,8 +24,8 @@ from timm.layers import BatchNormAct2d
 from timm.layers._fx import get_notrace_functions, get_notrace_modules
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from usi.checkpoint import load_state_file, mismatch, non_finite
 from usi.errors import UsageError
+from usi.runtime.files import load_state_file, mismatch, non_finite
 
 log = logging.getLogger("usi")
 

@@ -24,9 +24,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from usi.evaluation import evaluate_checkpoint
-from usi.quickstart import prepare, train_all
-from usi.rundir import read_summary
+from usi.evaluation.report import evaluate_checkpoint
+from usi.studies.quickstart import prepare, train_all
+from usi.training.rundir import read_summary
 
 ARCH = "test_resnet"
 AUG_OFF = ["aug.mixup_alpha=0", "aug.cutmix_alpha=0", "aug.auto_augment=null", "aug.repeats=1"]

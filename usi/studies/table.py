@@ -1,6 +1,6 @@
 """Result tables: one row per backbone, from its runs' summaries and evaluations.
 
-Shared by `usi quickstart` and tools/bench_table.py. Writes markdown, CSV and a PNG plot of top-1
+Shared by `usi quickstart` and `usi table`. Writes markdown, CSV and a PNG plot of top-1
 against inference throughput (the paper's speed-accuracy figure), drawn with Pillow so that plotting
 adds no dependency.
 """

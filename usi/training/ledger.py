@@ -8,13 +8,13 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-
-from usi import checkpoint, environment, rundir
 from usi import recipe as recipe_mod
-from usi.build import Training
-from usi.engine import Position, TrainState, due
 from usi.errors import UsageError
-from usi.metrics import best_of, better
+from usi.evaluation.metrics import best_of, better
+from usi.runtime import environment, files
+from usi.training import checkpoint, rundir
+from usi.training.build import Training
+from usi.training.engine import Position, TrainState, due
 
 log = logging.getLogger("usi")
 
@@ -84,7 +84,7 @@ def export_if_best(t: Training, metrics: dict, epoch: int, best: dict) -> dict:
     model = models_to_eval(t.state)[name]
     best = {"metric": metric, "value": candidates[name], "weights": name, "epoch": epoch + 1}
     if t.dist.main:
-        checkpoint.export_weights(model.state_dict(), t.run_dir / checkpoint.BEST, metadata={
+        files.export_weights(model.state_dict(), t.run_dir / checkpoint.BEST, metadata={
             "recipe": t.recipe.to_yaml(), "model": t.recipe.model.name, "weights": name,
             "classes": json.dumps(t.classes), "epoch": str(epoch + 1), metric: repr(candidates[name]),
             "versions": json.dumps(t.versions)})

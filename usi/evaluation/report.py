@@ -15,16 +15,15 @@ from pathlib import Path
 
 import torch
 
-
-from usi import build as make
-from usi import checkpoint, data, distributed
+from usi import data
 from usi import recipe as recipe_mod
-from usi.engine import evaluate
 from usi.errors import UsageError
-from usi.logit_cache import teacher_val_logits
-from usi.metrics import METRICS
-from usi.progress import setup_logging
-from usi.rundir import json_safe
+from usi.evaluation.evaluate import evaluate
+from usi.evaluation.metrics import METRICS
+from usi.evaluation.teacher_logits import teacher_val_logits
+from usi.runtime import distributed, files
+from usi.runtime.progress import setup_logging
+from usi.training import checkpoint
 
 log = logging.getLogger("usi")
 
@@ -40,9 +39,9 @@ class Saved:
 
 def read_checkpoint(path: Path) -> Saved:
     """The weights (raw, and EMA from a full last.pt), recipe and classes of best.safetensors or last.pt."""
-    if path.is_file() and checkpoint.file_kind(path) == "safetensors":
-        state = checkpoint.load_state_file(path)  # checks the file before its metadata is read
-        meta = checkpoint.read_metadata(path)
+    if path.is_file() and files.file_kind(path) == "safetensors":
+        state = files.load_state_file(path)  # checks the file before its metadata is read
+        meta = files.read_metadata(path)
         if "recipe" not in meta or "classes" not in meta:
             raise UsageError(f"{path} has no usi metadata (recipe, classes); evaluate a usi run's best.safetensors")
         try:
@@ -63,7 +62,7 @@ def checked(saved: Saved) -> Saved:
                                                            for k, v in state.items())):
             raise UsageError(f"{saved.path}: its {name} weights are not a mapping of names to tensors (a damaged "
                              f"checkpoint)")
-    problem = checkpoint.metadata_problem(saved.recipe_yaml, saved.classes)
+    problem = files.metadata_problem(saved.recipe_yaml, saved.classes)
     if problem:
         raise UsageError(f"{saved.path}: {problem} (damaged or edited metadata)")
     return saved
@@ -130,12 +129,12 @@ def load_students(recipe, saved: Saved, trained_size: int | None, dist) -> dict:
     """{variant: student with its weights, at recipe.data.input_size}."""
     models = {}
     for name, state in saved.variants.items():
-        model = make.create_student(recipe.model, len(saved.classes), trained_size)
+        model = models.create_student(recipe.model, len(saved.classes), trained_size)
         try:
             model.load_state_dict(state)
         except RuntimeError:
             raise UsageError(f"{saved.path} does not fit {recipe.model.name}: "
-                             f"{checkpoint.mismatch(model, state)}") from None
+                             f"{files.mismatch(model, state)}") from None
         size = recipe.data.input_size
         if size and size != trained_size and hasattr(model, "set_input_size"):
             model.set_input_size(img_size=size)  # ViTs: resample position embeddings
@@ -146,15 +145,15 @@ def load_students(recipe, saved: Saved, trained_size: int | None, dist) -> dict:
 def run_eval(recipe, saved: Saved, trained_size: int | None, dist) -> dict | None:
     classes, path = saved.classes, saved.path
     models = load_students(recipe, saved, trained_size, dist)
-    spec = make.input_spec(next(iter(models.values())), recipe.data.input_size)
-    make.check_input_size(recipe.model, len(classes), spec.size)
-    compute = make.compute_for(recipe, dist.device)
+    spec = models.input_spec(next(iter(models.values())), recipe.data.input_size)
+    models.check_input_size(recipe.model, len(classes), spec.size)
+    compute = models.compute_for(recipe, dist.device)
     val = data.open_val_split(recipe.data, classes)
     loader = data.val_loader(val, recipe.data, recipe.aug, spec, dist=dist)
     report = {"checkpoint": str(path), "model": recipe.model.name, "input_size": spec.size,
               "crop_pct": recipe.aug.eval_crop_pct}
     logits = None
-    teacher = make.teacher_for(recipe, len(classes), spec, compute)
+    teacher = models.teacher_for(recipe, len(classes), spec, compute)
     if teacher is not None:
         t0 = time.time()
         report["teacher"], logits, hit = teacher_val_logits(teacher, recipe, val, loader, compute=compute,
@@ -184,7 +183,7 @@ assert COLUMNS.keys() == METRICS.keys()  # one column per metric
 
 def format_report(report: dict, as_json: bool = False) -> str:
     if as_json:
-        return json.dumps(json_safe(report), indent=2)
+        return json.dumps(files.json_safe(report), indent=2)
     unreadable = f" ({report['unreadable']} unreadable, left out)" if report["unreadable"] else ""
     lines = [f"{report['model']} from {report['checkpoint']}",
              f"{report['images']} val images{unreadable} at {report['input_size']} px, crop_pct {report['crop_pct']}"]

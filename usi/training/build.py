@@ -10,139 +10,33 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
-from timm.data import Mixup, resolve_model_data_config
+from timm.data import Mixup
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
-from usi import checkpoint, data, distributed, environment, tracking
-from usi.data import InputSpec
+from usi import data
 from usi.data.loader import seed_everything
-from usi.engine import Compute, StepConfig, TrainState
+from usi.distill.loss import DistillLoss
+from usi.distill.teacher import Ensemble
 from usi.errors import UsageError
-from usi.loss import DistillLoss
+from usi.models import (
+    Compute,
+    check_input_size,
+    compute_for,
+    create_student,
+    input_spec,
+    place,
+    teacher_for,
+)
 from usi.recipe import Recipe, mixes
-from usi.teacher import Ensemble, Teacher, build_teachers
+from usi.runtime import distributed, environment
+from usi.training import tracking
+from usi.training.engine import StepConfig, TrainState
 
 log = logging.getLogger("usi")
-
-
-def create_student(model_cfg, num_classes: int, input_size: int | None, starting_weights: bool = False
-                   ) -> torch.nn.Module:
-    """The student, built for `input_size` when its constructor takes img_size (ViTs, MLP-Mixers); from
-    model.pretrained or model.weights when `starting_weights` (training; evaluation loads its own)."""
-    pretrained = starting_weights and model_cfg.pretrained
-    kwargs = dict(model_cfg.kwargs)
-    if model_cfg.drop_path_rate is not None:
-        kwargs["drop_path_rate"] = model_cfg.drop_path_rate
-    try:
-        model = None
-        if input_size and "img_size" not in kwargs:
-            try:
-                model = timm.create_model(model_cfg.name, pretrained=pretrained, num_classes=num_classes,
-                                          img_size=input_size, **kwargs)
-            except TypeError:
-                pass  # a CNN: any input size works without telling it
-        # timm re-initializes a pretrained classifier for another class count
-        model = model or timm.create_model(model_cfg.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        if pretrained and not isinstance(e, TypeError):  # no hub access, no weights for this name, ...
-            raise UsageError(f"could not get pretrained weights for {model_cfg.name} from timm ({first}); "
-                             f"set model.weights to a local .safetensors or .pth file instead") from None
-        # e.g. a dropout rate of 2 (ValueError), act_layer: nosuch (KeyError), an unknown argument (TypeError)
-        raise UsageError(f"model.kwargs {kwargs} do not fit {model_cfg.name}: {type(e).__name__}: {first}") from None
-    if starting_weights and model_cfg.weights:
-        log.info(load_starting_weights(model, Path(model_cfg.weights)))
-    return model
-
-
-def load_starting_weights(model: torch.nn.Module, path: Path) -> str:
-    """Weights from a local file (checked, weights_only); a classifier of another shape is left freshly
-    initialized, as timm does for pretrained weights. Returns a line saying what was loaded."""
-    from usi.teacher import read_weights
-
-    state = read_weights(path)
-    own = model.state_dict()
-    classifier = model.pretrained_cfg.get("classifier")
-    heads = [classifier] if isinstance(classifier, str) else list(classifier or [])
-    dropped = [k for k in list(state) if any(k.startswith(h + ".") for h in heads)
-               and k in own and state[k].shape != own[k].shape]
-    for key in dropped:
-        del state[key]
-    try:  # strict=False still raises on a shape mismatch (another architecture's file)
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError:
-        result = None
-    if result is None or result.unexpected_keys or set(result.missing_keys) - set(dropped):
-        raise UsageError(f"model.weights={path} do not fit {type(model).__name__}: "
-                         f"{checkpoint.mismatch(model, state)}")
-    reinit = f"; classifier re-initialized ({len(dropped)} tensors of another class count)" if dropped else ""
-    return f"student weights from {path}{reinit}"
-
-
-def check_input_size(model_cfg, num_classes: int, size: int) -> None:
-    """A forward pass on the meta device (no memory, no compute): a ViT whose patch does not divide
-    data.input_size fails here in one line, before anything is written."""
-    with torch.device("meta"):
-        model = create_student(model_cfg, num_classes, size).eval()
-        kwargs = f" with model.kwargs {model_cfg.kwargs}" if model_cfg.kwargs else ""
-        try:
-            with torch.no_grad():
-                out = model(torch.empty(2, 3, size, size))
-        except NotImplementedError:
-            return  # an op without a meta kernel: nothing to learn here
-        except (AssertionError, RuntimeError, ValueError) as e:
-            raise UsageError(f"model.name={model_cfg.name}{kwargs} fails on {size} px inputs (data.input_size): "
-                             f"{str(e).strip().splitlines()[0][:160]}") from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UsageError(f"model.name={model_cfg.name}{kwargs} does not give class logits (batch x {num_classes}): "
-                         f"it returns {got}")
-
-
-def input_spec(model: torch.nn.Module, input_size: int | None) -> InputSpec:
-    """The student's input: data.input_size or its default size, and the mean/std it expects."""
-    cfg = resolve_model_data_config(model)
-    return InputSpec(size=input_size or cfg["input_size"][-1], mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
-
-
-def amp_dtype(run_cfg, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16/fp16 on GPU as the recipe says; CPU runs fp32 unless run.amp_on_cpu (bf16)."""
-    if device.type != "cuda":
-        return torch.bfloat16 if run_cfg.amp_on_cpu and run_cfg.amp == "bf16" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run_cfg.amp)
-
-
-def channels_last(run_cfg, device: torch.device) -> bool:
-    """auto: on CUDA, where it speeds convolutions up; off on CPU, where torch 2.14's channels_last
-    backward crashes for some families (fastvit, mobileone, repvgg) and gains little."""
-    return run_cfg.channels_last == "true" or (run_cfg.channels_last == "auto" and device.type == "cuda")
-
-
-def compute_for(recipe: Recipe, device: torch.device) -> Compute:
-    return Compute(device=device, amp_dtype=amp_dtype(recipe.run, device),
-                   channels_last=channels_last(recipe.run, device))
-
-
-def place(model: torch.nn.Module, compute: Compute) -> torch.nn.Module:
-    model.to(compute.device)
-    if compute.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-def teacher_for(recipe: Recipe, num_classes: int, spec: InputSpec, compute: Compute) -> Teacher | Ensemble | None:
-    """The frozen teacher, or the ensemble of teacher and teacher.extra; None without distillation."""
-    if not recipe.kd:
-        return None
-    return build_teachers(recipe.teachers(), recipe.teacher.combine, num_classes,
-                          temperature=recipe.loss.temperature, student_mean=spec.mean,
-                          student_std=spec.std, student_size=spec.size, device=compute.device,
-                          channels_last=compute.channels_last)
 
 
 def batch_plan(recipe: Recipe, world: int) -> tuple[int, float, str]:
@@ -181,8 +75,8 @@ def create_optimizer(recipe: Recipe, student: torch.nn.Module, lr: float,
 
 def feature_kd(recipe: Recipe, student: torch.nn.Module, teacher, size: int):
     """(the student wrapped with its projection, the teacher side) for features.student/teacher."""
-    from usi import features
-    from usi.teacher import primary
+    from usi.distill import features
+    from usi.distill.teacher import primary
 
     first = primary(teacher)
     wrapper, kd = features.build(recipe.features, student, first.model, size, first.input_size,
@@ -313,7 +207,7 @@ def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path, fresh:
 def dry_run(recipe: Recipe) -> str:
     """`usi train --dry-run`: everything a start checks (recipe, run directory, data layout and counts, the
     student, the teacher's weights and classes), and the plan it would follow. Writes nothing."""
-    from usi import rundir
+    from usi.training import rundir
 
     dist = distributed.Dist(world=int(os.environ.get("WORLD_SIZE", "1")))  # no process group is joined
     accum, lr, plan = batch_plan(recipe, dist.world)
@@ -328,7 +222,7 @@ def dry_run(recipe: Recipe) -> str:
     teacher = teacher_for(recipe, classes, spec, Compute(torch.device("cpu")))
     feature_line = []
     if recipe.features.student:
-        from usi import features
+        from usi.distill import features
 
         feature_line = [features.describe(feature_kd(recipe, student, teacher, spec.size)[0], recipe.features)]
     steps = data.train_loader(train_split, recipe.data, recipe.aug, spec, seed=recipe.run.seed,

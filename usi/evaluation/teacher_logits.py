@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from usi import checkpoint, distributed
-from usi.engine import Compute, evaluate
-from usi.teacher import Ensemble
+from usi.distill.teacher import Ensemble
+from usi.evaluation.evaluate import evaluate
+from usi.models import Compute
+from usi.runtime import distributed, files
 
 log = logging.getLogger("usi")
 
@@ -85,7 +86,7 @@ def cached_or_computed(teacher, recipe, split, loader, *, compute: Compute, n_bi
     path = cache_dir() / f"{key}.pt"
     if is_file(path):
         try:
-            state = checkpoint.load_state_file(path)
+            state = files.load_state_file(path)
             full = state["logits"]
             if full.shape[0] == len(split):
                 return state_metrics(state), full[dist.rank::dist.world].clone(), True
@@ -102,7 +103,7 @@ def cached_or_computed(teacher, recipe, split, loader, *, compute: Compute, n_bi
         metrics = json.dumps(results["teacher"])  # a string: weights_only loads it back
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write(path, lambda tmp: torch.save({"logits": full, "metrics": metrics}, tmp))
+            files.atomic_write(path, lambda tmp: torch.save({"logits": full, "metrics": metrics}, tmp))
         except OSError as e:  # the cache only saves time: a run never fails for it
             log.warning(f"teacher logits not cached: {path.parent} is not a writable directory ({e.strerror}); "
                         f"set USI_CACHE to one")

@@ -11,9 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Every metric a run reports, and which way is better: the one list that recipes (run.best_metric),
-# best-weight ranking and reports read.
-METRICS = {"top1": "higher", "top5": "higher", "nll": "lower", "ece": "lower", "agreement": "higher", "kl": "lower"}
+from usi.recipe.schema import (
+    METRICS,  # each metric's name and direction, with run.best_metric's choices
+)
 
 
 def better(metric: str, new: float, old: float | None) -> bool:
