@@ -112,6 +112,25 @@ def decide(recipe: Recipe, run_dir: Path, rerun: bool) -> str:
     return "reuse" if finished else "resume"
 
 
+def open_run(job: Job, run_dir: Path, rerun: bool) -> tuple[Recipe, str]:
+    """(the job's recipe, what to do with its run: decide's answer); a rerun's old directory is removed."""
+    recipe = recipe_for(job, run_dir, rerun)
+    verb = decide(recipe, run_dir, rerun)
+    if rerun and run_dir.exists():
+        shutil.rmtree(run_dir)
+    return recipe, verb
+
+
+def run_here(job: Job, run_dir: Path, rerun: bool) -> dict:
+    """One job in this process by the same policy, without pool or console line: its summary."""
+    recipe, verb = open_run(job, run_dir, rerun)
+    if verb == "reuse":
+        return read_summary(run_dir)
+    from usi.training.loop import train  # only where a run trains
+
+    return train(recipe)
+
+
 def train_in_worker(recipe: Recipe, log: Path) -> dict:
     """One run in a pool worker process: one thread, its output appended to its log."""
     torch.set_num_threads(1)
@@ -142,8 +161,7 @@ def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun:
     def begin(job: Job) -> None:
         run_dir = runs / job.name
         try:
-            recipe = recipe_for(job, run_dir, rerun)
-            verb = decide(recipe, run_dir, rerun)
+            recipe, verb = open_run(job, run_dir, rerun)
         except UsageError as e:
             if not keep_going:
                 raise
@@ -154,8 +172,6 @@ def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun:
             outcomes[job.name] = Outcome(read_summary(run_dir), reused=True)
             say(f"reusing {job.name}: already finished{best(outcomes[job.name].summary)}")
             return
-        if rerun and run_dir.exists():
-            shutil.rmtree(run_dir)
         say(f"training {job.name}" + (" (resuming its last checkpoint)" if verb == "resume" else ""))
         waiting[pool.submit(work, recipe, log_file(run_dir))] = job.name
 
