@@ -13,56 +13,58 @@ generated dataset of `usi quickstart` and its CPU-sized recipe:
 4. measures each student's top-1 and its top-1 agreement and KL with its teacher on train (the eval
    transform) and on val, and prints a table and writes a plot.
 
-The runs go two at a time (one per core), as in the quickstart; finished runs are reused.
+The runs go two at a time (one per core), as in the quickstart; finished runs of the same recipe are
+reused (usi/studies/jobs.py: the studies' shared policy).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+from usi import recipe as recipe_mod
 from usi.evaluation.report import evaluate_checkpoint
-from usi.studies.quickstart import prepare, train_all
-from usi.training.rundir import read_summary
+from usi.studies import jobs, table
+from usi.studies.jobs import Job, settings
+from usi.training.checkpoint import BEST
 
 ARCH = "test_resnet"
-AUG_OFF = ["aug.mixup_alpha=0", "aug.cutmix_alpha=0", "aug.auto_augment=null", "aug.repeats=1"]
+AUG_OFF = {"aug.mixup_alpha": 0, "aug.cutmix_alpha": 0, "aug.auto_augment": None, "aug.repeats": 1}
 COLUMNS = ["student", "teacher", "augmentation", "init", "student_top1", "teacher_top1", "agree_train",
            "agree_val", "kl_train", "kl_val"]
 
 
 def plan(data: Path, runs: Path, seed: int, teacher_epochs: int, student_epochs: int, extra: list[str]):
-    """(jobs: {name: overrides}, needs: {name: [jobs it needs]}, students: {name: (teacher overrides, row)})."""
-    common = [f"data.root={data}", *extra]
-    weights = {t: runs / t / "best.safetensors" for t in ("teacher-a", "teacher-b", "teacher-c")}
-    jobs = {t: [f"sched.epochs={teacher_epochs}", *common, f"run.seed={seed + i}", f"model.name={ARCH}",
-                "teacher.name=null"] for i, t in enumerate(weights)}
-    single = [f"teacher.name={ARCH}", f"teacher.weights={weights['teacher-a']}"]
-    ensemble = [*single, "teacher.extra=[" + ", ".join(
-        f"{{name: {ARCH}, weights: {weights[t]}}}" for t in ("teacher-b", "teacher-c")) + "]"]
+    """(jobs, students: {name: (its teacher's settings, its row's labels)})."""
+    base = recipe_mod.read_yaml(recipe_mod.recipe_path("quickstart"))
+    root = {"data.root": str(data)}
+    weights = {t: str(runs / t / BEST) for t in ("teacher-a", "teacher-b", "teacher-c")}
+    todo = [Job(t, settings(base, {"sched.epochs": teacher_epochs, **root}, extra,
+                            {"run.seed": seed + i, "model.name": ARCH, "teacher.name": None}))
+            for i, t in enumerate(weights)]
+    single = {"teacher.name": ARCH, "teacher.weights": weights["teacher-a"]}
+    ensemble = {**single, "teacher.extra": [{"name": ARCH, "weights": weights[t]} for t in ("teacher-b", "teacher-c")]}
     students = {
-        "self-aug-off": (single, AUG_OFF, [], ("self", "off", "scratch")),
-        "self-aug-on": (single, [], [], ("self", "on", "scratch")),
-        "self-aug-on-teacher-init": (single, [], [f"model.weights={weights['teacher-a']}"], ("self", "on", "teacher")),
-        "ensemble-aug-on": (ensemble, [], [], ("3-teacher ensemble", "on", "scratch")),
+        "self-aug-off": (single, AUG_OFF, {}, ("self", "off", "scratch")),
+        "self-aug-on": (single, {}, {}, ("self", "on", "scratch")),
+        "self-aug-on-teacher-init": (single, {}, {"model.weights": weights["teacher-a"]}, ("self", "on", "teacher")),
+        "ensemble-aug-on": (ensemble, {}, {}, ("3-teacher ensemble", "on", "scratch")),
     }
-    needs = {}
     for name, (teacher, aug, init, _) in students.items():
-        jobs[name] = [f"sched.epochs={student_epochs}", *common, f"run.seed={seed}", f"model.name={ARCH}",
-                      *aug, *init, *teacher]
-        needs[name] = ["teacher-a"] + (["teacher-b", "teacher-c"] if teacher is ensemble else [])
-    return jobs, needs, {name: (teacher, row) for name, (teacher, _, _, row) in students.items()}
+        todo.append(Job(name, settings(base, {"sched.epochs": student_epochs, **root}, extra,
+                                       {"run.seed": seed, "model.name": ARCH, **aug, **init, **teacher}),
+                        needs=("teacher-a", *(("teacher-b", "teacher-c") if teacher is ensemble else ()))))
+    return todo, {name: (teacher, row) for name, (teacher, _, _, row) in students.items()}
 
 
-def measure(run_dir: Path, data: Path, teacher: list[str]) -> dict:
+def measure(run_dir: Path, data: Path, teacher: dict) -> dict:
     """Top-1 of student and teacher, and the student's agreement and KL with it, on train and on val."""
     out = {}
     for split in ("train", "val"):
-        report = evaluate_checkpoint(run_dir / "best.safetensors",
-                                     [f"data.root={data}", f"data.val_split={split}", *teacher], verbose=False)
+        overrides = jobs.as_overrides({"data.root": str(data), "data.val_split": split, **teacher})
+        report = evaluate_checkpoint(run_dir / BEST, overrides, verbose=False)
         (student,) = report["students"].values()
         out[split] = {"student_top1": student["top1"], "teacher_top1": report["teacher"]["top1"],
                       "agreement": student["agreement"], "kl": student["kl"]}
@@ -77,12 +79,11 @@ def row(name: str, labels: tuple, m: dict) -> dict:
             "kl_train": m["train"]["kl"], "kl_val": m["val"]["kl"]}
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3f}" if c.startswith("kl") else f"{r[c]:.1f}"
-                                       if isinstance(r[c], float) else str(r[c]) for c in COLUMNS) + " |")
-    return "\n".join(lines)
+def cell(value, column: str) -> str:
+    """KL to three decimals, percentages to one."""
+    if isinstance(value, float):
+        return f"{value:.3f}" if column.startswith("kl") else f"{value:.1f}"
+    return str(value)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -116,21 +117,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def study(out: Path, seed: int = 42, teacher_epochs: int = 24, student_epochs: int = 24, rerun: bool = False,
           per_class: tuple[int, int] = (200, 50), extra: list[str] = ()) -> list[dict]:
     start = time.time()
-    data, runs = prepare(out, seed, per_class, "the study's")
-    jobs, needs, students = plan(data, runs, seed, teacher_epochs, student_epochs, list(extra))
-    reused = [name for name in jobs if not rerun and read_summary(runs / name) is not None]
-    train_all(jobs, runs, rerun, start, needs=needs, tag="fidelity")
+    data, runs = jobs.prepare(out, seed, per_class, "the study's")
+    todo, students = plan(data, runs, seed, teacher_epochs, student_epochs, list(extra))
+    with jobs.process_pool(2) as pool:  # two runs at a time, one per core
+        outcomes = jobs.run_all(todo, runs, pool=pool, workers=2, rerun=rerun, tag="fidelity", start=start)
     rows = [row(name, labels, measure(runs / name, data, teacher)) for name, (teacher, labels) in students.items()]
-    wall = time.time() - start
-    note = f" ({len(reused)} of {len(jobs)} runs reused)" if reused else ""
-    title = f"usi fidelity: seed {seed}, {ARCH} students and teachers, {wall:.0f} s{note}"
-    (out / f"fidelity-seed{seed}.md").write_text(f"{title}\n\n{markdown(rows)}\n")
-    with open(out / f"fidelity-seed{seed}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, out / f"fidelity-seed{seed}.png", title)
-    print(f"\n{title}\n\n{markdown(rows)}\n\nwritten: {out / f'fidelity-seed{seed}'}.{{md,csv,png}}")
+    reused = jobs.reused(outcomes)
+    note = f" ({reused} of {len(todo)} runs reused)" if reused else ""
+    title = f"usi fidelity: seed {seed}, {ARCH} students and teachers, {time.time() - start:.0f} s{note}"
+    paths = table.write(rows, out, f"fidelity-seed{seed}", title, columns=COLUMNS, cell=cell, draw=plot)
+    table.show(title, table.markdown(COLUMNS, rows, cell), paths)
     return rows
 
 

@@ -1,8 +1,8 @@
 """Result tables: one row per backbone, from its runs' summaries and evaluations.
 
-Shared by `usi quickstart` and `usi table`. Writes markdown, CSV and a PNG plot of top-1
-against inference throughput (the paper's speed-accuracy figure), drawn with Pillow so that plotting
-adds no dependency.
+Shared by `usi quickstart`, `usi table` and `usi fidelity` (its own columns and plot, the same write
+path). Writes markdown, CSV and a PNG plot of top-1 against inference throughput (the paper's
+speed-accuracy figure), drawn with Pillow so that plotting adds no dependency.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import csv
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -70,7 +71,7 @@ def row(model: str, *, nokd: dict | None, kd: dict | None, cost: dict | None, no
     return out
 
 
-def cell(value) -> str:
+def cell(value, column: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -80,23 +81,35 @@ def cell(value) -> str:
     return str(value)
 
 
-def markdown(columns: list[str], rows: list[dict]) -> str:
+def markdown(columns: list[str], rows: list[dict], cell: Callable[[object, str], str] = cell) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(c), c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def write(rows: list[dict], out_dir: Path, stem: str, title: str) -> dict[str, Path]:
+def write(rows: list[dict], out_dir: Path, stem: str, title: str, *, columns: list[str] = COLUMNS,
+          cell: Callable[[object, str], str] = cell, draw: Callable | None = None) -> dict[str, Path]:
+    """<out_dir>/<stem>.md (the columns any row fills), .csv (every column) and .png (draw(rows, path,
+    title); this module's speed-accuracy plot unless a study draws its own): every study writes here."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv", "png": out_dir / f"{stem}.png"}
-    columns = [c for c in COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
-    paths["md"].write_text(f"{title}\n\n{markdown(columns, rows)}\n")
+    paths["md"].write_text(f"{title}\n\n{markdown(filled(columns, rows), rows, cell)}\n")
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, paths["png"], title)
+    (draw or plot)(rows, paths["png"], title)
     return paths
+
+
+def filled(columns: list[str], rows: list[dict]) -> list[str]:
+    """The columns some row has a value in."""
+    return [c for c in columns if any(r.get(c) not in (None, "") for r in rows)]
+
+
+def show(title: str, text: str, paths: dict[str, Path]) -> None:
+    """A study's closing words on the console: its title, its table, the files written."""
+    print(f"\n{title}\n\n{text}\n\nwritten: {', '.join(str(p) for p in paths.values())}")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

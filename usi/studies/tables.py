@@ -1,8 +1,9 @@
 """The architecture-agnostic table: one recipe, many backbones, with and without the teacher.
 
 For each model it runs the identical recipe through torchrun (only model.name and run.dir change),
-skips runs that already finished (their summary.json), resumes unfinished ones, survives a failing
-model (its row says why), evaluates every student's best weights against the teacher (agreement,
+reuses runs that already finished with that recipe, resumes unfinished ones (usi/studies/jobs.py: the
+studies' shared policy; a finished run of another recipe is refused, --rerun trains it again), survives
+a failing model (its row says why), evaluates every student's best weights against the teacher (agreement,
 KL, ECE; the teacher's val logits are cached, so each costs one student forward), and writes
 <out>/table.md, table.csv and table.png (top-1 against inference throughput).
 
@@ -15,16 +16,25 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from usi import recipe as recipe_mod
-from usi.studies import table
+from usi.recipe import Recipe
+from usi.studies import jobs, table
+from usi.studies.jobs import Job, RunFailed, settings
+from usi.training.checkpoint import BEST
 from usi.training.rundir import read_summary
 
 DEFAULT_MODELS = ["resnet50", "mobilenetv3_large_100", "efficientnet_b0", "vit_small_patch16_224", "levit_384",
                   "convnext_small", "mixer_b16_224"]
+KINDS = {"both": (False, True), "on": (True,), "off": (False,)}
+BASELINE = {"teacher.name": None, "teacher.extra": [], "features.student": None, "features.teacher": None}
 
 
 def launcher(nproc: int) -> list[str]:
@@ -39,25 +49,36 @@ def last_error(stderr: str) -> str:
     return (errors or lines or ["no output"])[-1].strip()[:200]
 
 
-def train(recipe_path: str, model: str, run_dir: Path, *, overrides: list[str], nproc: int, kd: bool) -> str:
-    """'' when the run finished (now or before), else the reason it did not."""
-    if (run_dir / "summary.json").is_file():
-        print(f"[table] {run_dir} already finished")
-        return ""
-    args = ["train", recipe_path, *overrides, f"model.name={model}", f"run.dir={run_dir}", "run.resume=auto"]
-    if not kd:  # the baseline: no teacher, no ensemble, no feature KD
-        args += ["teacher.name=null", "teacher.extra=[]", "features.student=null", "features.teacher=null"]
-    print(f"[table] training {model} ({'KD' if kd else 'no KD'}) -> {run_dir}", flush=True)
-    out = subprocess.run(launcher(nproc) + args, capture_output=True, text=True)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)  # a run that failed at start made no folder
-    (run_dir.parent / f"{run_dir.name}.log").write_text(out.stdout + out.stderr)
-    return "" if out.returncode == 0 else last_error(out.stderr)
+def train_with(nproc: int, recipe: Recipe, log: Path) -> dict:
+    """One run through `usi train` (under torchrun for nproc > 1) given the job's recipe, its output in
+    its log; its summary, or RunFailed with the error's last line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.yaml"
+        recipe.save(path)
+        out = subprocess.run(launcher(nproc) + ["train", str(path)], check=False, capture_output=True, text=True)
+    log.parent.mkdir(parents=True, exist_ok=True)  # a run that failed at start made no folder
+    log.write_text(out.stdout + out.stderr)
+    if out.returncode != 0:
+        raise RunFailed(last_error(out.stderr))
+    return read_summary(Path(recipe.run.dir)) or {}
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    """<model>-nokd and <model>-kd per model, as --kd asks: the identical recipe, only model.name and run.dir
+    change (and the baseline drops the teacher, the ensemble and feature KD)."""
+    base = recipe_mod.read_yaml(recipe_mod.recipe_path(args.recipe))
+    todo = []
+    for model in args.models:
+        for kd in KINDS[args.kd]:
+            tree = settings(base, args.overrides, {"model.name": model}, {} if kd else BASELINE)
+            todo.append(Job(f"{model}-{'kd' if kd else 'nokd'}", tree))
+    return todo
 
 
 def evaluate(run_dir: Path, eval_overrides: list[str], overrides: list[str], nproc: int) -> dict | None:
     """The run's best weights against the teacher; kept beside the run, and reused while the weights
     and the evaluation's arguments are the same (re-running the table re-evaluates nothing)."""
-    ckpt = run_dir / "best.safetensors"
+    ckpt = run_dir / BEST
     if not ckpt.is_file():
         return None
     data = [o for o in overrides if o.startswith(("data.", "run.device", "run.amp"))]
@@ -85,6 +106,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--kd", choices=["both", "on", "off"], default="both")
     p.add_argument("--nproc", type=int, default=torch.cuda.device_count() or 1)
     p.add_argument("--out", type=Path, default=Path("runs/table"))
+    p.add_argument("--rerun", action="store_true", help="train again even where a finished run exists")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where inference throughput and GMACs are measured")
     # overrides may come before or after the flags, as in `usi train` (and after --models' names)
@@ -98,7 +120,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    base = recipe_mod.load(args.recipe, args.overrides)  # a bad recipe fails here, once, in one line
+    start = time.time()
+    base = recipe_mod.load(recipe_mod.recipe_path(args.recipe), args.overrides)  # a bad recipe fails here, once
     # usi eval takes paths from its command line only (never from a checkpoint): name them all
     locations = ([f"data.root={base.data.root}", f"data.val_split={base.data.val_split}"]
                  + ([f"data.val_shards={base.data.val_shards}"] if base.data.val_shards else []))
@@ -106,17 +129,21 @@ def main(argv=None) -> int:
                + ([f"teacher.weights={base.teacher.weights}"] if base.teacher.weights else [])
                + ([f"teacher.extra={json.dumps(base.teacher.extra)}", f"teacher.combine={base.teacher.combine}"]
                   if base.teacher.extra else []))  # an ensemble: agreement against all of it
+    # one run at a time, each on every GPU (torchrun); a model that fails leaves its row a note
+    with ThreadPoolExecutor(1) as pool:
+        outcomes = jobs.run_all(plan(args), args.out, pool=pool, workers=1, rerun=args.rerun, tag="table",
+                                start=start, work=partial(train_with, args.nproc), keep_going=True)
     rows = []
     for model in args.models:
         notes, metrics = [], {}
-        for kd in {"both": (False, True), "on": (True,), "off": (False,)}[args.kd]:
+        for kd in KINDS[args.kd]:
             run_dir = args.out / f"{model}-{'kd' if kd else 'nokd'}"
-            reason = train(args.recipe, model, run_dir, overrides=args.overrides, nproc=args.nproc, kd=kd)
-            if reason:
-                notes.append(f"{'KD' if kd else 'no KD'} failed: {reason}")
+            outcome = outcomes[run_dir.name]
+            if outcome.failure:
+                notes.append(f"{'KD' if kd else 'no KD'} failed: {outcome.failure}")
                 continue
             m = evaluate(run_dir, locations + (teacher if base.kd else []), args.overrides, args.nproc) or {}
-            m["train_img_s"] = (read_summary(run_dir) or {}).get("train_img_per_s")
+            m["train_img_s"] = (outcome.summary or {}).get("train_img_per_s")
             metrics["kd" if kd else "nokd"] = m
         try:
             size = base.data.input_size or 224
@@ -124,9 +151,9 @@ def main(argv=None) -> int:
         except Exception as e:  # an unknown name: the row still says what happened
             cost, notes = None, notes + [f"cost: {type(e).__name__}: {str(e)[:120]}"]
         rows.append(table.row(model, nokd=metrics.get("nokd"), kd=metrics.get("kd"), cost=cost, note="; ".join(notes)))
-    paths = table.write(rows, args.out, "table", f"USI recipe {args.recipe}, teacher {base.teacher.name}")
-    print(paths["md"].read_text())
-    print("written:", ", ".join(str(v) for v in paths.values()))
+    title = f"USI recipe {args.recipe}, teacher {base.teacher.name}"
+    paths = table.write(rows, args.out, "table", title)
+    table.show(title, table.markdown(table.filled(table.COLUMNS, rows), rows), paths)
     return 0
 
 

@@ -1,0 +1,217 @@
+"""The studies' one policy for their training runs: where they go, when one is reused, resumed or
+trained, what the console says, and the pool that runs them. quickstart, fidelity and table use it.
+
+Layout under --out: each run is a usi run directory <runs>/<name>/, its own output in <runs>/<name>.log
+beside it; <runs> is <out>/seed<N> for the seeded studies on generated data (<out>/data), <out> itself
+for `usi table`; a study's results are <out>/<stem>.{md,csv,png} (usi/studies/table.py writes them).
+
+Deciding what to do with a run; the order is important:
+  1. --rerun: the run directory is removed and the run trains afresh.
+  2. A finished run (summary.json) is reused only when the recipe it recorded (recipe.yaml) is the recipe
+     the study asks for now, resume_free fields aside (usi.training.rundir.check_same_recipe); one of
+     another recipe is refused in one line naming the key that differs, never silently reused.
+  3. An unfinished run (a recipe.yaml, no summary) is resumed from its last.pt, under the same rule.
+  4. Anything else trains from scratch.
+A job's recipe is built, and the decision made, when the jobs it needs are done (a student's teacher
+weights exist only then), in the main process; the console gets one line per decision and one per run
+that ends.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from usi import recipe as recipe_mod
+from usi.data.synthetic import make_dataset
+from usi.errors import UsageError
+from usi.recipe import Recipe
+from usi.training.rundir import (
+    RECIPE_FILE,
+    check_same_recipe,
+    check_writable,
+    read_summary,
+)
+
+
+@dataclass
+class Job:
+    name: str
+    tree: dict  # the recipe as data: parsed YAML with the study's settings in place
+    needs: tuple[str, ...] = ()  # jobs that must be done first (e.g. the teacher whose weights it reads)
+
+
+@dataclass
+class Outcome:
+    summary: dict | None  # the run's summary.json; None when it did not finish
+    reused: bool = False
+    failure: str = ""  # why it did not finish (only studies that keep going record one)
+
+
+class RunFailed(Exception):
+    """A run that ended without finishing; the message says why, in one line."""
+
+
+def settings(tree: dict, *layers: dict | list[str]) -> dict:
+    """A copy of a recipe tree with each layer set in turn, later ones winning: {"section.key": value}
+    (the study's settings, as data) or `section.key=value` strings (what a user typed)."""
+    tree = copy.deepcopy(tree)
+    for layer in layers:
+        pairs = layer.items() if isinstance(layer, dict) else map(recipe_mod.parse_override, layer)
+        for key, value in pairs:
+            recipe_mod.set_dotted(tree, key, copy.deepcopy(value))
+    return tree
+
+
+def as_overrides(values: dict) -> list[str]:
+    """`section.key=value` for commands that take overrides (usi eval); each value written by json (a
+    subset of YAML), so a path with ':' or '#' in it stays one string."""
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]
+
+
+def log_file(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}.log"  # not with_suffix: a model name may hold a dot
+
+
+def prepare(out: Path, seed: int, per_class: tuple[int, int], whose: str) -> tuple[Path, Path]:
+    """(the generated dataset, the folder for this seed's runs) under --out."""
+    check_writable(out, "--out")
+    runs = out / f"seed{seed}"
+    try:
+        data = make_dataset(out / "data", *per_class)
+        runs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot hold {whose} files ({e.strerror})") from None
+    return data, runs
+
+
+def recipe_for(job: Job, run_dir: Path, rerun: bool) -> Recipe:
+    resume = "never" if rerun or not run_dir.exists() else "auto"
+    return recipe_mod.from_tree(settings(job.tree, {"run.dir": str(run_dir), "run.resume": resume}))
+
+
+def decide(recipe: Recipe, run_dir: Path, rerun: bool) -> str:
+    """'reuse', 'resume' or 'train', by the rule in this module's docstring."""
+    if rerun:
+        return "train"
+    finished = read_summary(run_dir) is not None
+    if not finished and not (run_dir / RECIPE_FILE).is_file():
+        return "train"
+    what = (f"{run_dir} is a finished run of another recipe" if finished else f"cannot resume {run_dir}")
+    check_same_recipe(recipe, recipe_mod.read_yaml(run_dir / RECIPE_FILE), f"{what} (pass --rerun, or another --out)")
+    return "reuse" if finished else "resume"
+
+
+def open_run(job: Job, run_dir: Path, rerun: bool) -> tuple[Recipe, str]:
+    """(the job's recipe, what to do with its run: decide's answer); a rerun's old directory is removed."""
+    recipe = recipe_for(job, run_dir, rerun)
+    verb = decide(recipe, run_dir, rerun)
+    if rerun and run_dir.exists():
+        shutil.rmtree(run_dir)
+    return recipe, verb
+
+
+def run_here(job: Job, run_dir: Path, rerun: bool) -> dict:
+    """One job in this process by the same policy, without pool or console line: its summary."""
+    recipe, verb = open_run(job, run_dir, rerun)
+    if verb == "reuse":
+        return read_summary(run_dir)
+    from usi.training.loop import train  # only where a run trains
+
+    return train(recipe)
+
+
+def train_in_worker(recipe: Recipe, log: Path) -> dict:
+    """One run in a pool worker process: one thread, its output appended to its log."""
+    torch.set_num_threads(1)
+    with open(log, "a") as out:
+        os.dup2(out.fileno(), sys.stderr.fileno())
+        os.dup2(out.fileno(), sys.stdout.fileno())
+        from usi.training.loop import train  # in the worker only
+
+        return train(recipe)
+
+
+def process_pool(workers: int = 2) -> ProcessPoolExecutor:
+    """Worker processes, each a fresh interpreter (spawn): a run's threads and output are its own."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun: bool, tag: str, start: float,
+            work: Callable[[Recipe, Path], dict] = train_in_worker, keep_going: bool = False) -> dict[str, Outcome]:
+    """{name: outcome} of every job, `workers` at a time, each as soon as the jobs it needs are done, in
+    the order given otherwise. work(recipe, log) trains one run in the pool and returns its summary.
+    keep_going: a job that cannot start or fails is recorded with its reason (else it raises)."""
+    outcomes: dict[str, Outcome] = {}
+    waiting, queued = {}, list(jobs)
+
+    def say(text: str) -> None:
+        print(f"[{tag}] {time.time() - start:4.0f} s  {text}", flush=True)
+
+    def begin(job: Job) -> None:
+        run_dir = runs / job.name
+        try:
+            recipe, verb = open_run(job, run_dir, rerun)
+        except UsageError as e:
+            if not keep_going:
+                raise
+            outcomes[job.name] = Outcome(None, failure=str(e))
+            say(f"{job.name} cannot start: {e}")
+            return
+        if verb == "reuse":
+            outcomes[job.name] = Outcome(read_summary(run_dir), reused=True)
+            say(f"reusing {job.name}: already finished{best(outcomes[job.name].summary)}")
+            return
+        say(f"training {job.name}" + (" (resuming its last checkpoint)" if verb == "resume" else ""))
+        waiting[pool.submit(work, recipe, log_file(run_dir))] = job.name
+
+    def start_ready() -> None:
+        while len(waiting) < workers:
+            job = next((j for j in queued if all(n in outcomes for n in j.needs)), None)
+            if job is None:
+                return
+            queued.remove(job)
+            begin(job)
+
+    start_ready()
+    while waiting:
+        done, _ = wait(waiting, return_when=FIRST_COMPLETED)
+        for future in done:
+            name = waiting.pop(future)
+            try:
+                outcomes[name] = Outcome(future.result())
+            except (RunFailed, UsageError) as e:
+                if not keep_going:
+                    raise
+                outcomes[name] = Outcome(None, failure=str(e))
+                say(f"{name} failed: {e} (log: {log_file(runs / name)})")
+                continue
+            say(f"{name} done{best(outcomes[name].summary)} (log: {log_file(runs / name)})")
+        start_ready()
+    if queued:  # a name in `needs` that no job has
+        raise ValueError(f"jobs never ready: {', '.join(j.name for j in queued)}")
+    return outcomes
+
+
+def best(summary: dict | None) -> str:
+    value = ((summary or {}).get("best") or {}).get("value")
+    return f": best top-1 {value:.1f}" if isinstance(value, (int, float)) else ""
+
+
+def summaries(outcomes: dict[str, Outcome]) -> dict[str, dict]:
+    return {name: o.summary for name, o in outcomes.items()}
+
+
+def reused(outcomes: dict[str, Outcome]) -> int:
+    return sum(o.reused for o in outcomes.values())
+
