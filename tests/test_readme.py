@@ -13,7 +13,25 @@ def first_block() -> list[str]:
 def test_readme_starts_with_the_quickstart_and_the_test_command():
     setup, tests = first_block()
     assert setup == "pip install -e . && usi quickstart"
-    assert tests == "pip install -e '.[test]' && pytest"
+    assert tests == "pip install -e '.[test]' -c .ci/constraints.txt && pytest"
+
+
+def test_the_test_command_pins_what_the_suite_passed_with_and_the_main_install_does_not():
+    pins = {}
+    for line in (REPO / ".ci" / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[name.lower().replace("_", "-")] = version
+    for package in ("torch", "torchvision", "timm", "numpy", "pillow", "pytest", "pytest-xdist", "webdataset",
+                    "simplejpeg", "safetensors", "pyyaml"):
+        assert package in pins, f"constraints.txt does not pin {package}"
+    assert "usi" not in pins  # the project itself is installed from the checkout
+    # the main install keeps ranges: no exact pin in the project's own dependencies
+    assert "==" not in (REPO / "pyproject.toml").read_text()
+    newest = (REPO / ".ci" / "newest").read_text()
+    (install,) = [line for line in newest.splitlines() if "pip install --quiet -e '.[test]'" in line]
+    assert " -c " not in install  # .ci/newest tries the newest releases: no constraints
 
 
 def test_ci_runs_the_readme_test_command():
