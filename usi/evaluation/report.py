@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from usi import data
+from usi import data, models
 from usi import recipe as recipe_mod
 from usi.errors import UsageError
 from usi.evaluation.evaluate import evaluate
@@ -127,7 +127,7 @@ def evaluate_checkpoint(path: Path, overrides: list[str], verbose: bool = True) 
 
 def load_students(recipe, saved: Saved, trained_size: int | None, dist) -> dict:
     """{variant: student with its weights, at recipe.data.input_size}."""
-    models = {}
+    students = {}
     for name, state in saved.variants.items():
         model = models.create_student(recipe.model, len(saved.classes), trained_size)
         try:
@@ -138,14 +138,14 @@ def load_students(recipe, saved: Saved, trained_size: int | None, dist) -> dict:
         size = recipe.data.input_size
         if size and size != trained_size and hasattr(model, "set_input_size"):
             model.set_input_size(img_size=size)  # ViTs: resample position embeddings
-        models[name] = model.to(dist.device).eval()
-    return models
+        students[name] = model.to(dist.device).eval()
+    return students
 
 
 def run_eval(recipe, saved: Saved, trained_size: int | None, dist) -> dict | None:
     classes, path = saved.classes, saved.path
-    models = load_students(recipe, saved, trained_size, dist)
-    spec = models.input_spec(next(iter(models.values())), recipe.data.input_size)
+    students = load_students(recipe, saved, trained_size, dist)
+    spec = models.input_spec(next(iter(students.values())), recipe.data.input_size)
     models.check_input_size(recipe.model, len(classes), spec.size)
     compute = models.compute_for(recipe, dist.device)
     val = data.open_val_split(recipe.data, classes)
@@ -161,7 +161,7 @@ def run_eval(recipe, saved: Saved, trained_size: int | None, dist) -> dict | Non
         report["teacher_time_s"], report["teacher_cached"] = time.time() - t0, hit
         report["teacher_cacheable"] = val.cache_identity() is not None
     t0 = time.time()
-    results, _ = evaluate(models, loader, compute, n_bins=recipe.run.ece_bins, teacher_logits=logits)
+    results, _ = evaluate(students, loader, compute, n_bins=recipe.run.ece_bins, teacher_logits=logits)
     report["eval_time_s"] = time.time() - t0
     report["students"] = results
     # every val image counted once: evaluated, or reported unreadable (and left out)
