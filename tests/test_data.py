@@ -1,4 +1,5 @@
 import collections
+import itertools
 
 import pytest
 import torch
@@ -110,3 +111,22 @@ def test_device_randaugment_batches_are_normalized_augmented_and_seeded(image_ro
     assert not torch.equal(first[0], other[0])
     pixels = torch.cat(first) * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5  # normalized from 0..255 with the student's mean/std
+
+
+def test_each_loader_reads_its_own_view_and_building_one_changes_no_other(image_root):
+    from usi.data.loader import InputSpec
+    from usi.runtime.distributed import Dist
+
+    def train_t(img):
+        return torch.zeros(3, 8, 8, dtype=torch.uint8)
+
+    def eval_t(img):
+        return torch.ones(3, 8, 8, dtype=torch.uint8)
+
+    split, spec = FolderSplit(image_root / "train"), InputSpec(8, (0.5,) * 3, (0.5,) * 3)
+    train = split.train_loader(train_t, batch_size=8, workers=0, repeats=1, seed=0, spec=spec, dist=Dist())
+    val = split.eval_loader(eval_t, batch_size=8, workers=0, spec=spec, dist=Dist())
+    assert train.loader.dataset.transform is train_t and val.dataset.transform is eval_t
+    assert not hasattr(split, "transform")  # the split holds no transform for a later loader to overwrite
+    assert val.dataset.cache_identity() == split.cache_identity(eval_t) != split.cache_identity(train_t)
+    assert all(torch.equal(x, torch.full_like(x, -1.0)) for x, _ in itertools.islice(train.epoch(0), 2))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import random
 import statistics
 import sys
@@ -27,7 +26,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import PIL
 import torch
 from PIL import Image, features
@@ -36,8 +34,9 @@ from timm.data.auto_augment import RandAugment
 from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torchvision.transforms import RandomHorizontalFlip
 
+from usi.data import fast_crop
 from usi.data.device_augment import DeviceRandAugment
-from usi.data.fast_crop import FastRandomResizedCrop, draft_scale, reduced_box
+from usi.data.fast_crop import FastRandomResizedCrop, draft_scale
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
@@ -119,22 +118,9 @@ def run_fast(data: bytes, fast: FastRandomResizedCrop, timer: Timer) -> torch.Te
 
 
 def run_simplejpeg(data: bytes, fast: FastRandomResizedCrop, timer: Timer) -> torch.Tensor:
-    """The fast path with libjpeg-turbo's M/8 scalings (via simplejpeg) in place of Image.draft's 1/2^k."""
-    import simplejpeg
-
-    def decode_crop():
-        full_h, full_w = simplejpeg.decode_jpeg_header(data)[:2]
-        crop = fast.draw(torch.empty(0, full_h, full_w))  # draw only reads the size
-        out_h, out_w = fast.size
-        # the smallest M/8 scaling that keeps the crop one pixel larger than the output, as draft_scale does
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB",
-                                        min_height=math.ceil(full_h * (out_h + 1) / crop.height),
-                                        min_width=math.ceil(full_w * (out_w + 1) / crop.width))
-        scale = full_w / pixels.shape[1]
-        left, top, right, bottom = reduced_box(crop.top, crop.left, crop.height, crop.width, scale,
-                                               (pixels.shape[1], pixels.shape[0]))
-        return np.ascontiguousarray(pixels[top:bottom, left:right]), crop
-    pixels, crop = timer.run("simplejpeg: decode (scaled) + crop", decode_crop)
+    """FastRandomResizedCrop.from_jpeg (libjpeg-turbo's M/8 scalings via simplejpeg, in place of Image.draft's
+    1/2^k: what the loader workers run when simplejpeg is installed), its two halves timed apart."""
+    pixels, crop = timer.run("simplejpeg: decode (scaled) + crop", fast.decode_crop_jpeg, data)
     return timer.run("simplejpeg: resize + flip (torch)", fast.resize_flip, pixels, crop)
 
 
@@ -249,6 +235,8 @@ def environment(n: int, args) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.simplejpeg and fast_crop.simplejpeg is None:
+        raise SystemExit("--simplejpeg: simplejpeg is not installed (pip install simplejpeg)")
     torch.set_num_threads(1)
     files = load_files(args.folder, args.limit)
     fast = FastRandomResizedCrop(args.size, interpolation=args.interpolation)

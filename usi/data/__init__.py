@@ -6,7 +6,9 @@ either format, offers:
   train_loader(transform, ...) batches on the device, a fixed number of steps per epoch on every rank
   eval_loader(transform, ...)  every sample exactly once across ranks
   bad_count(device)            unreadable samples met by any rank (a collective call)
-  cache_identity()             what the teacher's val logits depend on (files, transform), or None
+  cache_identity(transform)    what the teacher's val logits depend on (files, transform), or None
+Each loader reads its own view of the split, with its own transform (the loader's `.dataset`, which
+knows its cache_identity()): building the val loader never changes the train loader's images.
 """
 from __future__ import annotations
 

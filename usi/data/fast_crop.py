@@ -118,6 +118,11 @@ class FastRandomResizedCrop:
             return self(img if img.mode in ("RGB", "L") else to_8bit(img).convert("RGB"))
 
     def from_jpeg(self, data: bytes) -> torch.Tensor:
+        return self.resize_flip(*self.decode_crop_jpeg(data))
+
+    def decode_crop_jpeg(self, data: bytes) -> tuple[np.ndarray, CropDraw]:
+        """from_jpeg's first half, as decode_crop is __call__'s: the drawn crop, as uint8 HWC (HW for a
+        grayscale JPEG), from the JPEG decoded at the smallest harmless M/8 scaling; and the draw."""
         full_h, full_w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         crop = self.draw(torch.empty(0, full_h, full_w))  # draw reads only the size
         out_h, out_w = self.size
@@ -128,7 +133,7 @@ class FastRandomResizedCrop:
         scale = full_w / pixels.shape[1]
         left, top, right, bottom = reduced_box(crop.top, crop.left, crop.height, crop.width, scale,
                                                (pixels.shape[1], pixels.shape[0]))
-        return self.resize_flip(np.ascontiguousarray(pixels[top:bottom, left:right]), crop)
+        return np.ascontiguousarray(pixels[top:bottom, left:right]), crop
 
     def draw(self, img: Union[Image.Image, torch.Tensor]) -> CropDraw:
         """The random choices, in timm's order: get_params, then (for 'random') random.choice of the

@@ -71,7 +71,6 @@ class FolderSplit:
                 raise UsageError(f"class folder {self.root / empty[0]} has no images ({len(empty)} empty classes)")
         # One byte per file, shared with loader workers: 1 once the file turned out unreadable.
         self.bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
-        self.transform = None  # set by the loader made from this split
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -84,7 +83,8 @@ class FolderSplit:
         return sorted(set(range(len(self.classes))) - set(self.targets))
 
     def dataset(self, transform) -> "FolderDataset":
-        self.transform = transform
+        """A training view of the split through `transform` (the split itself keeps no transform: each
+        loader owns its view, so building one loader never changes another's images)."""
         return FolderDataset(self, transform)
 
     def train_loader(self, transform, *, batch_size: int, workers: int, repeats: int, seed: int,
@@ -93,7 +93,7 @@ class FolderSplit:
                            seed=seed, spec=spec, dist=dist, augment=augment)
 
     def eval_loader(self, transform, *, batch_size: int, workers: int, spec: InputSpec, dist: distributed.Dist):
-        self.transform = transform
+        """The loader's `.dataset` is its view, which knows its cache identity (files and transform)."""
         view = FolderDataset(self, transform, replace_bad=False, rank=dist.rank, world=dist.world)
         return eval_loader(view, batch_size=batch_size, workers=workers, spec=spec, dist=dist)
 
@@ -101,9 +101,10 @@ class FolderSplit:
         """Distinct unreadable files met by any rank (a file two ranks met counts once). Collective."""
         return int(distributed.max_across(self.bad.to(device, torch.int32)).sum().item())
 
-    def cache_identity(self) -> str:
-        """What the teacher's logits on this split depend on: its files and its (eval) transform."""
-        h = hashlib.sha256(f"transform {self.transform!r}\n".encode())
+    def cache_identity(self, transform=None) -> str:
+        """What the teacher's logits on this split through `transform` depend on: the files and the transform.
+        Not None: a folder split's logits can be cached (its view's cache_identity is the one a cache keys by)."""
+        h = hashlib.sha256(f"transform {transform!r}\n".encode())
         for path, label in self.samples:
             stat = os.stat(path)
             h.update(f"{path} {label} {stat.st_size} {stat.st_mtime_ns}\n".encode())
@@ -124,6 +125,9 @@ class FolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.split)
+
+    def cache_identity(self) -> str:
+        return self.split.cache_identity(self.transform)
 
     def __getitem__(self, index: int):
         if not self.replace_bad:

@@ -153,32 +153,63 @@ class StridedSampler(Sampler):
         return len(self.indices)
 
 
-class TrainLoader:
-    """Normalized batches on the device, with a fixed number of steps per epoch on every rank."""
+class EpochLoader:
+    """What every training loader does the same way: its DataLoader, the seeding of an epoch and the
+    resume at a step. An epoch's randomness (the main process's: mixup, and transforms when workers=0; the
+    workers'; the device's RandAugment) all starts from epoch_seed(seed, epoch, rank, step).
 
-    def __init__(self, dataset, *, batch_size: int, workers: int, repeats: int, seed: int, spec: InputSpec,
-                 dist: Dist, augment: DeviceRandAugment | None = None):
-        self.sampler = EpochSampler(dataset, world=dist.world, rank=dist.rank, repeats=repeats, seed=seed)
+    Subclasses differ only in how they get past the steps a resumed run already trained on (`seeks`):
+      True   an index sampler skips their samples unread; the rest of the epoch is seeded from its step.
+      False  a stream cannot skip: the epoch is replayed from its start (seeded from step 0) and its first
+             batches are dropped, so a mid-epoch resume sees the very batches of an uninterrupted run.
+    """
+    seeks = False
+
+    def __init__(self, dataset, *, sampler: Sampler | None, batch_size: int, workers: int, seed: int,
+                 spec: InputSpec, dist: Dist, augment: DeviceRandAugment | None = None):
         self.batch_size, self.seed, self.rank = batch_size, seed, dist.rank
         self.generator = torch.Generator()
         # Workers are not persistent: each epoch starts them from a seed of its own, so a resumed
         # run sees the same augmentations as an uninterrupted one.
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                  collate_fn=fast_collate, pin_memory=dist.device.type == "cuda", drop_last=True,
                                  generator=self.generator, persistent_workers=False,
                                  prefetch_factor=4 if workers else None, worker_init_fn=ignore_interrupts)
         self.prefetch = to_device(self.loader, spec, dist, augment)
 
-    def steps_per_epoch(self) -> int:
-        return self.sampler.epoch_length() // self.batch_size
-
     def epoch(self, epoch: int, start_step: int = 0):
         """Iterate one epoch from `start_step` (a mid-epoch resume skips what was already seen)."""
-        seed = epoch_seed(self.seed, epoch, self.rank, start_step)
+        seek = start_step if self.seeks else 0  # a stream starts at 0 and drops up to start_step
+        seed = epoch_seed(self.seed, epoch, self.rank, seek)
         seed_everything(seed)  # main-process randomness: mixup, and transforms when workers=0
         self.generator.manual_seed(seed)  # worker seeds
         if isinstance(self.prefetch, AugmentOnDevice):
             self.prefetch.seed(seed)
+        batches = self.batches(epoch, seek)
+        return batches if self.seeks else itertools.islice(batches, start_step, None)
+
+    def batches(self, epoch: int, start_step: int):
+        """The epoch's batches from `start_step` (always 0 unless the loader seeks)."""
+        raise NotImplementedError
+
+    def steps_per_epoch(self) -> int:
+        raise NotImplementedError
+
+
+class TrainLoader(EpochLoader):
+    """Image folders: normalized batches on the device, a fixed number of steps per epoch on every rank."""
+    seeks = True
+
+    def __init__(self, dataset, *, batch_size: int, workers: int, repeats: int, seed: int, spec: InputSpec,
+                 dist: Dist, augment: DeviceRandAugment | None = None):
+        self.sampler = EpochSampler(dataset, world=dist.world, rank=dist.rank, repeats=repeats, seed=seed)
+        super().__init__(dataset, sampler=self.sampler, batch_size=batch_size, workers=workers, seed=seed,
+                         spec=spec, dist=dist, augment=augment)
+
+    def steps_per_epoch(self) -> int:
+        return self.sampler.epoch_length() // self.batch_size
+
+    def batches(self, epoch: int, start_step: int):
         self.sampler.set_epoch(epoch, skip=start_step * self.batch_size)
         return iter(self.prefetch)
 

@@ -22,19 +22,11 @@ from pathlib import Path
 
 import braceexpand
 import torch
-from timm.data.loader import fast_collate
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from usi.data.images import IMAGE_EXTENSIONS, load_rgb
-from usi.data.loader import (
-    AugmentOnDevice,
-    InputSpec,
-    epoch_seed,
-    eval_collate,
-    seed_everything,
-    to_device,
-)
+from usi.data.loader import EpochLoader, InputSpec, epoch_seed, eval_collate, to_device
 from usi.errors import UsageError
 from usi.runtime import distributed
 from usi.runtime.preempt import ignore_interrupts
@@ -68,7 +60,7 @@ class ShardSplit:
         """Corrupt samples read by any rank (summed over ranks). Collective."""
         return int(distributed.sum_across(self.bad.sum().to(device)).item())
 
-    def cache_identity(self) -> None:
+    def cache_identity(self, transform=None) -> None:
         """Not cached on disk: the loader order of shards depends on the number of ranks and workers."""
         return None
 
@@ -249,9 +241,13 @@ class ShardStream(IterableDataset):
     def bad_count(self) -> int:
         return int(self.bad.sum())
 
+    def cache_identity(self) -> None:
+        return None  # as ShardSplit's: shards are not cached
 
-class ShardTrainLoader:
-    """The shard counterpart of TrainLoader: exactly steps_per_epoch batches per epoch on every rank."""
+
+class ShardTrainLoader(EpochLoader):
+    """The shard counterpart of TrainLoader: exactly steps_per_epoch batches per epoch on every rank. A stream
+    cannot seek: a mid-epoch resume replays the epoch and drops what was trained on (see EpochLoader)."""
 
     def __init__(self, split: ShardSplit, transform, *, batch_size: int, workers: int, repeats: int, seed: int,
                  spec: InputSpec, dist: distributed.Dist, augment=None):
@@ -260,33 +256,23 @@ class ShardTrainLoader:
                              f"workers; write smaller shards (usi shards --shard-size) or lower data.workers")
         self.stream = ShardStream(split.urls, transform, rank=dist.rank, world=dist.world, repeats=repeats,
                                   train=True, seed=seed, bad=split.bad)  # read errors count one each
-        self.total, self.batch_size, self.seed = len(split), batch_size, seed
-        self.world, self.rank = dist.world, dist.rank
-        self.generator = torch.Generator()
-        self.loader = DataLoader(self.stream, batch_size=batch_size, num_workers=workers, collate_fn=fast_collate,
-                                 pin_memory=dist.device.type == "cuda", drop_last=True, generator=self.generator,
-                                 prefetch_factor=4 if workers else None, worker_init_fn=ignore_interrupts)
-        self.prefetch = to_device(self.loader, spec, dist, augment)
+        self.total, self.world = len(split), dist.world
+        super().__init__(self.stream, sampler=None, batch_size=batch_size, workers=workers, seed=seed, spec=spec,
+                         dist=dist, augment=augment)
 
     def steps_per_epoch(self) -> int:
         return self.total // self.world // self.batch_size
 
-    def epoch(self, epoch: int, start_step: int = 0):
-        seed = epoch_seed(self.seed, epoch, self.rank)
-        seed_everything(seed)
-        self.generator.manual_seed(seed)
-        if isinstance(self.prefetch, AugmentOnDevice):
-            self.prefetch.seed(seed)
-        self.stream.epoch = epoch
-        return self.batches(start_step)
+    def batches(self, epoch: int, start_step: int):
+        self.stream.epoch = epoch  # now, not on the first batch: the shard order is the epoch's
+        return self.passes()
 
-    def batches(self, start_step: int):
+    def passes(self):
         produced, passes = 0, 0
         while True:
             for batch in self.prefetch:
                 produced += 1
-                if produced > start_step:  # a mid-epoch resume consumes what was already trained on
-                    yield batch
+                yield batch
                 if produced >= self.steps_per_epoch():
                     return
             passes += 1  # this rank's shards ran short: another pass (another shard order), bounded by one shard

@@ -11,17 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
+
+from usi.distill.distance import kl_distance
 
 _soft_ce = SoftTargetCrossEntropy()
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(softmax(t/T) || softmax(s/T)) * T^2, batchmean, in fp32."""
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    return F.kl_div(log_s, log_t, reduction="batchmean", log_target=True) * temperature ** 2
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, batchmean, in fp32: the distance the KL metric uses too."""
+    return kl_distance(student_logits, teacher_logits, temperature, reduction="batchmean")
 
 
 def usi_loss(student_logits: torch.Tensor, soft_targets: torch.Tensor, teacher_logits: torch.Tensor | None,

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from usi.distill.distance import kl_distance  # the KD loss's distance: the metric measures what is trained
 from usi.recipe.schema import (
     METRICS,  # each metric's name and direction, with run.best_metric's choices
 )
@@ -95,9 +96,7 @@ def agreement(student: torch.Tensor, teacher: torch.Tensor) -> float:
 
 def kl_per_example(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """KL(p_teacher || p_student) for each example, in nats, computed in fp32."""
-    log_s = student.float().log_softmax(dim=1)
-    log_t = teacher.float().log_softmax(dim=1)
-    return (log_t.exp() * (log_t - log_s)).sum(dim=1)
+    return kl_distance(student, teacher)
 
 
 def predictive_kl(student: torch.Tensor, teacher: torch.Tensor) -> float:

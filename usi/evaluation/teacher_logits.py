@@ -1,7 +1,7 @@
 """The teacher's validation logits, computed once and cached on disk.
 
 Validation is deterministic (center crop), so the teacher's logits on it depend only on the teacher's
-weights, the split's files and its eval transform (the split's cache identity), the
+weights, the split's files and its eval transform (the val loader's view's cache identity), the
 normalization bridge, and the precision and device of the pass. The cache key hashes all of them; a
 change of any one gives a new key. Every later evaluation of every student then costs one student forward.
 """
@@ -63,7 +63,8 @@ def teacher_val_logits(teacher, recipe, split, loader, *, compute: Compute, n_bi
                        dist: distributed.Dist) -> tuple[dict, torch.Tensor, bool]:
     """(the teacher's val metrics, this rank's logits in loader order, whether the cache was hit).
 
-    `split` is the val split that `loader` reads; a split without a cache identity is not cached. An
+    `split` is the val split that `loader` reads; a view (`loader.dataset`) without a cache identity is not
+    cached. An
     ensemble is cached as one entry: its combined logits and each member's ([N, 1 + M, C]). The metrics
     carry the teacher's name, and each member's ("a + b" for an ensemble).
     """
@@ -78,7 +79,7 @@ def teacher_val_logits(teacher, recipe, split, loader, *, compute: Compute, n_bi
 
 def cached_or_computed(teacher, recipe, split, loader, *, compute: Compute, n_bins: int,
                        dist: distributed.Dist) -> tuple[dict, torch.Tensor, bool]:
-    identity = split.cache_identity()
+    identity = loader.dataset.cache_identity()  # the view the loader reads: its files and transform
     if identity is None:
         results, mine = evaluate({}, loader, compute, n_bins=n_bins, teacher=teacher, keep_teacher_logits=True)
         return results["teacher"], mine, False
