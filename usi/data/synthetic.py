@@ -5,6 +5,8 @@ mixup that a teacher's soft labels carry information (a crop may cut the shape a
 """
 from __future__ import annotations
 
+import hashlib
+
 import math
 from pathlib import Path
 
@@ -90,3 +92,13 @@ def make_dataset(root: str | Path, train_per_class: int = 200, val_per_class: in
                 make_image(kind, rng, size).save(folder / f"{kind}_{i:05d}.jpg", quality=90)
     marker.write_text(want)
     return root
+
+
+def digest(root: str | Path) -> str:
+    """sha256 of every file's path and bytes under root, in order: whether two machines trained on the same
+    generated images (the JPEG encoder's version could change them)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+

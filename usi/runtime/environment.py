@@ -55,3 +55,16 @@ def set_backend_flags(run_cfg, device: torch.device) -> None:
     torch.backends.cudnn.benchmark = run_cfg.cudnn_benchmark
     torch.backends.cuda.matmul.allow_tf32 = run_cfg.tf32
     torch.backends.cudnn.allow_tf32 = run_cfg.tf32
+
+
+def reproduction_key() -> str:
+    """What a CPU result's last digits depend on, in one line: the SIMD kernels torch dispatches to (AVX-512
+    and AVX2 round float sums differently; measured: the quickstart's teacher moves 6.6 points between them
+    on the same data) and the versions of the packages that compute or decode."""
+    import numpy
+    import PIL
+    import simplejpeg
+
+    return (f"CPU kernels {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, timm {timm.__version__}, "
+            f"numpy {numpy.__version__}, Pillow {PIL.__version__}, simplejpeg {simplejpeg.__version__}")
+
