@@ -152,7 +152,7 @@ def effective_box(fast: FastRandomResizedCrop, crop: CropDraw, full: tuple[int, 
     """The region of the full image the fast path actually resizes: (left, top, right, bottom), full pixels."""
     scale = draft_scale(crop.width, crop.height, SIZE, SIZE)
     reduced = (-(-full[0] // scale), -(-full[1] // scale))  # the size Image.draft decodes to
-    return np.array(reduced_box(crop.top, crop.left, crop.height, crop.width, scale, reduced), float) * scale
+    return np.array(reduced_box(crop.box, scale, reduced), float) * scale
 
 
 def geometry(boxes: np.ndarray, full: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -213,7 +213,7 @@ def test_draft_scale_keeps_crop_larger_than_output():
         width, height = rng.integers(SIZE, 3000, size=2)
         left, top = rng.integers(0, 500, size=2)
         scale = draft_scale(width, height, SIZE, SIZE)
-        box = reduced_box(top, left, height, width, scale, (10_000, 10_000))
+        box = reduced_box((top, left, height, width), scale, (10_000, 10_000))
         assert box[2] - box[0] >= SIZE and box[3] - box[1] >= SIZE  # never an upscale
 
 

@@ -186,12 +186,12 @@ def test_teacher_logit_cache_key_depends_on_the_precision_of_the_pass():
     cfg = TeacherCfg(name="test_resnet")
     cpu = torch.device("cpu")
     computes = [Compute(cpu), Compute(cpu, torch.bfloat16), Compute(cpu, None, True)]
-    keys = {cache_key([cfg], "probs", "files", teacher, c) for c in computes} | {
-        cache_key([cfg], "probs", "other", teacher, computes[0])}
+    keys = {cache_key([cfg], "probs", split_identity="files", teacher=teacher, compute=c) for c in computes} | {
+        cache_key([cfg], "probs", split_identity="other", teacher=teacher, compute=computes[0])}
     assert len(keys) == 4
     # an ensemble: its members, their order and the way they combine are in the key too
     other = TeacherCfg(name="test_efficientnet")
     pair = Ensemble([teacher, Teacher(torch.nn.Identity(), **SAME)])
-    ensembles = {cache_key(cfgs, how, "files", pair, computes[0])
+    ensembles = {cache_key(cfgs, how, split_identity="files", teacher=pair, compute=computes[0])
                  for cfgs in ([cfg, other], [other, cfg]) for how in ("probs", "logits")}
     assert len(ensembles) == 4 and not ensembles & keys

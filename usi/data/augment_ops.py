@@ -228,7 +228,7 @@ def _linear(v1: Tensor, v2: Tensor, d: Tensor) -> Tensor:
     return v1 + (v2 - v1) * d  # Pillow's BILINEAR macro
 
 
-def affine_sample(x: Tensor, matrix: Tensor, fill: Tensor, mode: int,
+def affine_sample(x: Tensor, matrix: Tensor, fill: Tensor, *, mode: int,
                   axis: Optional[str] = None) -> Tensor:
     """Image.transform(size, AFFINE, matrix, resample, fillcolor) for a batch x (b, C, H, W), matrix (b, 6).
 
@@ -283,7 +283,7 @@ def _geometric(make_matrix: Callable, axis: Optional[str] = None) -> Callable:
         out = torch.empty_like(x)
         for mode in resample.unique().tolist():  # resample lives with the generator: no device sync here
             idx = (resample == mode).nonzero().squeeze(1).to(x.device, non_blocking=True)
-            out[idx] = affine_sample(x[idx], matrix[idx], fill, int(mode), axis)
+            out[idx] = affine_sample(x[idx], matrix[idx], fill, mode=int(mode), axis=axis)
         return out
     return op
 

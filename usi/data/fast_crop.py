@@ -54,12 +54,13 @@ def draft_scale(crop_w: int, crop_h: int, out_w: int, out_h: int) -> int:
     return 1
 
 
-def reduced_box(top: int, left: int, height: int, width: int, scale: float, size: tuple[int, int]
-                ) -> tuple[int, int, int, int]:
+def reduced_box(crop: tuple[int, int, int, int], scale: float, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The crop (top, left, height, width) of the full image as an integer (left, top, right, bottom) box of the
     image decoded at 1/scale, of `size` (w, h). Reduced pixel k covers full pixels [k * scale, (k + 1) * scale);
     each edge is rounded to the nearest reduced pixel edge (off by at most scale / 2 full pixels), so with
     draft_scale's spare pixel the box is never smaller than the output: the image is only ever downscaled."""
+    top, left, height, width = crop
+
     def edge(x: float) -> int:
         return math.floor(x / scale + 0.5)
     return edge(left), edge(top), min(edge(left + width), size[0]), min(edge(top + height), size[1])
@@ -80,6 +81,10 @@ class CropDraw:
     width: int
     mode: str  # a torch interpolation mode
     flip: bool
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return self.top, self.left, self.height, self.width
 
 
 class FastRandomResizedCrop:
@@ -131,8 +136,7 @@ class FastRandomResizedCrop:
                                         min_height=math.ceil(full_h * (out_h + 1) / crop.height),
                                         min_width=math.ceil(full_w * (out_w + 1) / crop.width))
         scale = full_w / pixels.shape[1]
-        left, top, right, bottom = reduced_box(crop.top, crop.left, crop.height, crop.width, scale,
-                                               (pixels.shape[1], pixels.shape[0]))
+        left, top, right, bottom = reduced_box(crop.box, scale, (pixels.shape[1], pixels.shape[0]))
         return np.ascontiguousarray(pixels[top:bottom, left:right]), crop
 
     def draw(self, img: Union[Image.Image, torch.Tensor]) -> CropDraw:
@@ -142,7 +146,7 @@ class FastRandomResizedCrop:
         modes = TORCH_MODES[self.interpolation]
         mode = random.choice(modes) if len(modes) > 1 else modes[0]
         flip = self.hflip > 0 and torch.rand(1).item() < self.hflip
-        return CropDraw(top, left, height, width, mode, flip)
+        return CropDraw(top=top, left=left, height=height, width=width, mode=mode, flip=flip)
 
     def decode_crop(self, img: Image.Image, crop: CropDraw) -> np.ndarray:
         """The crop, as uint8 HWC (HW for grayscale), from the image decoded at the largest harmless DCT
@@ -155,7 +159,7 @@ class FastRandomResizedCrop:
             drafted = img.draft("RGB", (full_w // scale, full_h // scale))
             scale = full_w / drafted[1][2] if drafted else 1
         img = rgb_or_gray(img)
-        box = reduced_box(crop.top, crop.left, crop.height, crop.width, scale, img.size)
+        box = reduced_box(crop.box, scale, img.size)
         # np.array copies (writable, which torch.from_numpy wants); only the crop is copied
         return np.array(img.crop(box))
 

@@ -42,7 +42,7 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(teacher_cfgs: list, combine: str, split_identity: str, teacher, compute: Compute) -> str:
+def cache_key(teacher_cfgs: list, combine: str, *, split_identity: str, teacher, compute: Compute) -> str:
     """teacher_cfgs: the recipe's teachers (one, or an ensemble's members in order); teacher: the built one."""
     h = hashlib.sha256(b"usi teacher logits v3 (fp32 head, ensembles)\n")
     members = teacher.members if isinstance(teacher, Ensemble) else [teacher]
@@ -83,7 +83,8 @@ def cached_or_computed(teacher, recipe, split, loader, *, compute: Compute, n_bi
     if identity is None:
         results, mine = evaluate({}, loader, compute, n_bins=n_bins, teacher=teacher, keep_teacher_logits=True)
         return results["teacher"], mine, False
-    key = cache_key(recipe.teachers(), recipe.teacher.combine, identity, teacher, compute)
+    key = cache_key(recipe.teachers(), recipe.teacher.combine, split_identity=identity, teacher=teacher,
+                    compute=compute)
     path = cache_dir() / f"{key}.pt"
     if is_file(path):
         try:

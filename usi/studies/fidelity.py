@@ -36,7 +36,7 @@ COLUMNS = ["student", "teacher", "augmentation", "init", "student_top1", "teache
            "agree_val", "kl_train", "kl_val"]
 
 
-def plan(data: Path, runs: Path, seed: int, teacher_epochs: int, student_epochs: int, extra: list[str]):
+def plan(data: Path, runs: Path, *, seed: int, teacher_epochs: int, student_epochs: int, extra: list[str]):
     """(jobs, students: {name: (its teacher's settings, its row's labels)})."""
     base = recipe_mod.read_yaml(recipe_mod.recipe_path("quickstart"))
     root = {"data.root": str(data)}
@@ -118,7 +118,8 @@ def study(out: Path, seed: int = 42, teacher_epochs: int = 24, student_epochs: i
           per_class: tuple[int, int] = (200, 50), extra: list[str] = ()) -> list[dict]:
     start = time.time()
     data, runs = jobs.prepare(out, seed, per_class, "the study's")
-    todo, students = plan(data, runs, seed, teacher_epochs, student_epochs, list(extra))
+    todo, students = plan(data, runs, seed=seed, teacher_epochs=teacher_epochs, student_epochs=student_epochs,
+                          extra=list(extra))
     with jobs.process_pool(2) as pool:  # two runs at a time, one per core
         outcomes = jobs.run_all(todo, runs, pool=pool, workers=2, rerun=rerun, tag="fidelity", start=start)
     rows = [row(name, labels, measure(runs / name, data, teacher)) for name, (teacher, labels) in students.items()]
