@@ -93,7 +93,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     w, h, m = 760, 460, 60
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    d.text((m, 15), title[:110], fill="black")
+    d.text((m, 15), title.splitlines()[0][:110], fill="black")
     d.rectangle([m, m, w - m, h - m - 40], outline="black")
     bottom, top = h - m - 40, m
     y = lambda v: bottom - v / 100 * (bottom - top)  # noqa: E731

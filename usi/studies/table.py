@@ -121,7 +121,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     w, h, m = 720, 480, 60
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
-    d.text((m, 15), title[:100], fill="black")
+    d.text((m, 15), title.splitlines()[0][:100], fill="black")  # the headline; the md file has the rest
     d.rectangle([m, m, w - m, h - m], outline="black")
     if pts:
         xs = [math.log10(p[0]) for p in pts]
