@@ -7,12 +7,12 @@ Deciding how a run starts; the order is important:
   2. run.resume=never: the directory must hold no run (it is refused, never overwritten); a fresh start.
   3. run.resume=auto: a directory that holds files but no recipe.yaml is no usi run and is refused (a
      run writes recipe.yaml first). If it holds a recipe.yaml, the recipe must be the same one, except
-     for the fields marked resume_free in usi/recipe.py; then it resumes from last.pt if there is one,
+     for the fields marked resume_free in usi/recipe/schema.py; then it resumes from last.pt if there is one,
      else starts afresh (a run killed before its first checkpoint).
   4. run.resume=<path>: the same checks as auto against the directory; then it resumes from that
      checkpoint, writing to run.dir.
   5. The nearest existing ancestor of the directory must be writable.
-Later, before anything is written (usi/train.py), the checkpoint itself must hold the same recipe and
+Later, before anything is written (usi/training/loop.py), the checkpoint itself must hold the same recipe and
 the same class names as this run. The directory's files appear only after everything is built
 (`create`), so a failed start leaves nothing behind.
 """
