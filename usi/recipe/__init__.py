@@ -10,6 +10,7 @@ from usi.recipe.loading import (
                                 parse_override,
                                 parse_yaml,
                                 read_yaml,
+                                recipe_path,
                                 set_dotted,
 )
 from usi.recipe.schema import (
