@@ -1,7 +1,9 @@
 """The training checkpoint (last.pt): everything a resume needs, written atomically, loaded safely.
 
 The file operations (atomic writes, weights-only loads, checksums) are usi/runtime/files.py's; this
-module knows what a training state holds.
+module knows what a training state holds: the student, its EMA, the optimizer, scheduler and scaler, the
+position. Other trained parts (feature KD's projection) keep their own entries, through the TrainState's
+get_task_state / load_task_state, as timm's tasks do.
 """
 from __future__ import annotations
 

@@ -38,14 +38,16 @@ class Feed:
 
     def __init__(self, loader, *, steps: int, accum: int, stops=None):
         self.loader, self.steps, self.accum, self.stops = loader, steps, accum, stops
-        self.epoch(Position(0, 0, 0))
+        self.start = self.end = self.batches = None
+        self.stopped_by, self.dropped = 0, False
 
     def epoch(self, start: Position) -> Feed:
-        """Ready for the epoch from `start`; iterate the feed for its (x, y) batches."""
+        """Starts the loader's epoch from `start` (it seeds the epoch's RNGs now, before the step's clock
+        starts); iterate the feed for its (x, y) batches."""
         self.start, self.step, self.updates = start, start.step - 1, start.updates
         self.end, self.stopped_by, self.dropped = None, 0, False
         self.boundary = start  # the last position between two updates
-        self.batches = None
+        self.batches = self.loader.epoch(start.epoch, start.step)
         return self
 
     @property
@@ -59,8 +61,6 @@ class Feed:
         return Position(self.start.epoch, self.step + 1, self.updates)
 
     def __iter__(self) -> Iterator[tuple]:
-        # the loader starts here, not in epoch(): its epoch seeds the RNGs when the first batch is asked for
-        self.batches = self.loader.epoch(self.start.epoch, self.start.step)
         for step in range(self.start.step, self.steps):
             batch, error = next_batch(self.batches)
             if not self.go_on(step, error):
