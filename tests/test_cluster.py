@@ -195,7 +195,7 @@ def test_torchrun_ranks_agree_on_the_stop_whoever_gets_the_signal(image_root, tm
 DRIVER = """
 import os, signal, sys
 import usi.training.loop as T
-from usi.training.engine import LoaderBroken
+from usi.evaluation.evaluate import LoaderBroken
 phase, calls = sys.argv.pop(1), []
 real = getattr(T, phase)
 def during(*args):

@@ -264,7 +264,7 @@ def test_the_ema_copy_carries_no_feature_hook(image_root, tmp_path):
     recipe = recipe_mod.load(None, [*TINY, f"data.root={image_root}", f"run.dir={tmp_path / 'run'}",
                                     "teacher.name=test_resnet", f"teacher.weights={path}",
                                     "features.student=layer3", "features.teacher=layer4"])
-    t = build.build_training(recipe, distributed.Dist(), tmp_path / "run")
+    t = build.build_training(recipe, distributed.Dist())
     assert t.state.student.layer3._forward_hooks and not t.state.ema.module.layer3._forward_hooks
     trained = {id(p) for p in t.state.trained_parameters()}
     assert all(id(p) in trained for p in t.state.projector.parameters())

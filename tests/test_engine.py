@@ -15,6 +15,8 @@ from usi.training.engine import (
     TrainState,
     train_one_epoch,
 )
+from usi.training.feed import Feed
+from usi.training.meter import Meter
 
 
 class Spy(torch.nn.Module):
@@ -44,11 +46,34 @@ def batches(n, size=8):
                  for _ in range(n)])
 
 
-def run(parts, steps, limit=100):
+class Loader:
+    """An epoch's batches as a loader gives them (`epoch(epoch, step)`)."""
+
+    def __init__(self, batches_):
+        self.batches = batches_
+
+    def epoch(self, epoch, step):
+        return self.batches
+
+
+class Stops:
+    """StopSignals' answer to every rank's question, from a function of `loader_failed`."""
+
+    def __init__(self, should_stop):
+        self.agree = should_stop
+
+
+def train(parts, batches_, *, start, steps, epochs, limit=100, log_interval, should_stop=None):
     state, cfg = parts
-    return train_one_epoch(state, cfg, batches(steps), start=Position(0, 0, 0), steps=steps, epochs=1,
-                           guard=Guard(torch.device("cpu"), limit), progress=Progress(False), log_interval=1,
-                           images_per_step=8)
+    feed = Feed(Loader(batches_), steps=steps, accum=cfg.accum_steps,
+                stops=Stops(should_stop) if should_stop is not None else None)
+    meter = Meter(state.optimizer, guard=Guard(torch.device("cpu"), limit), progress=Progress(False),
+                  log_interval=log_interval, images_per_step=8, steps=steps, epochs=epochs)
+    return train_one_epoch(state, cfg, feed.epoch(start), meter)
+
+
+def run(parts, steps, limit=100):
+    return train(parts, batches(steps), start=Position(0, 0, 0), steps=steps, epochs=1, limit=limit, log_interval=1)
 
 
 def test_teacher_and_student_receive_the_same_mixed_batch():
@@ -89,9 +114,7 @@ def test_finite_updates_change_the_weights():
 def epoch(parts, batches_, *, start=Position(0, 0, 0), steps=10, accum=1, should_stop=None):
     state, cfg = parts
     cfg = StepConfig(compute=cfg.compute, num_classes=4, loss=cfg.loss, accum_steps=accum)
-    return train_one_epoch(state, cfg, batches_, start=start, steps=steps, epochs=3,
-                           guard=Guard(torch.device("cpu"), 100), progress=Progress(False), log_interval=3,
-                           images_per_step=8, should_stop=should_stop)
+    return train((state, cfg), batches_, start=start, steps=steps, epochs=3, log_interval=3, should_stop=should_stop)
 
 
 def test_a_stop_request_ends_the_epoch_after_the_update_in_progress():
@@ -165,7 +188,7 @@ class Split(torch.nn.Module):
 
 
 def test_evaluation_logits_come_from_an_fp32_head_under_bf16():
-    from usi.training.engine import fp32_logits
+    from usi.evaluation.evaluate import fp32_logits
     model, x = Split().eval(), torch.randn(4, 3, 6, 6)
     bf16 = Compute(torch.device("cpu"), amp_dtype=torch.bfloat16)
     with torch.no_grad():
@@ -191,7 +214,7 @@ def test_the_progress_line_tells_the_time_left_in_the_epoch_and_the_run():
 def test_an_evaluation_whose_loader_dies_raises_loader_broken():
     """A SIGTERM to the process group kills the val loader's workers: the evaluation says so in a type of
     its own (the trainer then checkpoints the trained epoch and stops), after every rank has agreed."""
-    from usi.training.engine import LoaderBroken, evaluate
+    from usi.evaluation.evaluate import LoaderBroken, evaluate
 
     def val_batches():
         yield torch.randn(4, 3, 6, 6), torch.stack([torch.arange(4) % 4, torch.arange(4)], 1)

@@ -20,10 +20,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from usi import build, distributed
 from usi import recipe as recipe_mod
 from usi.data.synthetic import make_dataset
 from usi.errors import UsageError, one_line
+from usi.runtime import distributed
+from usi.training import build
 from usi.training.engine import forward_backward, optimizer_update, prepare_batch
 
 CLASSES = 10
@@ -47,8 +48,7 @@ def build_all(args, root: Path, files: list[Path]) -> dict:
     built = {}
     for name, overrides in configurations(args.teacher, files, args.student_layer, args.teacher_layer).items():
         recipe = recipe_mod.load(None, common + overrides)
-        built[name] = build.build_training(recipe, distributed.Dist(device=torch.device(args.device)),
-                                           root / "unused")
+        built[name] = build.build_training(recipe, distributed.Dist(device=torch.device(args.device)))
     return built
 
 

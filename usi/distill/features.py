@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from usi.errors import UsageError
+from usi.runtime.files import mismatch
 
 
 class Tap:
@@ -147,7 +148,8 @@ class StudentWithProjector(nn.Module):
 
 class FeatureKD:
     """The teacher side of feature KD and its loss: the teacher's tapped output in common form. Also holds
-    the student's projection, which checkpoints save (it is trained, but never exported)."""
+    the student's projection, which saves and restores its own state (timm tasks' get_task_state /
+    load_task_state): it is trained and checkpointed, but never exported."""
 
     def __init__(self, tap: Tap, prefix: int, pool: bool, weight: float, kind: str, projector: Projector):
         self.tap, self.prefix, self.pool = tap, prefix, pool
@@ -156,6 +158,33 @@ class FeatureKD:
     def loss(self, projected: torch.Tensor) -> torch.Tensor:
         target = common_form(self.tap.take(), self.prefix, self.pool)
         return self.weight * feature_loss(projected, target.detach(), self.kind)
+
+    def get_task_state(self) -> dict:
+        """Beside the student's weights in a checkpoint: the projection's, under "projector"."""
+        return {STATE_KEY: self.projector.state_dict()}
+
+    def load_task_state(self, saved: dict, where: str) -> None:
+        """From a checkpoint's entries (`where` names it in errors)."""
+        if not self.projector.state_dict():  # an identity projection holds nothing
+            return
+        if not saved.get(STATE_KEY):
+            raise UsageError(f"{where} was trained without feature KD (features.student); it cannot resume a run "
+                             f"with it")
+        try:
+            self.projector.load_state_dict(saved[STATE_KEY])
+        except RuntimeError:
+            raise UsageError(f"{where} does not fit this recipe's model ({STATE_KEY}): "
+                             f"{mismatch(self.projector, saved[STATE_KEY])}") from None
+
+
+STATE_KEY = "projector"  # the checkpoint entry (last.pt files of earlier versions use it too)
+
+
+def refuse_task_state(saved: dict, where: str) -> None:
+    """A run without feature KD cannot resume a checkpoint trained with it."""
+    if saved.get(STATE_KEY):
+        raise UsageError(f"{where} was trained with feature KD (features.student); resume it with the same "
+                         f"features settings")
 
 
 def prefix_tokens(model: nn.Module) -> int:

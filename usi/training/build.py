@@ -1,6 +1,7 @@
-"""Recipe sections -> torch objects: student, teacher, precision, optimizer, scheduler, EMA, mixup.
+"""Recipe sections -> torch objects: student, teacher, precision, optimizer, scheduler, EMA, mixup, and
+the whole of a training run (`build_training`), which `usi train --dry-run` builds too and stops there.
 
-Shared by `usi train` and `usi eval`; nothing here touches the run directory or the data.
+Nothing here touches the run directory.
 """
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from timm.data import Mixup
@@ -39,7 +40,13 @@ from usi.training.engine import StepConfig, TrainState
 log = logging.getLogger("usi")
 
 
-def batch_plan(recipe: Recipe, world: int) -> tuple[int, float, str]:
+class BatchPlan(NamedTuple):
+    accum: int  # gradient accumulation steps
+    lr: float
+    line: str  # the plan in words
+
+
+def batch_plan(recipe: Recipe, world: int) -> BatchPlan:
     """(gradient accumulation steps, lr, a line saying so) that reconcile this world size with
     optim.global_batch."""
     per_step = recipe.data.batch_size * world
@@ -49,10 +56,11 @@ def batch_plan(recipe: Recipe, world: int) -> tuple[int, float, str]:
             raise UsageError(f"optim.global_batch={target} is not a multiple of data.batch_size x processes "
                              f"= {recipe.data.batch_size} x {world}; change one, or set optim.batch_rule=linear")
         accum = target // per_step
-        return accum, lr, f"global batch {target} = {recipe.data.batch_size} x {world} processes x {accum} accumulation"
+        return BatchPlan(accum, lr, f"global batch {target} = {recipe.data.batch_size} x {world} processes x "
+                                    f"{accum} accumulation")
     scale = {"linear": per_step / target, "sqrt": math.sqrt(per_step / target), "none": 1.0}[rule]
-    return 1, lr * scale, (f"global batch {per_step} (recipe: {target}), "
-                           f"lr {lr:g} x {scale:.4g} ({rule}) = {lr * scale:g}")
+    return BatchPlan(1, lr * scale, f"global batch {per_step} (recipe: {target}), "
+                                    f"lr {lr:g} x {scale:.4g} ({rule}) = {lr * scale:g}")
 
 
 def create_optimizer(recipe: Recipe, student: torch.nn.Module, lr: float,
@@ -79,8 +87,8 @@ def feature_kd(recipe: Recipe, student: torch.nn.Module, teacher, size: int):
     from usi.distill.teacher import primary
 
     first = primary(teacher)
-    wrapper, kd = features.build(recipe.features, student, first.model, size, first.input_size,
-                                 next(student.parameters()).device)
+    wrapper, kd = features.build(recipe.features, student, first.model, size=size, teacher_size=first.input_size,
+                                 device=next(student.parameters()).device)
     log.info(features.describe(wrapper, recipe.features))
     return wrapper, kd
 
@@ -123,10 +131,10 @@ def grad_scaler(compute: Compute) -> torch.amp.GradScaler | None:
 
 @dataclass
 class Training:
-    """Everything a run holds once built."""
+    """Everything a run holds once built (what it has done, and keeps, is the ledger's)."""
     recipe: Recipe
     dist: distributed.Dist
-    run_dir: Path
+    batch: BatchPlan
     state: TrainState
     cfg: StepConfig
     train_split: data.Split
@@ -135,23 +143,27 @@ class Training:
     val_loader: object
     steps: int  # per epoch
     epochs: int  # including cool-down
-    params: int
-    versions: dict  # usi, torch, timm, CUDA, cuDNN, git: recorded in every checkpoint
 
     @property
     def classes(self) -> list[str]:
         return self.train_split.classes
 
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.state.student.parameters())
 
-def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path, fresh: bool = True) -> Training:
+
+def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True, dry: bool = False) -> Training:
     """Every object a training run needs, checked, before anything is written. `fresh`: a new run (a
-    resumed one takes its weights from the checkpoint, so model.weights and model.pretrained are not read)."""
-    accum, lr, plan = batch_plan(recipe, dist.world)  # the world size is known: fail before any work
+    resumed one takes its weights from the checkpoint, so model.weights and model.pretrained are not read).
+    `dry`: for `usi train --dry-run`, the same objects but no DDP, no compilation and no starting weights
+    (a download would write); the run directory is never the build's business."""
+    batch = batch_plan(recipe, dist.world)  # the world size is known: fail before any work
     tracking.check_available(recipe.run.loggers)
     train_split, val_split = data.open_splits(recipe.data)
     num_classes = len(train_split.classes)
     seed_everything(recipe.run.seed)
-    student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=fresh)
+    student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=fresh and not dry)
     spec = input_spec(student, recipe.data.input_size)
     check_input_size(recipe.model, num_classes, spec.size)
     compute = compute_for(recipe, dist.device)
@@ -168,20 +180,20 @@ def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path, fresh:
         raise UsageError(f"data.batch_size={recipe.data.batch_size} x {dist.world} processes is larger than one "
                          f"epoch of {len(train_split)} training samples")
 
-    log.info(plan)
-    if steps % accum:
-        log.warning(f"{steps} steps per epoch is not a multiple of {accum} accumulation steps; "
-                    f"the last {steps % accum} steps of each epoch carry gradient into the next")
+    log.info(batch.line)
+    if steps % batch.accum:
+        log.warning(f"{steps} steps per epoch is not a multiple of {batch.accum} accumulation steps; "
+                    f"the last {steps % batch.accum} steps of each epoch carry gradient into the next")
     ema = create_ema(recipe, student)  # before feature KD's hook: the EMA copy must not carry it
     wrapped, features = student, None
     if recipe.features.student:
         wrapped, features = feature_kd(recipe, student, teacher, spec.size)
-    optimizer = create_optimizer(recipe, student, lr, extra=features.projector if features else None)
-    scheduler, epochs = create_scheduler(recipe, optimizer, steps // accum)
-    if dist.distributed:
+    optimizer = create_optimizer(recipe, student, batch.lr, extra=features.projector if features else None)
+    scheduler, epochs = create_scheduler(recipe, optimizer, steps // batch.accum)
+    if dist.distributed and not dry:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
-    if recipe.run.compile:
+    if recipe.run.compile and not dry:
         if features is not None:
             # dynamo shares one compiled graph between instances of a class (an ensemble's two ResNets) and
             # by default does not guard on forward hooks: the tapped teacher could run its hook-less twin's
@@ -193,59 +205,59 @@ def build_training(recipe: Recipe, dist: distributed.Dist, run_dir: Path, fresh:
     state = TrainState(student=student, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler, teacher=teacher,
                        ema=ema, scaler=grad_scaler(compute), mixup=create_mixup(recipe, num_classes),
                        features=features)
-    params = sum(p.numel() for p in student.parameters())
-    log.info(f"student {recipe.model.name}: {params / 1e6:.2f}M params, input {spec.size}, {num_classes} classes, "
+    t = Training(recipe=recipe, dist=dist, batch=batch, state=state,
+                 cfg=step_config(recipe, compute, num_classes, batch.accum), train_split=train_split,
+                 val_split=val_split, train_loader=train_loader, val_loader=val_loader, steps=steps, epochs=epochs)
+    log.info(f"student {recipe.model.name}: {t.params / 1e6:.2f}M params, input {spec.size}, {num_classes} classes, "
              f"{len(train_split)} train / {len(val_split)} val images, {steps} steps x {epochs} epochs"
-             + (f", teacher {' + '.join(t.name for t in recipe.teachers())}" if teacher is not None
+             + (f", teacher {' + '.join(c.name for c in recipe.teachers())}" if teacher is not None
                 else ", no teacher"))
-    return Training(recipe=recipe, dist=dist, run_dir=run_dir, state=state,
-                    cfg=step_config(recipe, compute, num_classes, accum), train_split=train_split,
-                    val_split=val_split, train_loader=train_loader, val_loader=val_loader, steps=steps, epochs=epochs,
-                    params=params, versions=environment.versions())
+    return t
+
+
+# ---------------------------------------------------------------- the dry run
 
 
 def dry_run(recipe: Recipe) -> str:
-    """`usi train --dry-run`: everything a start checks (recipe, run directory, data layout and counts, the
-    student, the teacher's weights and classes), and the plan it would follow. Writes nothing."""
+    """`usi train --dry-run`: the real start stopped before the first step: the run directory's checks
+    (usi/training/rundir.py), then build_training(dry=True) (data layout and counts, the student, the
+    teacher's weights and classes, feature KD, optimizer and schedule), and the plan read from what was
+    built. Writes nothing."""
     from usi.training import rundir
 
     dist = distributed.Dist(world=int(os.environ.get("WORLD_SIZE", "1")))  # no process group is joined
-    accum, lr, plan = batch_plan(recipe, dist.world)
-    tracking.check_available(recipe.run.loggers)
     run_dir = recipe.run_dir()
     resume_from = rundir.resume_source(recipe, run_dir)
-    train_split, val_split = data.open_splits(recipe.data)
-    classes = len(train_split.classes)
-    student = create_student(recipe.model, classes, recipe.data.input_size)
-    spec = input_spec(student, recipe.data.input_size)
-    check_input_size(recipe.model, classes, spec.size)
-    teacher = teacher_for(recipe, classes, spec, Compute(torch.device("cpu")))
-    feature_line = []
-    if recipe.features.student:
-        from usi.distill import features
+    t = build_training(recipe, dist, fresh=resume_from is None, dry=True)
+    start = f"resume from {resume_from}" if resume_from else "a fresh start"
+    return "\n".join(["# the effective recipe", recipe.to_yaml().rstrip(), "",
+                      "# the plan (nothing was written)", f"run directory: {run_dir} ({start})", *plan_lines(t)])
 
-        feature_line = [features.describe(feature_kd(recipe, student, teacher, spec.size)[0], recipe.features)]
-    steps = data.train_loader(train_split, recipe.data, recipe.aug, spec, seed=recipe.run.seed,
-                              dist=dist).steps_per_epoch()
-    steps = min(steps, recipe.run.max_steps) if recipe.run.max_steps else steps
-    epochs = recipe.sched.epochs + recipe.sched.cooldown_epochs
-    params = sum(p.numel() for p in student.parameters())
+
+def plan_lines(t: Training) -> list[str]:
+    """What a built run will do, in words."""
+    recipe, state = t.recipe, t.state
+    size = input_spec(state.student, recipe.data.input_size).size
+    teacher = state.teacher
     members = teacher.members if isinstance(teacher, Ensemble) else [teacher] if teacher is not None else []
     teacher_line = "; ".join(
         f"{cfg.name}, {sum(p.numel() for p in m.parameters()) / 1e6:.1f}M params, "
-        f"{cfg.weights or 'timm pretrained weights'}, {classes} classes, sees {m.input_size or spec.size} px"
+        f"{cfg.weights or 'timm pretrained weights'}, {len(t.classes)} classes, sees {m.input_size or size} px"
         for cfg, m in zip(recipe.teachers(), members)) or "none"
     if len(members) > 1:
         teacher_line = f"an ensemble of {len(members)} (mean of their {recipe.teacher.combine}): {teacher_line}"
-    return "\n".join([
-        "# the effective recipe", recipe.to_yaml().rstrip(), "",
-        "# the plan (nothing was written)",
-        f"run directory: {run_dir} ({'resume from ' + str(resume_from) if resume_from else 'a fresh start'})",
-        f"data: {recipe.data.format} at {recipe.data.root}: {len(train_split)} train / {len(val_split)} val images, "
-        f"{classes} classes",
-        f"student: {recipe.model.name}, {params / 1e6:.2f}M params, input {spec.size} px",
+    feature_line = []
+    if state.features is not None:
+        from usi.distill import features
+
+        feature_line = [features.describe(state.wrapped, recipe.features)]
+    steps, epochs, accum = t.steps, t.epochs, t.cfg.accum_steps
+    return [
+        (f"data: {recipe.data.format} at {recipe.data.root}: {len(t.train_split)} train / {len(t.val_split)} val "
+         f"images, {len(t.classes)} classes"),
+        f"student: {recipe.model.name}, {t.params / 1e6:.2f}M params, input {size} px",
         f"teacher: {teacher_line}",
         *feature_line,
-        f"batch: {plan}; lr {lr:g}",
+        f"batch: {t.batch.line}; lr {t.batch.lr:g}",
         f"steps: {steps} per epoch x {epochs} epochs = {steps * epochs} steps, {steps // accum * epochs} updates",
-    ])
+    ]

@@ -1,7 +1,9 @@
 """The training checkpoint (last.pt): everything a resume needs, written atomically, loaded safely.
 
 The file operations (atomic writes, weights-only loads, checksums) are usi/runtime/files.py's; this
-module knows what a training state holds.
+module knows what a training state holds: the student, its EMA, the optimizer, scheduler and scaler, the
+position. Other trained parts (feature KD's projection) keep their own entries, through the TrainState's
+get_task_state / load_task_state, as timm's tasks do.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def capture(state, *, recipe_yaml: str, classes: list[str], at, best: dict) -> d
         "recipe": recipe_yaml,
         "student": state.student.state_dict(),
         "ema": state.ema.module.state_dict() if state.ema is not None else {},
-        "projector": state.projector.state_dict() if state.projector is not None else {},  # feature KD
+        **state.get_task_state(),  # what the other trained parts keep of themselves
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler is not None else {},
@@ -63,14 +65,8 @@ def restore(state, path: Path) -> dict:
     saved = check_training_state(load(path), path)
     models = [("student", state.student)] + ([("ema", state.ema.module)] if state.ema is not None and saved["ema"]
                                              else [])
-    if state.projector is None and saved.get("projector"):
-        raise UsageError(f"checkpoint {path} was trained with feature KD (features.student); resume it with the "
-                         f"same features settings")
-    if state.projector is not None and state.projector.state_dict():  # an identity projection holds nothing
-        if not saved.get("projector"):
-            raise UsageError(f"checkpoint {path} was trained without feature KD (features.student); it cannot "
-                             f"resume a run with it")
-        models.append(("projector", state.projector))
+    # the other trained parts first: a checkpoint of another kind of run is refused before any weight moves
+    state.load_task_state(saved, f"checkpoint {path}")
     for key, model in models:
         try:
             model.load_state_dict(saved[key])
@@ -86,4 +82,3 @@ def restore(state, path: Path) -> dict:
     if state.scaler is not None and saved["scaler"]:
         state.scaler.load_state_dict(saved["scaler"])
     return saved
-

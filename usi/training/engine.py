@@ -1,7 +1,8 @@
-"""The hot path: one training epoch and one evaluation pass.
+"""The hot path: the training step, and one training epoch made of them.
 
-No host-device sync per step: losses and the non-finite guard accumulate on the device and are read
-only every `log_interval` steps. The engine knows nothing about YAML or files.
+The epoch takes its batches from the feed (usi/training/feed.py: where and why an epoch stops) and
+hands each step's losses to the meter (usi/training/meter.py: the interval statistics, read with one
+host sync per logging interval). The engine knows nothing about YAML or files.
 
 What a step reads is split in two: `StepConfig`, the constant settings (precision, accumulation,
 clipping, the loss), and `TrainState`, the mutable objects (models, optimizer, scheduler, EMA).
@@ -9,7 +10,6 @@ clipping, the loss), and `TrainState`, the mutable objects (models, optimizer, s
 from __future__ import annotations
 
 import contextlib
-import statistics
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,15 +18,11 @@ import torch.nn as nn
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 
-from usi.data.loader import next_batch
-from usi.distill.features import FeatureKD
+from usi.distill.features import FeatureKD, refuse_task_state
 from usi.distill.loss import DistillLoss
 from usi.models import Compute
-from usi.runtime.progress import Progress, Rate, step_line
-
-
-class NonFiniteError(RuntimeError):
-    pass
+from usi.training.feed import Feed, Position, due  # noqa: F401  (Position, due: imported from here too)
+from usi.training.meter import Guard, Meter, NonFiniteError  # noqa: F401  (Guard, NonFiniteError: likewise)
 
 
 @dataclass(frozen=True)
@@ -62,41 +58,20 @@ class TrainState:
         """Everything the optimizer updates: the student's parameters, and the projection's."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def models_to_eval(self) -> dict[str, nn.Module]:
+        """The weights evaluated and exported: raw, and EMA when kept."""
+        return {"raw": self.student} | ({"ema": self.ema.module} if self.ema is not None else {})
 
-@dataclass(frozen=True)
-class Position:
-    """Where training stands: `step` is the next step of `epoch`, after `updates` optimizer updates."""
-    epoch: int
-    step: int
-    updates: int
+    def get_task_state(self) -> dict:
+        """Checkpoint entries of the trained parts beside the student, EMA and optimizer (feature KD's)."""
+        return self.features.get_task_state() if self.features is not None else {}
 
-
-@dataclass
-class Guard:
-    """Counts skipped (non-finite) updates on the device; checked at log time only."""
-    device: torch.device
-    limit: int
-    skipped: torch.Tensor = None
-    streak: torch.Tensor = None
-    worst: torch.Tensor = None
-    worst_step: torch.Tensor = None
-
-    def __post_init__(self):
-        z = lambda: torch.zeros((), dtype=torch.int64, device=self.device)  # noqa: E731
-        self.skipped, self.streak, self.worst, self.worst_step = z(), z(), z(), z()
-
-    def record(self, bad: torch.Tensor, update: int) -> None:
-        bad = bad.to(torch.int64)
-        self.skipped += bad
-        self.streak.mul_(bad).add_(bad)
-        hit = (self.streak >= self.limit) & (self.worst < self.limit)
-        self.worst_step = torch.where(hit, update, self.worst_step)
-        self.worst = torch.maximum(self.worst, self.streak)
-
-
-def due(count: int, every: int, last: int | None = None) -> bool:
-    """The one predicate for periodic actions: every `every`-th count, and at `last`."""
-    return (every > 0 and count % every == 0) or count == last
+    def load_task_state(self, saved: dict, where: str) -> None:
+        """Restores them from a checkpoint's entries, refusing one of another kind of run."""
+        if self.features is not None:
+            self.features.load_task_state(saved, where)
+        else:
+            refuse_task_state(saved, where)
 
 
 def prepare_batch(state: TrainState, cfg: StepConfig, x: torch.Tensor, y: torch.Tensor):
@@ -109,7 +84,7 @@ def prepare_batch(state: TrainState, cfg: StepConfig, x: torch.Tensor, y: torch.
 
 
 def forward_backward(state: TrainState, cfg: StepConfig, x: torch.Tensor, y: torch.Tensor, *, sync: bool):
-    """Returns detached (task, kd) losses of this micro-batch; gradients are accumulated."""
+    """Returns detached (task, kd, feature) losses of this micro-batch; gradients are accumulated."""
     no_sync = getattr(state.wrapped, "no_sync", None)
     with (no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()):
         with cfg.compute.autocast():
@@ -155,98 +130,38 @@ def optimizer_update(state: TrainState, cfg: StepConfig) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class EpochResult:
-    stats: dict  # mean losses, lr, skipped updates, images/s
+    stats: dict  # mean losses, lr, updates skipped in this epoch, images/s
     end: Position  # where the next step starts: (epoch + 1, 0) after a whole epoch
     stopped_by: int = 0  # the signal that stopped the epoch early, 0 if none
 
 
-def train_one_epoch(state: TrainState, cfg: StepConfig, batches, *, start: Position, steps: int, epochs: int,
-                    guard: Guard, progress: Progress, log_interval: int, images_per_step: int,
-                    on_update: Callable[[Position], None] | None = None,
-                    should_stop: Callable[[bool], tuple[int, bool]] | None = None,
-                    on_log: Callable[[int, dict], None] | None = None) -> EpochResult:
-    """Runs steps [start.step, steps) of start.epoch.
+def train_one_epoch(state: TrainState, cfg: StepConfig, feed: Feed, meter: Meter, *,
+                    on_update: Callable[[Position], None] | None = None) -> EpochResult:
+    """Trains on the feed's batches (one epoch, from feed.epoch(start) on, as far as the feed goes).
 
-    After every optimizer update, on_update(position) is called with the position to resume from; at every
-    logging interval, on_log(updates, the interval's losses, lr and images/s).
-    Before every micro-batch, should_stop(loader_failed) -> (signal number or 0, any loader failed)
-    is asked on every rank at once: a signal ends the epoch once the update in progress is done; a
-    loader that broke after a signal ends it at once, at the last finished update.
+    After every optimizer update, on_update(position) is called with the position to resume from.
     """
     state.wrapped.train()
-    sums = torch.zeros(3, device=cfg.compute.device)
-    counted, rate, timer_images, last, rates = 0, Rate(), 0, {}, []
-    updates, stopped_by, end = start.updates, 0, None
-    boundary = start  # the last position between two updates
-    for step in range(start.step, steps):
-        # ---- the next batch, and whether to go on
-        batch, error = next_batch(batches)
-        if should_stop is None and error is not None:
-            raise error
-        if should_stop is not None:
-            stopped_by, failed = should_stop(error is not None)
-            if failed and not stopped_by:  # a loader broke with no signal: a real failure, on every rank
-                raise error or RuntimeError("another rank's data loader failed")
-            if failed:  # a signal killed the loader: the rest of this update cannot be fetched
-                state.optimizer.zero_grad(set_to_none=True)  # back to the last update's end
-                end = boundary
-                break
-            if stopped_by and step % cfg.accum_steps == 0:  # between two updates: start no new one
-                end = boundary
-                break
-        if batch is None:
-            break
+    meter.begin(feed.start.epoch)
+    for x, y in feed:
         # ---- forward and backward on one (mixed) batch
-        x, y = prepare_batch(state, cfg, *batch)
-        sync = (step + 1) % cfg.accum_steps == 0
-        sums += torch.stack(forward_backward(state, cfg, x, y, sync=sync))
-        counted += 1
-        timer_images += images_per_step
-        # ---- update: optimizer, lr, EMA, non-finite guard
-        if sync:
-            bad = optimizer_update(state, cfg)
-            updates += 1
-            state.scheduler.step_update(num_updates=updates)
-            if state.ema is not None:
-                state.ema.update(state.student, step=updates)
-            guard.record(bad, updates)
-            boundary = Position(start.epoch, step + 1, updates)
-            if on_update is not None:
-                on_update(boundary)
-        # ---- logging: the one host sync of an interval
-        if due(step + 1, log_interval, last=steps):
-            last = read_logs(state, sums, counted, guard)
-            rates.append(rate(timer_images))
-            timer_images = 0
-            shown = {"task": last["task_loss"], "kd": last["kd_loss"]} | (
-                {"feat": last["feature_loss"]} if "feature_loss" in last else {})
-            progress.show(step_line({**shown, "lr": last["lr"], "img/s": round(rates[-1])}, epoch=start.epoch,
-                                    epochs=epochs, step=step + 1, steps=steps,
-                                    seconds_per_step=images_per_step / max(rates[-1], 1e-9)))
-            if on_log is not None:
-                on_log(updates, {k: v for k, v in last.items() if k.endswith("_loss")}
-                       | {"lr": last["lr"], "img_per_s": rates[-1]})
-        if stopped_by and sync and step + 1 < steps:  # at the epoch's last step, the epoch ends as usual
-            end = boundary
-            break
-    progress.done()
-    end = end or Position(start.epoch + 1, 0, updates)
-    if counted and (not last or stopped_by):
-        last = read_logs(state, sums, counted, guard)
-    last["img_per_s"] = float(statistics.median(rates)) if rates else 0.0
-    last["images"] = counted * images_per_step
-    return EpochResult(last, end, stopped_by)
+        x, y = prepare_batch(state, cfg, x, y)
+        losses = forward_backward(state, cfg, x, y, sync=feed.ends_update)
+        # ---- every accum_steps micro-batches: optimizer, lr, EMA
+        bad = update(state, cfg, updates=feed.updates) if feed.ends_update else None
+        if bad is not None and on_update is not None:
+            on_update(feed.at)  # the ledger: a mid-epoch checkpoint when one is due
+        # ---- the interval's sums and non-finite guard; at the interval's end, its one host sync
+        meter.add(losses, step=feed.step, updates=feed.updates, bad=bad)
+    if feed.dropped:  # a signal killed the loader mid-update: back to the last update's end
+        state.optimizer.zero_grad(set_to_none=True)
+    return EpochResult(meter.end(stopped=bool(feed.stopped_by)), feed.end, feed.stopped_by)
 
-def read_logs(state: TrainState, sums: torch.Tensor, counted: int, guard: Guard) -> dict:
-    """The one host sync of a logging interval; stops the run after too many bad updates in a row."""
-    task, kd, feature, skipped, worst, worst_step = torch.cat([
-        sums / max(counted, 1), torch.stack([guard.skipped, guard.worst, guard.worst_step]).float()]).tolist()
-    lr = max(group["lr"] for group in state.optimizer.param_groups)  # the peak (layer decay scales the others)
-    if worst >= guard.limit:
-        raise NonFiniteError(f"{int(worst)} non-finite updates in a row (run.max_nonfinite={guard.limit} reached "
-                             f"at update {int(worst_step)}; lr now {lr:.3g})")
-    out = {"task_loss": task, "kd_loss": kd, "lr": lr, "skipped_updates": int(skipped)}
-    if state.features is not None:
-        out["feature_loss"] = feature
-    return out
 
+def update(state: TrainState, cfg: StepConfig, *, updates: int) -> torch.Tensor:
+    """One optimizer update (the `updates`-th): step, lr, EMA. Returns the skip flag (on the device)."""
+    bad = optimizer_update(state, cfg)
+    state.scheduler.step_update(num_updates=updates)
+    if state.ema is not None:
+        state.ema.update(state.student, step=updates)
+    return bad

@@ -1,116 +1,154 @@
-"""What a run has done so far, and where it is kept: the Ledger (position, best, history), its
-checkpoint (last.pt: save and resume), the best weights (best.safetensors) and the summary."""
+"""The ledger: what a run has done so far, and what it keeps of it, and when.
+
+timm's CheckpointSaver is the model: the loop tells the ledger what happened (`after_update`,
+`evaluated`, `epoch_done`, `evaluation_stopped`, `finish`) and the ledger decides what is written:
+  - last.pt (usi/training/checkpoint.py) at every epoch's end, at a stop, and every run.ckpt_every_steps
+    updates within an epoch; it holds the record whole, so a resume continues exactly;
+  - best.safetensors when run.best_metric improves on the best so far (raw or EMA weights);
+  - metrics.jsonl, one line per finished epoch (rewritten from the record on resume);
+  - summary.json once the last epoch is done.
+Every rank keeps the same record; only rank 0 writes. A rule such as "keep the top-k checkpoints" belongs
+here, beside `evaluated`.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from usi import recipe as recipe_mod
 from usi.errors import UsageError
 from usi.evaluation.metrics import best_of, better
+from usi.recipe import Recipe
 from usi.runtime import environment, files
 from usi.training import checkpoint, rundir
-from usi.training.build import Training
 from usi.training.engine import Position, TrainState, due
 
 log = logging.getLogger("usi")
 
 
-@dataclass
 class Ledger:
-    """What a run has done so far; a checkpoint holds it whole, so a resume continues exactly."""
-    at: Position  # where training continues
-    best: dict  # the best weights so far: metric, value, raw or EMA, epoch
-    history: list  # one record per finished epoch (metrics.jsonl is rewritten from it on resume)
-    teacher: dict = field(default_factory=dict)  # the teacher's val metrics
-    pending: dict | None = None  # an epoch trained but not yet evaluated (a stop during its evaluation)
-    wall_before: float = 0.0  # seconds of earlier invocations, start-up included
-    started: float = field(default_factory=time.time)  # when this invocation started
+    def __init__(self, state: TrainState, *, recipe: Recipe, classes: list[str], run_dir: Path, steps: int,
+                 epochs: int, main: bool):
+        self.state, self.recipe, self.classes, self.run_dir = state, recipe, classes, run_dir
+        self.steps, self.epochs, self.main = steps, epochs, main  # steps per epoch; epochs with cool-down
+        self.versions = environment.versions()  # usi, torch, timm, CUDA, cuDNN, git: in every checkpoint
+        # ---- the record (a checkpoint holds it whole)
+        self.at = Position(0, 0, 0)  # where training continues
+        self.best = {}  # the best weights so far: metric, value, raw or EMA, epoch
+        self.history = []  # one record per finished epoch
+        self.teacher = {}  # the teacher's val metrics
+        self.pending = None  # an epoch trained but not yet evaluated (a stop during its evaluation)
+        self.wall_before = 0.0  # seconds of earlier invocations, start-up included
+        self.started = time.time()  # when this invocation started
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / checkpoint.LAST
+
+    @property
+    def finished(self) -> bool:
+        return self.at.epoch >= self.epochs
 
     def wall_s(self) -> float:
         return self.wall_before + (time.time() - self.started)
 
+    # ---------------------------------------------------------------- what the loop reports
 
-def models_to_eval(state: TrainState) -> dict:
-    return {"raw": state.student} | ({"ema": state.ema.module} if state.ema is not None else {})
+    def open(self) -> None:
+        """At the start of an invocation: metrics.jsonl as the record says (a crash between a checkpoint and
+        its line, or during the line, leaves nothing that a resume keeps)."""
+        if self.main:
+            rundir.write_metrics(self.run_dir, self.history)
 
+    def after_update(self, at: Position) -> None:
+        """After every optimizer update: a checkpoint every run.ckpt_every_steps updates, except at the
+        epoch's end (epoch_done keeps that one, with the epoch's record)."""
+        if due(at.updates, self.recipe.run.ckpt_every_steps) and at.step < self.steps:
+            self.save(at)
 
-def save(t: Training, ledger: Ledger) -> None:
-    state = checkpoint.capture(t.state, recipe_yaml=t.recipe.to_yaml(), classes=t.classes, at=ledger.at,
-                               best=ledger.best)
-    checkpoint.save({**state, "history": ledger.history, "teacher_metrics": ledger.teacher,
-                     "pending": ledger.pending, "wall_s": ledger.wall_s(),
-                     "versions": t.versions}, t.run_dir / checkpoint.LAST)
+    def evaluated(self, metrics: dict, epoch: int) -> None:
+        """Raw and EMA ranked by run.best_metric; the winner's weights exported if it beats the best so far."""
+        metric = self.recipe.run.best_metric
+        candidates = {name: m[metric] for name, m in metrics.items() if metric in m}
+        if not candidates:
+            return
+        name = best_of(candidates, metric)
+        if not better(metric, candidates[name], self.best.get("value")):
+            return
+        self.best = {"metric": metric, "value": candidates[name], "weights": name, "epoch": epoch + 1}
+        if self.main:
+            model = self.state.models_to_eval()[name]
+            files.export_weights(model.state_dict(), self.run_dir / checkpoint.BEST, metadata={
+                "recipe": self.recipe.to_yaml(), "model": self.recipe.model.name, "weights": name,
+                "classes": json.dumps(self.classes), "epoch": str(epoch + 1), metric: repr(candidates[name]),
+                "versions": json.dumps(self.versions)})
 
+    def epoch_done(self, record: dict, end: Position) -> None:
+        """An epoch trained (and evaluated when due): last.pt with its record, then its metrics.jsonl line."""
+        self.at, self.history = end, self.history + [record]
+        self.save()
+        if self.main:
+            rundir.append_metrics(self.run_dir, record)
 
-def mid_epoch_checkpoint(t: Training, ledger: Ledger, at: Position) -> None:
-    """After an update: a checkpoint every run.ckpt_every_steps updates, except at the epoch's end."""
-    if due(at.updates, t.recipe.run.ckpt_every_steps) and at.step < t.steps and t.dist.main:
-        save(t, replace(ledger, at=at, pending=None))
+    def evaluation_stopped(self, record: dict, updates: int) -> None:
+        """A stop during an epoch's evaluation: its training is kept, the resume evaluates it."""
+        self.at, self.pending = Position(self.at.epoch, self.steps, updates), record
 
+    def save(self, at: Position | None = None) -> None:
+        """last.pt (rank 0), at `at` (default: where the record stands; mid-epoch, nothing is pending)."""
+        if not self.main:
+            return
+        at = self.at if at is None else at
+        state = checkpoint.capture(self.state, recipe_yaml=self.recipe.to_yaml(), classes=self.classes, at=at,
+                                   best=self.best)
+        checkpoint.save({**state, "history": self.history, "teacher_metrics": self.teacher,
+                         "pending": self.pending, "wall_s": self.wall_s(),
+                         "versions": self.versions}, self.last)
 
-def resume(t: Training, path: Path) -> Ledger:
-    """Restore a checkpoint into the built objects, after checking that it is this run's."""
-    saved = checkpoint.restore(t.state, path)
-    rundir.check_same_recipe(t.recipe, recipe_mod.parse_yaml(saved["recipe"], f"{path}'s recipe"),
-                             f"cannot resume from {path}")
-    if saved["classes"] != t.classes:
-        first = next((i for i, (a, b) in enumerate(zip(saved["classes"], t.classes)) if a != b),
-                     min(len(saved["classes"]), len(t.classes)))
-        raise UsageError(f"cannot resume from {path}: it was trained on {len(saved['classes'])} classes and "
-                         f"data.root has {len(t.classes)}, and they differ at label {first} "
-                         f"({(saved['classes'] + ['-'])[first]!r} vs {(t.classes + ['-'])[first]!r}); labels "
-                         f"would be silently remapped")
-    environment.warn_if_versions_differ(saved.get("versions"), t.versions, f"checkpoint {path}")
-    ledger = Ledger(Position(saved["epoch"], saved["step"], saved["num_updates"]), saved["best"],
-                    saved.get("history", []), saved.get("teacher_metrics", {}), saved.get("pending"),
-                    saved.get("wall_s", 0.0))
-    log.info(f"resumed from {path}: epoch {ledger.at.epoch + 1}, step {ledger.at.step}")
-    return ledger
+    def finish(self) -> dict:
+        """summary.json, from the record: a run resumed after its last epoch writes the same one. Its speed is
+        the whole run's (images over training time, every epoch); its wall time, every invocation's,
+        start-up included."""
+        recipe, history = self.recipe, self.history
+        final = next((r for r in reversed(history) if "raw" in r), {})
+        train_time = sum(r["train"]["time_s"] for r in history)
+        summary = {
+            "model": recipe.model.name,
+            "teacher": " + ".join(t.name for t in recipe.teachers()) if recipe.kd else None,
+            "params": sum(p.numel() for p in self.state.student.parameters()), "epochs": self.epochs,
+            "num_classes": len(self.classes), "best": self.best,
+            "final": {k: v for k, v in final.items() if k in ("raw", "ema")},
+            "teacher_metrics": self.teacher,
+            "train_img_per_s": sum(r["train"].get("images", 0) for r in history) / train_time if train_time else None,
+            "train_time_s": train_time, "wall_time_s": self.wall_s(),
+            "versions": self.versions,
+        }
+        if self.main:
+            rundir.write_summary(self.run_dir, summary)
+            best = self.best
+            log.info(f"done: best {best.get('metric')} {best.get('value', float('nan')):.2f} "
+                     f"({best.get('weights')} weights, epoch {best.get('epoch')}) -> {self.run_dir}")
+        return summary
 
+    # ---------------------------------------------------------------- resume
 
-def export_if_best(t: Training, metrics: dict, epoch: int, best: dict) -> dict:
-    """Rank raw and EMA by run.best_metric; export the winner's weights if it beats the best so far."""
-    metric = t.recipe.run.best_metric
-    candidates = {name: m[metric] for name, m in metrics.items() if metric in m}
-    if not candidates:
-        return best
-    name = best_of(candidates, metric)
-    if not better(metric, candidates[name], best.get("value")):
-        return best
-    model = models_to_eval(t.state)[name]
-    best = {"metric": metric, "value": candidates[name], "weights": name, "epoch": epoch + 1}
-    if t.dist.main:
-        files.export_weights(model.state_dict(), t.run_dir / checkpoint.BEST, metadata={
-            "recipe": t.recipe.to_yaml(), "model": t.recipe.model.name, "weights": name,
-            "classes": json.dumps(t.classes), "epoch": str(epoch + 1), metric: repr(candidates[name]),
-            "versions": json.dumps(t.versions)})
-    return best
-
-
-def finish(t: Training, ledger: Ledger) -> dict:
-    """summary.json, from the ledger: a run resumed after its last epoch writes the same one. Its speed is
-    the whole run's (images over training time, every epoch); its wall time, every invocation's, start-up
-    included."""
-    recipe, history = t.recipe, ledger.history
-    final = next((r for r in reversed(history) if "raw" in r), {})
-    train_time = sum(r["train"]["time_s"] for r in history)
-    summary = {
-        "model": recipe.model.name,
-        "teacher": " + ".join(t.name for t in recipe.teachers()) if recipe.kd else None,
-        "params": t.params, "epochs": t.epochs, "num_classes": len(t.classes), "best": ledger.best,
-        "final": {k: v for k, v in final.items() if k in ("raw", "ema")},
-        "teacher_metrics": ledger.teacher,
-        "train_img_per_s": sum(r["train"].get("images", 0) for r in history) / train_time if train_time else None,
-        "train_time_s": train_time, "wall_time_s": ledger.wall_s(),
-        "versions": t.versions,
-    }
-    if t.dist.main:
-        rundir.write_summary(t.run_dir, summary)
-        best = ledger.best
-        log.info(f"done: best {best.get('metric')} {best.get('value', float('nan')):.2f} "
-                 f"({best.get('weights')} weights, epoch {best.get('epoch')}) -> {t.run_dir}")
-    return summary
+    def resume(self, path: Path) -> None:
+        """Restore a checkpoint into the trained objects and the record, after checking that it is this run's."""
+        saved = checkpoint.restore(self.state, path)
+        rundir.check_same_recipe(self.recipe, recipe_mod.parse_yaml(saved["recipe"], f"{path}'s recipe"),
+                                 f"cannot resume from {path}")
+        ours, theirs = self.classes, saved["classes"]
+        if theirs != ours:
+            first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+            raise UsageError(f"cannot resume from {path}: it was trained on {len(theirs)} classes and "
+                             f"data.root has {len(ours)}, and they differ at label {first} "
+                             f"({(theirs + ['-'])[first]!r} vs {(ours + ['-'])[first]!r}); labels "
+                             f"would be silently remapped")
+        environment.warn_if_versions_differ(saved.get("versions"), self.versions, f"checkpoint {path}")
+        self.at = Position(saved["epoch"], saved["step"], saved["num_updates"])
+        self.best, self.history = saved["best"], saved.get("history", [])
+        self.teacher, self.pending = saved.get("teacher_metrics", {}), saved.get("pending")
+        self.wall_before = saved.get("wall_s", 0.0)
+        log.info(f"resumed from {path}: epoch {self.at.epoch + 1}, step {self.at.step}")

@@ -1,16 +1,16 @@
 """`usi train`: recipe -> built objects -> resume -> the epoch loop -> summary.
 
-Reads top to bottom: `train` plans the run directory (usi/rundir.py), builds every object from the
-recipe (usi/build.py, usi/data) and restores a checkpoint (usi/ledger.py), then `run` loops over epochs
-in named phases.
+Reads top to bottom: `train` plans the run directory (usi/training/rundir.py), builds every object from
+the recipe (usi/training/build.py, usi/data) and restores a checkpoint into the ledger
+(usi/training/ledger.py), then `loop` goes over epochs in named phases. The feed (usi/training/feed.py)
+decides when training stops, the meter (usi/training/meter.py) what an interval shows, the ledger what
+is kept.
 """
 from __future__ import annotations
 
 import logging
 import signal
 import time
-from dataclasses import dataclass
-from functools import partial
 
 import torch
 from timm.utils import distribute_bn
@@ -23,25 +23,12 @@ from usi.runtime import distributed
 from usi.runtime.preempt import Interrupted, StopSignals
 from usi.runtime.progress import Progress, setup_logging
 from usi.training import build as make
-from usi.training import checkpoint, rundir
+from usi.training import rundir
 from usi.training.build import Training
-from usi.training.engine import (
-    EpochResult,
-    Guard,
-    NonFiniteError,
-    Position,
-    due,
-    train_one_epoch,
-)
-from usi.training.ledger import (
-    Ledger,
-    export_if_best,
-    finish,
-    mid_epoch_checkpoint,
-    models_to_eval,
-    resume,
-    save,
-)
+from usi.training.engine import EpochResult, Position, due, train_one_epoch
+from usi.training.feed import Feed
+from usi.training.ledger import Ledger
+from usi.training.meter import Guard, Meter, NonFiniteError
 from usi.training.tracking import Trackers
 
 log = logging.getLogger("usi")
@@ -55,10 +42,13 @@ def train(recipe: Recipe) -> dict:
         setup_logging(None, dist.main)
         run_dir, resume_from, lock = rundir.plan(recipe, lock=dist.main)
         try:
-            training = make.build_training(recipe, dist, run_dir, fresh=resume_from is None)
-            ledger = resume(training, resume_from) if resume_from is not None else Ledger(Position(0, 0, 0), {}, [])
+            training = make.build_training(recipe, dist, fresh=resume_from is None)
+            ledger = Ledger(training.state, recipe=recipe, classes=training.classes, run_dir=run_dir,
+                            steps=training.steps, epochs=training.epochs, main=dist.main)
+            if resume_from is not None:
+                ledger.resume(resume_from)
             ledger.started = started
-            rundir.create(recipe, run_dir, dist, training.versions)
+            rundir.create(recipe, run_dir, dist, ledger.versions)
         except BaseException:
             if lock is not None:
                 lock.release(failed=True)  # a failed start leaves no directory behind
@@ -78,120 +68,87 @@ def train(recipe: Recipe) -> dict:
 def run(t: Training, ledger: Ledger) -> dict:
     """The epoch loop, from where the ledger stands (a resumed checkpoint's position is all the state
     there is: every epoch's randomness derives from it)."""
-    recipe, dist = t.recipe, t.dist
-    if dist.main:
-        rundir.write_metrics(t.run_dir, ledger.history)  # drops lines a crash left behind the checkpoint
-    if ledger.at.epoch >= t.epochs:
-        log.info(f"{t.run_dir} already finished all {t.epochs} epochs; nothing to do")
-        return rundir.read_summary(t.run_dir) or finish(t, ledger)  # a lost summary is rebuilt
-    trackers = Trackers(recipe.run.loggers, t.run_dir, recipe.to_dict(), dist.main)
+    ledger.open()
+    if ledger.finished:
+        log.info(f"{ledger.run_dir} already finished all {t.epochs} epochs; nothing to do")
+        return rundir.read_summary(ledger.run_dir) or ledger.finish()  # a lost summary is rebuilt
+    trackers = Trackers(t.recipe.run.loggers, ledger.run_dir, t.recipe.to_dict(), t.dist.main)
     try:
-        return loop(t, ledger, trackers)
+        with StopSignals(t.dist.distributed) as stops:
+            feed = Feed(t.train_loader, steps=t.steps, accum=t.cfg.accum_steps, stops=stops)
+            meter = Meter(t.state.optimizer, guard=Guard(t.dist.device, t.recipe.run.max_nonfinite),
+                          progress=Progress(t.dist.main), log_interval=t.recipe.run.log_interval,
+                          images_per_step=t.recipe.data.batch_size * t.dist.world, steps=t.steps,
+                          epochs=t.epochs, feature_kd=t.state.features is not None, on_log=trackers.interval)
+            return loop(t, ledger, feed=feed, meter=meter, trackers=trackers)
     finally:
         trackers.close()
 
 
-def loop(t: Training, ledger: Ledger, trackers: Trackers) -> dict:
-    recipe, dist = t.recipe, t.dist
-    guard = Guard(dist.device, recipe.run.max_nonfinite)
-    progress = Progress(dist.main)
+def loop(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter, trackers: Trackers) -> dict:
+    recipe = t.recipe
     stop_at = min(t.epochs, ledger.at.epoch + recipe.run.stop_after) if recipe.run.stop_after else t.epochs
-    skipped = Skipped()
-    with StopSignals(dist.distributed) as stops:
-        # ---- the teacher's val logits, once (minutes on ImageNet: a stop signal is honoured here too)
-        teacher_logits = None
-        try:
-            ledger.teacher, teacher_logits = val_teacher(t)
-        except LoaderBroken:
-            if not stops.agree()[0]:
-                raise
-        signum = stops.agree()[0]
-        if signum:
-            stop(t, ledger, signum)
-        while ledger.at.epoch < stop_at:
-            at = ledger.at
-            if ledger.pending is not None and at.step >= t.steps:
-                # ---- stopped during this epoch's evaluation last time: only the evaluation is left
-                record, result = ledger.pending, EpochResult(ledger.pending["train"],
-                                                             Position(at.epoch + 1, 0, at.updates))
-                ledger.pending = None
-            else:
-                # ---- train one epoch (from a mid-epoch step when resuming), stopping early on a signal
-                record, result = train_phase(t, ledger, stops, guard, progress, trackers, skipped)
-            # ---- evaluate raw and EMA weights (the very weights rank 0 saves); export the best
-            if due(at.epoch + 1, recipe.run.eval_every, last=t.epochs):
-                t_eval = time.time()
-                try:
-                    metrics = evaluate_epoch(t, teacher_logits)
-                except LoaderBroken:  # a stop signal killed the val loader's workers: evaluate on resume
-                    signum = stops.agree()[0]
-                    if not signum:
-                        raise
-                    ledger.at, ledger.pending = Position(at.epoch, t.steps, result.end.updates), record
-                    stop(t, ledger, signum, evaluating=True)
-                record["eval_time_s"] = time.time() - t_eval
-                ledger.best = export_if_best(t, metrics, at.epoch, ledger.best)
-                record.update(metrics)
-            # ---- unreadable images met so far (train and val apart), this epoch's evaluation included
-            bad_train, bad_val = bad_images(t)
-            record["train"]["bad_images"], record["val_bad_images"] = bad_train, bad_val
-            if bad_train + bad_val > recipe.data.max_bad_samples:
-                raise UsageError(f"{bad_train + bad_val} unreadable images so far exceeds "
-                                 f"data.max_bad_samples={recipe.data.max_bad_samples}; see the warnings above for "
-                                 f"their paths")
-            # ---- checkpoint at the epoch's end (the record with it), then log
-            ledger.at, ledger.history = result.end, ledger.history + [record]
-            if dist.main:
-                save(t, ledger)
-                rundir.append_metrics(t.run_dir, record)
-                log.info(epoch_line(record))
-                trackers.epoch(record, ledger.at.updates)
-            signum = result.stopped_by or stops.agree()[0]
-            if signum:
-                stop(t, ledger, signum, saved=True)
+    # ---- the teacher's val logits, once (minutes on ImageNet: a stop signal is honoured here too)
+    teacher_logits, broken = None, None
+    try:
+        ledger.teacher, teacher_logits = val_teacher(t)
+    except LoaderBroken as e:
+        broken = e
+    if signum := feed.signal(broken):
+        stop(t, ledger, signum)
+    while ledger.at.epoch < stop_at:
+        at = ledger.at
+        if ledger.pending is not None and at.step >= t.steps:
+            # ---- stopped during this epoch's evaluation last time: only the evaluation is left
+            record, result = ledger.pending, EpochResult(ledger.pending["train"], Position(at.epoch + 1, 0, at.updates))
+            ledger.pending = None
+        else:
+            # ---- train one epoch (from a mid-epoch step when resuming), stopping early on a signal
+            record, result = train_phase(t, ledger, feed=feed, meter=meter)
+        # ---- evaluate raw and EMA weights (the very weights rank 0 saves); export the best
+        if due(at.epoch + 1, recipe.run.eval_every, last=t.epochs):
+            t_eval = time.time()
+            try:
+                metrics = evaluate_epoch(t, teacher_logits)
+            except LoaderBroken as e:  # a stop signal killed the val loader's workers: evaluate on resume
+                signum = feed.signal(e)
+                ledger.evaluation_stopped(record, result.end.updates)
+                stop(t, ledger, signum, evaluating=True)
+            record["eval_time_s"] = time.time() - t_eval
+            ledger.evaluated(metrics, at.epoch)
+            record.update(metrics)
+        # ---- unreadable images met so far (train and val apart), this epoch's evaluation included
+        check_bad_images(t, record)
+        # ---- checkpoint at the epoch's end (the record with it), then log
+        ledger.epoch_done(record, result.end)
+        log.info(epoch_line(record))
+        trackers.epoch(record, ledger.at.updates)
+        if signum := result.stopped_by or feed.signal():
+            stop(t, ledger, signum, saved=True)
     if ledger.at.epoch < t.epochs:
         log.info(f"stopped after epoch {ledger.at.epoch} (run.stop_after={recipe.run.stop_after}); "
                  f"continue with run.resume=auto")
         return {"stopped_at_epoch": ledger.at.epoch}
-    return finish(t, ledger)
+    return ledger.finish()
 
 
-@dataclass
-class Skipped:
-    """Non-finite updates: the guard counts since this process started; metrics.jsonl per epoch."""
-    before: int = 0
-
-    def this_epoch(self, so_far: int) -> int:
-        count, self.before = so_far - self.before, so_far
-        return count
-
-
-def train_phase(t: Training, ledger: Ledger, stops: StopSignals, guard: Guard, progress: Progress,
-                trackers: Trackers, skipped: Skipped) -> tuple[dict, EpochResult]:
+def train_phase(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter) -> tuple[dict, EpochResult]:
     """One epoch's training (from ledger.at) -> (its metrics.jsonl record so far, the engine's result).
     A stop signal mid-epoch checkpoints where it stopped and raises Interrupted."""
-    recipe, at, t0 = t.recipe, ledger.at, time.time()
+    at, t0 = ledger.at, time.time()
     try:
-        result = train_one_epoch(
-            t.state, t.cfg, t.train_loader.epoch(at.epoch, at.step), start=at, steps=t.steps,
-            epochs=t.epochs, guard=guard, progress=progress, log_interval=recipe.run.log_interval,
-            images_per_step=recipe.data.batch_size * t.dist.world,
-            on_update=partial(mid_epoch_checkpoint, t, ledger), should_stop=stops.agree,
-            on_log=trackers.interval)
+        result = train_one_epoch(t.state, t.cfg, feed.epoch(at), meter, on_update=ledger.after_update)
     except NonFiniteError as e:
-        last = t.run_dir / checkpoint.LAST
-        raise NonFiniteError(f"{e}; last good checkpoint: {last if last.is_file() else 'none yet'}") from None
+        raise NonFiniteError(f"{e}; last good checkpoint: {last_good(ledger)}") from None
     if result.end.epoch == at.epoch:  # stopped mid-epoch: checkpoint where it stopped, then exit
         ledger.at = result.end
         stop(t, ledger, result.stopped_by)
-    check_some_update_counted(t, result, at, skipped.before)
-    stats = {**result.stats, "time_s": time.time() - t0,
-             "skipped_updates": skipped.this_epoch(result.stats["skipped_updates"])}
-    return {"epoch": at.epoch + 1, "train": stats}, result
+    check_some_update_counted(ledger, result, at)
+    return {"epoch": at.epoch + 1, "train": {**result.stats, "time_s": time.time() - t0}}, result
 
 
 def evaluate_epoch(t: Training, teacher_logits: torch.Tensor | None) -> dict:
-    models = models_to_eval(t.state)
+    models = t.state.models_to_eval()
     if t.dist.distributed:
         for model in models.values():  # each rank's BatchNorm statistics moved with its own batches
             distribute_bn(model, t.dist.world, reduce=False)
@@ -203,22 +160,23 @@ def evaluate_epoch(t: Training, teacher_logits: torch.Tensor | None) -> dict:
     return metrics
 
 
-def check_some_update_counted(t: Training, result, at: Position, skipped_before: int) -> None:
+def check_some_update_counted(ledger: Ledger, result: EpochResult, at: Position) -> None:
     """An epoch whose every update was skipped as non-finite trained nothing: the run has diverged, even
     when run.max_nonfinite (in a row) is larger than an epoch."""
     updates = result.end.updates - at.updates
-    if updates and result.stats["skipped_updates"] - skipped_before >= updates:
-        last = t.run_dir / checkpoint.LAST
+    if updates and result.stats["skipped_updates"] >= updates:
         raise NonFiniteError(f"every one of the {updates} updates of epoch {at.epoch + 1} was skipped as non-finite "
-                             f"(lr {result.stats['lr']:.3g}); last good checkpoint: "
-                             f"{last if last.is_file() else 'none yet'}")
+                             f"(lr {result.stats['lr']:.3g}); last good checkpoint: {last_good(ledger)}")
+
+
+def last_good(ledger: Ledger) -> str:
+    return str(ledger.last) if ledger.last.is_file() else "none yet"
 
 
 def stop(t: Training, ledger: Ledger, signum: int, saved: bool = False, evaluating: bool = False) -> None:
     """After a stop signal every rank agreed on: rank 0 writes the checkpoint; all ranks raise."""
-    path = t.run_dir / checkpoint.LAST
-    if t.dist.main and not saved:
-        save(t, ledger)
+    if not saved:
+        ledger.save()
     distributed.barrier()
     at = ledger.at
     if evaluating:
@@ -227,7 +185,7 @@ def stop(t: Training, ledger: Ledger, signum: int, saved: bool = False, evaluati
         where = f"epoch {at.epoch + 1}, step {at.step} of {t.steps}"
     else:
         where = f"the end of epoch {at.epoch}" if at.epoch else "the start, before the first update"
-    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at {where}: checkpoint {path}; "
+    raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at {where}: checkpoint {ledger.last}; "
                               f"continue with run.resume=auto")
 
 
@@ -249,9 +207,15 @@ def cache_note(hit: bool, split) -> str:
     return "computed and cached" if split.cache_identity() is not None else "computed; shards are not cached"
 
 
-def bad_images(t: Training) -> tuple[int, int]:
-    """Unreadable images met so far by any rank, (train, val) (a collective call)."""
-    return t.train_split.bad_count(t.dist.device), t.val_split.bad_count(t.dist.device)
+def check_bad_images(t: Training, record: dict) -> None:
+    """Unreadable images met so far by any rank (a collective call), into the record; past
+    data.max_bad_samples, the run ends."""
+    bad_train, bad_val = t.train_split.bad_count(t.dist.device), t.val_split.bad_count(t.dist.device)
+    record["train"]["bad_images"], record["val_bad_images"] = bad_train, bad_val
+    if bad_train + bad_val > t.recipe.data.max_bad_samples:
+        raise UsageError(f"{bad_train + bad_val} unreadable images so far exceeds "
+                         f"data.max_bad_samples={t.recipe.data.max_bad_samples}; see the warnings above for "
+                         f"their paths")
 
 
 def epoch_line(record: dict) -> str:
