@@ -135,7 +135,7 @@ class StudentWithProjector(nn.Module):
     """What DDP wraps under feature KD: the student and its projection, so both are all-reduced.
     Returns (logits, projected student features)."""
 
-    def __init__(self, student: nn.Module, projector: Projector, tap: Tap, prefix: int, pool: bool):
+    def __init__(self, student: nn.Module, projector: Projector, *, tap: Tap, prefix: int, pool: bool):
         super().__init__()
         self.student, self.projector = student, projector
         self.tap, self.prefix, self.pool = tap, prefix, pool
@@ -151,7 +151,7 @@ class FeatureKD:
     the student's projection, which saves and restores its own state (timm tasks' get_task_state /
     load_task_state): it is trained and checkpointed, but never exported."""
 
-    def __init__(self, tap: Tap, prefix: int, pool: bool, weight: float, kind: str, projector: Projector):
+    def __init__(self, tap: Tap, projector: Projector, *, prefix: int, pool: bool, weight: float, kind: str):
         self.tap, self.prefix, self.pool = tap, prefix, pool
         self.weight, self.kind, self.projector = weight, kind, projector
 
@@ -221,8 +221,8 @@ def build(cfg, student: nn.Module, teacher_model: nn.Module, size: int, teacher_
     pool = s_raw.ndim == 2 or t_raw.ndim == 2  # one side is a vector: both are
     s_form, t_form = common_form(s_raw, s_prefix, pool), common_form(t_raw, t_prefix, pool)
     projector = Projector(tuple(s_form.shape), tuple(t_form.shape)).to(device)
-    return (StudentWithProjector(student, projector, s_tap, s_prefix, pool),
-            FeatureKD(t_tap, t_prefix, pool, cfg.weight, cfg.loss, projector))
+    return (StudentWithProjector(student, projector, tap=s_tap, prefix=s_prefix, pool=pool),
+            FeatureKD(t_tap, projector, prefix=t_prefix, pool=pool, weight=cfg.weight, kind=cfg.loss))
 
 
 def describe(wrapper: StudentWithProjector, cfg) -> str:
