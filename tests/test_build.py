@@ -1,4 +1,5 @@
 """usi/training/build.py: the batch plan, the optimizer, the dry run, what a run holds."""
+import pytest
 import timm
 import torch
 from conftest import TINY, read_jsonl, usi_main
@@ -55,3 +56,20 @@ def test_the_ema_copy_carries_no_feature_hook(image_root, tmp_path):
     trained = {id(p) for p in t.state.trained_parameters()}
     assert all(id(p) in trained for p in t.state.projector.parameters())
     assert all(id(p) in trained for p in t.state.student.parameters())
+
+
+def test_the_batch_plan_accumulates_to_the_global_batch_or_scales_the_lr():
+    from usi.errors import UsageError
+    from usi.training.build import batch_plan
+
+    recipe = R.load(None, ["data.batch_size=128", "optim.global_batch=1024", "optim.lr=2e-3"])
+    assert batch_plan(recipe, 8) == (1, 2e-3, "global batch 1024 = 128 x 8 processes x 1 accumulation")
+    assert batch_plan(recipe, 2)[:2] == (4, 2e-3)  # fewer GPUs: accumulate, the lr unchanged
+    with pytest.raises(UsageError, match="optim.global_batch=1024 is not a multiple of data.batch_size x processes"):
+        batch_plan(recipe, 3)
+    linear = R.load(None, ["data.batch_size=128", "optim.global_batch=1024", "optim.lr=2e-3",
+                           "optim.batch_rule=linear"])
+    accum, lr, line = batch_plan(linear, 2)
+    assert accum == 1 and lr == pytest.approx(2e-3 * 256 / 1024) and "(linear)" in line
+    sqrt = R.load(None, ["data.batch_size=128", "optim.global_batch=1024", "optim.lr=2e-3", "optim.batch_rule=sqrt"])
+    assert batch_plan(sqrt, 2)[1] == pytest.approx(2e-3 * 0.5)

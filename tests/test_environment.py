@@ -8,7 +8,7 @@ from helpers import train_args
 from safetensors import safe_open
 
 from usi import recipe as R
-from usi.runtime.environment import set_backend_flags
+from usi.runtime.environment import reproduction_key, set_backend_flags, versions
 from usi.training import checkpoint
 
 
@@ -48,3 +48,25 @@ def test_cudnn_benchmark_and_tf32_are_a_recipe_choice(backend_flags):
     assert torch.backends.cuda.matmul.allow_tf32
     set_backend_flags(R.load(None, ["run.cudnn_benchmark=false", "run.tf32=false"]).run, torch.device("cuda"))
     assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+
+
+def test_the_reproduction_key_names_the_cpu_kernels_and_every_computing_package():
+    import numpy
+    import PIL
+    import simplejpeg
+    import timm
+
+    key = reproduction_key()
+    assert "\n" not in key and key.startswith(f"CPU kernels {torch.backends.cpu.get_cpu_capability()}, ")
+    for name, module in (("torch", torch), ("timm", timm), ("numpy", numpy), ("Pillow", PIL),
+                         ("simplejpeg", simplejpeg)):
+        assert f"{name} {module.__version__}" in key, name
+
+
+def test_versions_name_the_libraries_of_this_process():
+    import timm
+
+    import usi
+    now = versions()
+    assert now["usi"] == usi.__version__ and now["torch"] == torch.__version__ and now["timm"] == timm.__version__
+    assert type(now["torch"]) is str  # a TorchVersion would not survive a weights_only load

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from conftest import read_jsonl, usi_main
 from helpers import ensemble_args, teacher_files, train
 
@@ -50,3 +51,53 @@ def test_an_ensemble_run_reports_fidelity_to_the_ensemble_and_each_member(image_
     text = usi_main("eval", str(tmp_path / "run" / "best.safetensors"), f"data.root={image_root}",
                     *ensemble_args(paths)[1:])
     assert "2: test_efficientnet" in text.stdout and "against" in text.stdout
+
+
+class Batches(list):
+    """A loader: its batches, and a sampler that says how many samples this rank's pass holds."""
+
+    @property
+    def sampler(self):
+        return range(sum(len(x) for x, _ in self))
+
+
+class Fixed(torch.nn.Module):
+    """A 'model' whose logits are the flattened input: the test chooses every row."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def test_every_model_sees_the_same_batch_and_each_sample_counts_once():
+    from usi.evaluation.evaluate import evaluate
+    from usi.models import Compute
+
+    x = torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0], [3.0, 0.0, 0.0]]).view(4, 3, 1, 1)
+    labels = torch.tensor([0, 1, 1, 0])
+    batches = Batches([(x[:3], torch.stack([labels[:3], torch.arange(3)], 1)),
+                       (x[3:], torch.stack([labels[3:], torch.tensor([3])], 1)),
+                       (x[:0], torch.zeros(0, 2, dtype=torch.long))])  # a batch whose every image was unreadable
+    teacher = torch.nn.Sequential(Fixed(), torch.nn.Flatten())
+    results, kept = evaluate({"a": Fixed(), "b": Fixed()}, batches, Compute(torch.device("cpu")), teacher=teacher,
+                             keep_teacher_logits=True)
+    assert set(results) == {"a", "b", "teacher"}
+    assert results["a"] == results["b"]  # the same weights on the same batches: the same sums
+    assert results["a"]["count"] == 4 and results["a"]["top1"] == 75.0  # row 2 predicts class 2, label 1
+    assert results["a"]["agreement"] == 100.0 and results["a"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert results["teacher"]["count"] == 4 and "agreement" not in results["teacher"]
+    assert kept.shape == (4, 3) and torch.equal(kept, x.flatten(1))  # the teacher's logits by position
+
+
+def test_teacher_logits_given_by_position_replace_the_teacher_and_missing_rows_stay_nan():
+    from usi.evaluation.evaluate import by_position, evaluate
+    from usi.models import Compute
+
+    x = torch.eye(3).view(3, 3, 1, 1) * 4
+    batches = [(x, torch.stack([torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])], 1))]
+    reversed_teacher = torch.stack([x.flatten(1)[1], x.flatten(1)[2], x.flatten(1)[0]])  # row p for position p
+    results, kept = evaluate({"s": Fixed()}, batches, Compute(torch.device("cpu")), teacher_logits=reversed_teacher)
+    assert kept is None and "teacher" not in results
+    # position 2 is sample 0 (class 0): the teacher row at 2 is class 0 too; every sample agrees
+    assert results["s"]["agreement"] == 100.0
+    rows = by_position([(torch.tensor([0, 3]), torch.ones(2, 2))], size=5)
+    assert rows.shape == (5, 2) and torch.isnan(rows[[1, 2, 4]]).all() and torch.equal(rows[[0, 3]], torch.ones(2, 2))

@@ -5,6 +5,8 @@ import pytest
 from conftest import read_jsonl, usi_main
 from helpers import train_args
 
+from usi.runtime.progress import clock, step_line
+
 
 def test_log_txt_starts_with_the_start_up_lines_and_the_summary_is_the_whole_run(image_root, tmp_path):
     run = tmp_path / "run"
@@ -20,3 +22,16 @@ def test_log_txt_starts_with_the_start_up_lines_and_the_summary_is_the_whole_run
         images / sum(r["train"]["time_s"] for r in records))
     assert summary["wall_time_s"] > summary["train_time_s"] / 2  # this invocation's, from start-up
     assert "resumed from" in (run / "log.txt").read_text()
+
+
+def test_clock_writes_minutes_under_an_hour_and_hours_above():
+    assert clock(0) == "0:00" and clock(59.6) == "1:00" and clock(125) == "2:05"
+    assert clock(3599) == "59:59" and clock(3600) == "1:00:00" and clock(3723) == "1:02:03"
+
+
+def test_the_step_line_gives_the_time_left_in_the_epoch_and_the_run():
+    plain = step_line({"loss": 0.123456, "lr": 2e-3, "img/s": 512}, epoch=0, epochs=3, step=10, steps=100)
+    assert plain == "epoch 1/3  step 10/100  loss 0.1235  lr 0.002  img/s 512"
+    timed = step_line({"loss": 1.0}, epoch=1, epochs=3, step=40, steps=100, seconds_per_step=0.5)
+    # 60 steps left in epoch 2 (30 s), and 60 + 100 of epoch 3 in the run (80 s)
+    assert timed.endswith("  eta 0:30 epoch, 1:20 run")

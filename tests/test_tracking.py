@@ -3,6 +3,8 @@ import pytest
 from conftest import read_jsonl, usi_cmd, usi_main
 from helpers import train_args
 
+from usi.training.tracking import check_available, flatten
+
 
 def test_tensorboard_gets_interval_losses_and_epoch_metrics(image_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -55,3 +57,22 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(image_root, tmp_
     for dry in ([], ["--dry-run"]):  # the dry run checks it too
         out = usi_main(*train_args(image_root, tmp_path / "r", f"run.loggers=[{logger}]"), *dry)
         assert out.returncode == 2 and f"pip install '{extra}'" in out.stderr and not (tmp_path / "r").exists()
+
+
+def test_flatten_keys_nested_numbers_by_their_path_and_drops_the_rest():
+    record = {"epoch": 3, "train": {"task_loss": 1.5, "images": 64, "ok": True},
+              "raw": {"top1": 71.2, "members": [{"kl": 0.1}]}, "note": "text"}
+    assert flatten(record) == {"train/task_loss": 1.5, "train/images": 64.0, "raw/top1": 71.2}
+    assert all(type(v) is float for v in flatten(record).values())
+
+
+def test_a_tracker_whose_package_exists_is_accepted(monkeypatch):
+    import importlib.util
+
+    from usi.errors import UsageError
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    check_available(["tensorboard", "wandb"])  # both found: no error
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    check_available([])  # none asked for: nothing to find
+    with pytest.raises(UsageError, match=r"pip install 'usi\[wandb\]'"):
+        check_available(["wandb"])
