@@ -1,4 +1,5 @@
-"""End to end through the real command line: `python -m usi ...`, also under torchrun (gloo, CPU)."""
+"""usi/cli.py: the `usi` command end to end (`python -m usi ...`): a whole run, a KD run, bad input in one line
+(exit 2; the unforeseen: exit 1), a built wheel installed elsewhere. Torchrun runs are in test_distributed.py."""
 import json
 import os
 import subprocess

@@ -11,8 +11,10 @@ def test_a_huge_value_is_not_echoed_back_whole(tmp_path):
 
 
 def test_one_line_keeps_the_first_line_or_a_worker_tracebacks_last():
-    assert one_line(UsageError("model.name='x' is not a timm model\nmore detail")) == "model.name='x' is not a timm model"
-    worker = RuntimeError("Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+    first = "model.name='x' is not a timm model"
+    assert one_line(UsageError(f"{first}\nmore detail")) == first
+    worker = RuntimeError("Caught OSError in DataLoader worker process 0.\n"
+                          "Original Traceback (most recent call last):\n"
                           "  File \"x.py\", line 1, in f\nOSError: image file is truncated")
     assert one_line(worker) == "image file is truncated"
     assert one_line(ValueError("")) == "ValueError"  # no message: at least its kind

@@ -1,4 +1,4 @@
-"""`usi table` and tools/throughput.py on tiny models, CPU."""
+"""tools/*.py (throughput, gpu_report, loader_bench, kd_cost) on tiny models, CPU; `usi table` is in test_tables.py."""
 import json
 import math
 
