@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 # No test reaches a model hub (this machine has none to reach): fail at once instead of after network
@@ -99,3 +100,24 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {os.environ['USI_PWNED']}",))
+
+
+def photo(width: int, height: int, seed: int) -> np.ndarray:
+    """A photo-like uint8 RGB image: soft colour blobs, a texture, noise, and a dark and a bright corner."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    img = np.full((height, width, 3), 110.0 + 30 * seed)
+    for _ in range(10):
+        cx, cy = rng.random(2)
+        weight = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * (0.05 + 0.25 * rng.random()) ** 2))[..., None]
+        img = img * (1 - weight) + rng.random(3) * 255 * weight
+    img += 15 * np.sin(50 * x + 30 * y)[..., None] + rng.normal(0, 4, img.shape)
+    img[:6, :6] -= 90 * (seed % 2)
+    img[-6:, -6:] += 90 * (seed % 3 == 0)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    """Photo-like RGB arrays for the RandAugment tests."""
+    return [photo(72, 56, seed) for seed in range(6)]  # not square: width and height must not be swapped

@@ -1,11 +1,17 @@
 
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import Payload
 
 from usi.errors import UsageError
 from usi.runtime import files
 from usi.training import checkpoint
+
+from conftest import REPO, Payload
+from helpers import teacher_files, train
 
 
 def state():
@@ -69,3 +75,35 @@ def test_exported_weights_carry_metadata(tmp_path):
     files.export_weights({"w": torch.ones(2, 2)}, path, {"model": "resnet50"})
     assert files.read_metadata(path)["model"] == "resnet50"
     assert torch.equal(files.load_state_file(path)["w"], torch.ones(2, 2))
+
+
+CRASHING_SAVE = """
+import os, signal, sys, torch
+from usi.training import checkpoint
+real_save = torch.save
+def half_then_die(obj, f):
+    real_save(obj, f)
+    with open(f, "r+b") as fh:
+        fh.truncate(os.path.getsize(f) // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = half_then_die
+checkpoint.save({"student": {"w": torch.ones(3)}, "epoch": 2, "step": 0}, sys.argv[1])
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save({"student": {"w": torch.zeros(3)}, "epoch": 1, "step": 0}, path)
+    proc = subprocess.run([sys.executable, "-c", CRASHING_SAVE, str(path)], cwd=REPO)
+    assert proc.returncode == -signal.SIGKILL
+    state = checkpoint.load(path)
+    assert state["epoch"] == 1 and torch.equal(state["student"]["w"], torch.zeros(3))
+
+
+def test_a_feature_checkpoint_does_not_resume_a_plain_run(image_root, tmp_path):
+    (path,) = teacher_files(tmp_path, ("test_resnet",))
+    teacher = ["teacher.name=test_resnet", f"teacher.weights={path}"]
+    feature = ["features.student=layer3", "features.teacher=layer4"]
+    assert train(image_root, tmp_path / "run", *teacher, *feature, "run.stop_after=1").returncode == 0
+    out = train(image_root, tmp_path / "other", *teacher, f"run.resume={tmp_path / 'run' / 'last.pt'}")
+    assert out.returncode == 2 and "was trained with feature KD" in out.stderr.splitlines()[-1]

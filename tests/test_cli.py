@@ -1,18 +1,19 @@
-"""End to end through the real command line: `python -m usi ...`, also under torchrun (gloo, CPU)."""
+"""usi/cli.py: the `usi` command end to end (`python -m usi ...`): a whole run, a KD run, bad input in one line
+(exit 2; the unforeseen: exit 1), a built wheel installed elsewhere. Torchrun runs are in test_distributed.py."""
 import json
+import os
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
-from conftest import TINY, read_jsonl, usi_cmd, usi_main
 from safetensors.torch import load_file
 
 from usi import recipe as recipe_mod
 
-
-def train(root, run_dir, *extra, torchrun=0, process=False):
-    """In this process (fast) unless under torchrun or asked for a process of its own."""
-    args = ("train", "quickstart", *TINY, f"data.root={root}", f"run.dir={run_dir}", *extra)
-    return usi_cmd(*args, torchrun=torchrun) if torchrun or process else usi_main(*args)
+from conftest import REPO, TINY, read_jsonl, usi_main
+from helpers import train, train_args
 
 
 def test_a_run_writes_metrics_checkpoints_recipe_and_summary(image_root, tmp_path):
@@ -52,48 +53,6 @@ def test_kd_run_from_a_trained_teacher_reports_fidelity(image_root, tmp_path):
     assert summary["teacher_metrics"]["top1"] == pytest.approx(teacher_summary["best"]["value"])
 
 
-@pytest.mark.parametrize("randaugment_on", ["workers", "device"])
-def test_resume_at_an_epoch_boundary_gives_the_same_weights(image_root, tmp_path, randaugment_on):
-    # a loader worker: its seeding must be exact too; and RandAugment's on the device
-    extra = ["sched.epochs=3", "data.workers=1", f"aug.randaugment_on={randaugment_on}"]
-    assert train(image_root, tmp_path / "whole", *extra).returncode == 0
-    first = train(image_root, tmp_path / "cut", *extra, "run.stop_after=1")
-    assert first.returncode == 0 and not (tmp_path / "cut" / "summary.json").exists()
-    assert len(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == 1
-    again = train(image_root, tmp_path / "cut", *extra, "run.resume=auto")
-    assert again.returncode == 0, again.stderr
-    a, b = torch.load(tmp_path / "whole" / "last.pt"), torch.load(tmp_path / "cut" / "last.pt")
-    for key in ("student", "ema"):
-        assert a[key].keys() == b[key].keys()
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    timing = ("train", "eval_time_s")  # wall-clock figures differ between any two runs
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
-    whole, cut = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("whole", "cut"))
-    assert strip(whole) == strip(cut)
-    # resuming a finished run changes nothing
-    summary = (tmp_path / "cut" / "summary.json").read_text()
-    assert train(image_root, tmp_path / "cut", *extra, "run.resume=auto").returncode == 0
-    assert (tmp_path / "cut" / "summary.json").read_text() == summary
-
-
-def test_an_existing_run_is_never_overwritten(image_root, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "precious.txt").write_text("keep")
-    out = train(image_root, run)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
-        f"usi: error: run directory {run} already holds a run; pass run.resume=auto to continue it "
-        f"or choose another run.dir"]
-    assert [p.name for p in run.iterdir()] == ["precious.txt"]
-
-
-def test_resume_refuses_a_different_recipe(image_root, tmp_path):
-    assert train(image_root, tmp_path / "run", "run.stop_after=1").returncode == 0
-    out = train(image_root, tmp_path / "run", "run.resume=auto", "optim.lr=0.1")
-    assert out.returncode == 2 and "optim.lr was 0.002, now 0.1" in out.stderr
-
-
 @pytest.mark.parametrize("args, message", [
     (["optim.lr=-1"], "optim.lr=-1.0 is out of range"),
     (["model.name=resnet5o"], "did you mean"),
@@ -110,19 +69,48 @@ def test_bad_input_ends_in_one_line_and_exit_2(image_root, tmp_path, args, messa
     assert not (tmp_path / "r").exists()  # nothing written: the corrected command can run as is
 
 
-def test_gradient_accumulation_reaches_the_global_batch(image_root, tmp_path):
-    out = train(image_root, tmp_path / "acc", "optim.global_batch=16", "sched.epochs=1", "sched.warmup_epochs=0")
-    assert out.returncode == 0, out.stderr
-    assert "global batch 16 = 8 x 1 processes x 2 accumulation" in out.stderr
-    steps = len(read_jsonl(tmp_path / "acc" / "metrics.jsonl"))
-    assert steps == 1 and torch.load(tmp_path / "acc" / "last.pt")["num_updates"] == 64 // 8 // 2
+def test_an_unforeseen_error_is_still_one_line_and_its_traceback_is_kept(image_root, tmp_path, monkeypatch):
+    import usi.training.build
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("something nobody checked for")
+
+    monkeypatch.setattr(usi.training.build, "build_training", broken)
+    out = usi_main(*train_args(image_root, tmp_path / "r"))
+    lines = [x for x in out.stderr.splitlines() if x.startswith("usi: error:")]
+    assert out.returncode == 1 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "ZeroDivisionError: something nobody checked for (in test_cli.py:" in lines[0]
+    assert "USI_TRACEBACK=1" in lines[0] and not (tmp_path / "r").exists()
 
 
-def test_two_process_torchrun_gloo_run_end_to_end(image_root, tmp_path):
-    out = train(image_root, tmp_path / "ddp", "data.batch_size=4", "optim.global_batch=8", torchrun=2)
-    assert out.returncode == 0, out.stderr[-3000:]
-    epochs = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
-    assert [e["epoch"] for e in epochs] == [1, 2]
-    assert all(e["ema"]["count"] == 12 for e in epochs)  # each val image counted once over both ranks
-    assert "global batch 8 = 4 x 2 processes x 1 accumulation" in out.stderr
-    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["epochs"] == 2
+def test_a_built_wheel_installed_elsewhere_trains_with_its_built_in_recipes(image_root, tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(dist)], cwd=REPO, check=True, capture_output=True)
+    (wheel,) = dist.glob("usi-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    wanted = {"usi/recipes/usi.yaml", "usi/recipes/quickstart.yaml", "usi/data/shard_writer.py", "usi/studies/tables.py"}
+    assert wanted <= set(names)
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}  # torch & co. from this environment
+
+    def usi(*args):
+        return subprocess.run([sys.executable, "-m", "usi", *args], cwd=empty, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    where = subprocess.run([sys.executable, "-c", "import usi; print(usi.__file__)"], cwd=empty, env=env,
+                           capture_output=True, text=True)
+    assert where.stdout.startswith(str(site))  # the wheel's usi, not the checkout's
+    assert usi("--version").stdout.strip() == f"usi {__import__('usi').__version__}"
+    run = usi(*train_args(image_root, "run", "sched.epochs=1", "sched.warmup_epochs=0"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (empty / "run" / "best.safetensors").is_file()
+    assert usi("eval", "run/best.safetensors", f"data.root={image_root}").returncode == 0
+    shards = usi("shards", str(image_root / "val"), "shards", "--classes-from", str(image_root / "train"))
+    assert shards.returncode == 0 and (empty / "shards" / "index.json").is_file(), shards.stderr
+    typo = usi("train", "usi", "--dry-run", "model.name=resnet5O")
+    assert usi("table", "--help").returncode == 0 and typo.returncode == 2 and "did you mean" in typo.stderr

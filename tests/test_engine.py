@@ -7,28 +7,11 @@ from usi.distill.loss import DistillLoss
 from usi.distill.teacher import Teacher
 from usi.models import Compute
 from usi.runtime.progress import Progress
-from usi.training.engine import (
-    Guard,
-    NonFiniteError,
-    Position,
-    StepConfig,
-    TrainState,
-    train_one_epoch,
-)
+from usi.training.engine import Guard, NonFiniteError, Position, StepConfig, TrainState, train_one_epoch
 from usi.training.feed import Feed
 from usi.training.meter import Meter
 
-
-class Spy(torch.nn.Module):
-    def __init__(self, classes=4, poison=False):
-        super().__init__()
-        self.fc = torch.nn.Linear(3, classes)
-        self.inputs, self.poison = [], poison
-
-    def forward(self, x):
-        self.inputs.append(x.detach().clone())
-        out = self.fc(x.mean((2, 3)))
-        return out * float("nan") if self.poison else out
+from helpers import Spy
 
 
 def make_parts(student, teacher=None, mixup=True):
@@ -165,63 +148,3 @@ def test_a_loader_failure_without_a_signal_is_an_error():
         epoch(make_parts(Spy()), dying(3), should_stop=lambda failed: (0, failed))
     with pytest.raises(RuntimeError, match="exited unexpectedly"):
         epoch(make_parts(Spy()), dying(3))
-
-
-class Split(torch.nn.Module):
-    """A timm-like model: body and head apart; logits near 100, where bf16 steps are 0.5 apart."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = torch.nn.Conv2d(3, 8, 1)
-        self.head = torch.nn.Linear(8, 5)
-        with torch.no_grad():
-            self.head.bias.copy_(torch.tensor([100.0, 100.1, 100.2, 100.3, 100.4]))
-
-    def forward_features(self, x):
-        return self.body(x).mean((2, 3))
-
-    def forward_head(self, f):
-        return self.head(f)
-
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
-
-
-def test_evaluation_logits_come_from_an_fp32_head_under_bf16():
-    from usi.evaluation.evaluate import fp32_logits
-    model, x = Split().eval(), torch.randn(4, 3, 6, 6)
-    bf16 = Compute(torch.device("cpu"), amp_dtype=torch.bfloat16)
-    with torch.no_grad():
-        logits = fp32_logits(model, x, bf16)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            all_bf16 = model(x).float()
-            features = model.forward_features(x)
-        expected = model.forward_head(features.float())
-    assert logits.dtype == torch.float32 and torch.equal(logits, expected)
-    assert len(set(all_bf16[0].tolist())) < 5  # what a bf16 head does: ties among the 5 classes
-    assert len(set(logits[0].tolist())) == 5
-
-
-
-def test_the_progress_line_tells_the_time_left_in_the_epoch_and_the_run():
-    from usi.runtime.progress import step_line
-    line = step_line({"task": 1.5}, epoch=1, epochs=3, step=8, steps=10, seconds_per_step=2.0)
-    # 2 steps of this epoch, then 10 more of the last epoch: 4 s and 24 s
-    assert line == "epoch 2/3  step 8/10  task 1.5  eta 0:04 epoch, 0:24 run"
-    assert "1:00:00 run" in step_line({}, epoch=0, epochs=1, step=0, steps=3600, seconds_per_step=1.0)
-
-
-def test_an_evaluation_whose_loader_dies_raises_loader_broken():
-    """A SIGTERM to the process group kills the val loader's workers: the evaluation says so in a type of
-    its own (the trainer then checkpoints the trained epoch and stops), after every rank has agreed."""
-    from usi.evaluation.evaluate import LoaderBroken, evaluate
-
-    def val_batches():
-        yield torch.randn(4, 3, 6, 6), torch.stack([torch.arange(4) % 4, torch.arange(4)], 1)
-        raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
-
-    with pytest.raises(LoaderBroken, match="exited unexpectedly"):
-        evaluate({"raw": Spy()}, val_batches(), Compute(torch.device("cpu")))
-    whole = [(torch.randn(4, 3, 6, 6), torch.stack([torch.arange(4) % 4, torch.arange(4)], 1))]
-    metrics, _ = evaluate({"raw": Spy()}, whole, Compute(torch.device("cpu")))
-    assert metrics["raw"]["count"] == 4

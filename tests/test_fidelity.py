@@ -3,9 +3,10 @@ import csv
 import json
 
 import pytest
-from conftest import usi_main
 
 from usi.studies.fidelity import COLUMNS, study
+
+from conftest import usi_main
 
 SMALL = ["sched.epochs=2", "data.batch_size=8", "optim.global_batch=8", "data.input_size=16", "data.workers=0"]
 

@@ -70,3 +70,15 @@ def test_the_pool_runs_jobs_after_their_needs_reuses_and_keeps_going(tmp_path, c
     with ThreadPoolExecutor(1) as pool, pytest.raises(RunFailed):
         jobs.run_all([Job("broken", BASE)], tmp_path, pool=pool, workers=1, rerun=False, tag="t", start=0.0,
                      work=work)
+
+
+def test_a_finished_study_run_of_another_recipe_is_not_reused(image_root, tmp_path):
+    from usi.studies.quickstart import run_once
+
+    small = ["data.batch_size=8", "optim.global_batch=8", "data.input_size=16", "data.workers=0",
+             "teacher.name=null", f"data.root={image_root}", "sched.warmup_epochs=0"]
+    first = run_once([*small, "sched.epochs=1"], tmp_path / "run", rerun=False)
+    assert run_once([*small, "sched.epochs=1"], tmp_path / "run", rerun=False) == first  # reused
+    with pytest.raises(Exception, match="finished run of another recipe .*sched.epochs was 1, now 2"):
+        run_once([*small, "sched.epochs=2"], tmp_path / "run", rerun=False)
+    assert run_once([*small, "sched.epochs=2"], tmp_path / "run", rerun=True)["epochs"] == 2

@@ -1,5 +1,5 @@
 """The package's shape, as the README's architecture section draws it: layers that import one way, small
-modules, keyword calls, a test file per module."""
+modules, keyword calls, a test file per module (tests/test_<module>.py)."""
 import ast
 from pathlib import Path
 
@@ -91,3 +91,12 @@ def test_no_call_passes_more_than_four_plain_values_by_position():
 def test_tools_import_the_installed_package():
     for path in (REPO / "tools").glob("*.py"):
         assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
+
+
+def test_every_module_has_a_test_file():
+    tests = REPO / "tests"
+    exempt = {"__init__", "__main__"}
+    stems = [p.stem for p in PACKAGE.rglob("*.py") if p.stem not in exempt]
+    assert len(stems) == len(set(stems)), "module names in usi/ must be unique by file name"
+    missing = sorted(f"tests/test_{stem}.py" for stem in stems if not (tests / f"test_{stem}.py").is_file())
+    assert not missing, f"modules without a test file: {missing}"

@@ -1,7 +1,12 @@
 """The quickstart's whole path on a shrunken dataset: data, teacher, students with and without KD, table."""
 import csv
 
+import pytest
+
 from usi.studies.quickstart import STUDENTS, quickstart
+
+from conftest import usi_main
+from helpers import one_error
 
 
 def test_quickstart_pipeline_writes_its_table(tmp_path, capsys):
@@ -26,3 +31,15 @@ def test_quickstart_pipeline_writes_its_table(tmp_path, capsys):
     assert [r["top1_kd"] for r in again] == [r["top1_kd"] for r in rows]
     printed = capsys.readouterr().out
     assert printed.count("reusing") == 7 and "training teacher" in printed  # the first call trained, the second not
+
+
+@pytest.mark.parametrize("where", ["a file", "inside a file"])
+def test_quickstart_out_that_cannot_be_a_folder_is_refused(tmp_path, where):
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    out = usi_main("quickstart", "--out", str(blocker if where == "a file" else blocker / "sub"))
+    one_error(out, "--out")
+
+
+def test_quickstart_out_in_a_place_that_takes_no_files_is_one_line(tmp_path):
+    one_error(usi_main("quickstart", "--out", "/proc/usi_quickstart_test"), "/proc/usi_quickstart_test")

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, usi_cmd, usi_main
 from PIL import Image
 
 from usi.data.folder import FolderSplit
@@ -18,6 +17,9 @@ from usi.data.loader import InputSpec
 from usi.data.shards import ShardSplit, ShardStream, ShardTrainLoader, read_index
 from usi.errors import UsageError
 from usi.runtime.distributed import Dist
+
+from conftest import REPO, TINY, usi_cmd, usi_main
+from helpers import one_error, strict_json, train_args
 
 
 def make_shards(src, out, *extra):
@@ -166,3 +168,47 @@ def test_the_tar_reader_reads_what_tarfile_writes(tmp_path, fmt):
         list(tar_members(io.BytesIO(bytes(broken))))
     with pytest.raises(ValueError, match="truncated"):
         list(tar_members(io.BytesIO(path.read_bytes()[:700])))
+
+
+@pytest.mark.parametrize("index", ['{"classes": ["a"], "shards": [{"name": "s.tar", "cou', "[]", "{}",
+                                   '{"classes": ["a"], "shards": [{"name": "s.tar", "count": -3}]}',
+                                   '{"classes": [], "shards": []}', "\xff\xfe"])
+def test_a_corrupt_shard_index_ends_in_one_line(image_root, tmp_path, index):
+    for split in ("train", "val"):
+        (tmp_path / "shards" / split).mkdir(parents=True)
+        (tmp_path / "shards" / split / "index.json").write_text(index, encoding="latin-1")
+    out = usi_main(*train_args(tmp_path / "shards", tmp_path / "r", "data.format=shards"))
+    one_error(out, "is not a usi shard index")
+
+
+def test_truncated_or_missing_val_shards_are_counted_by_what_they_lack(image_root, tmp_path):
+    from usi.data.shard_writer import main as make_shards
+    shards = tmp_path / "sh"
+    assert make_shards([str(image_root / "train"), str(shards / "train"), "--shard-size", "16"]) == 0
+    assert make_shards([str(image_root / "val"), str(shards / "val"), "--classes-from", str(image_root / "train"),
+                        "--shard-size", "4"]) == 0
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
+    cut = shards / "val" / "shard-000000.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2 + 100])
+    (shards / "val" / "shard-000002.tar").unlink()
+    out = usi_main("eval", str(run / "best.safetensors"), "data.format=shards", f"data.root={shards}", "--json")
+    assert out.returncode == 0, out.stderr
+    report = strict_json(out.stdout)
+    assert report["images"] + report["unreadable"] == 12 and report["unreadable"] >= 5  # every one accounted for
+
+
+def test_a_shard_index_that_undercounts_its_shard_is_reported(image_root, tmp_path):
+    from usi.data.shard_writer import main as make_shards
+    shards = tmp_path / "sh"
+    assert make_shards([str(image_root / "train"), str(shards / "train"), "--shard-size", "16"]) == 0
+    assert make_shards([str(image_root / "val"), str(shards / "val"), "--classes-from", str(image_root / "train"),
+                        "--shard-size", "4"]) == 0
+    index = json.loads((shards / "val" / "index.json").read_text())
+    index["shards"][0]["count"] -= 2
+    index["total"] -= 2
+    (shards / "val" / "index.json").write_text(json.dumps(index))
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
+    out = usi_main("eval", str(run / "best.safetensors"), "data.format=shards", f"data.root={shards}")
+    assert out.returncode == 0 and "holds 2 more samples than index.json says" in out.stderr, out.stderr

@@ -1,14 +1,18 @@
 import copy
+import json
 
 import pytest
 import timm
 import torch
-from conftest import Payload
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from usi.distill.teacher import Ensemble, Teacher, build_teacher, fold_batchnorm
+from usi.distill.teacher import Ensemble, Teacher, build_teacher, combine_logits, fold_batchnorm
 from usi.errors import UsageError
 from usi.recipe import TeacherSection as TeacherCfg
+
+from conftest import Payload, usi_main
+from helpers import teacher_files, train, train_args
 
 SAME = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3)
 HALF = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, student_size=24, device=torch.device("cpu"))
@@ -134,7 +138,6 @@ def test_teacher_weights_that_do_not_fit_the_architecture(tmp_path):
         build_teacher(cfg, 4, **HALF)
 
 
-
 def test_teacher_file_with_a_pickle_payload_is_refused_without_running_it(tmp_path, monkeypatch):
     marker = tmp_path / "pwned"
     monkeypatch.setenv("USI_PWNED", str(marker))
@@ -179,19 +182,76 @@ def test_folding_survives_any_failure(monkeypatch):
     assert folded is model and n == 0
 
 
-def test_teacher_logit_cache_key_depends_on_the_precision_of_the_pass():
-    from usi.evaluation.teacher_logits import cache_key
-    from usi.models import Compute
-    teacher = Teacher(torch.nn.Identity(), **SAME)
-    cfg = TeacherCfg(name="test_resnet")
-    cpu = torch.device("cpu")
-    computes = [Compute(cpu), Compute(cpu, torch.bfloat16), Compute(cpu, None, True)]
-    keys = {cache_key([cfg], "probs", split_identity="files", teacher=teacher, compute=c) for c in computes} | {
-        cache_key([cfg], "probs", split_identity="other", teacher=teacher, compute=computes[0])}
-    assert len(keys) == 4
-    # an ensemble: its members, their order and the way they combine are in the key too
-    other = TeacherCfg(name="test_efficientnet")
-    pair = Ensemble([teacher, Teacher(torch.nn.Identity(), **SAME)])
-    ensembles = {cache_key(cfgs, how, split_identity="files", teacher=pair, compute=computes[0])
-                 for cfgs in ([cfg, other], [other, cfg]) for how in ("probs", "logits")}
-    assert len(ensembles) == 4 and not ensembles & keys
+def test_ensemble_logits_are_the_log_mean_probability_or_the_mean_logit():
+    a, b = torch.randn(5, 7), torch.randn(5, 7) * 3
+    probs = combine_logits([a, b], "probs")
+    assert torch.allclose(probs.exp(), (a.softmax(1) + b.softmax(1)) / 2, atol=1e-6)
+    assert torch.allclose(probs.softmax(1), probs.exp(), atol=1e-6)  # softmax maps it back to the mean
+    assert torch.allclose(combine_logits([a, b], "logits"), (a + b) / 2)
+
+
+def test_at_a_temperature_the_ensemble_target_is_the_mean_of_tempered_probabilities():
+    from usi.distill.loss import kd_kl
+
+    torch.manual_seed(0)
+    members = [Teacher(torch.nn.Flatten(), student_mean=(0.5,) * 3, student_std=(0.5,) * 3,
+                       teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3) for _ in range(2)]
+    x = torch.randn(4, 3, 1, 1) * 5  # the "logits" are the 3 pixel values
+    student = torch.randn(4, 3)
+    for how, target in (("probs", ((x / 4).flatten(1).softmax(1) * 2) / 2), ("logits", (x.flatten(1) / 4).softmax(1))):
+        ensemble = Ensemble(members, how, temperature=4.0)
+        expected = F.kl_div(F.log_softmax(student / 4, 1), target, reduction="batchmean") * 16
+        assert torch.allclose(kd_kl(student, ensemble(x), 4.0), expected, atol=1e-5), how
+
+
+def test_each_member_sees_the_batch_in_its_own_normalization_and_size():
+    torch.manual_seed(0)
+    models = [timm.create_model("test_resnet", num_classes=4).eval(), timm.create_model("test_vit", num_classes=4,
+                                                                                         img_size=32).eval()]
+    student = dict(student_mean=(0.5, 0.5, 0.5), student_std=(0.5, 0.5, 0.5))
+    members = [Teacher(models[0], teacher_mean=(0.485, 0.456, 0.406), teacher_std=(0.229, 0.224, 0.225), **student),
+               Teacher(models[1], teacher_mean=(0.5, 0.5, 0.5), teacher_std=(0.5, 0.5, 0.5), input_size=32,
+                       **student)]
+    x = torch.randn(3, 3, 24, 24)
+    with torch.no_grad():
+        by_hand = []
+        pixels = x * 0.5 + 0.5
+        mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225])
+        by_hand.append(models[0]((pixels - mean) / std.view(1, 3, 1, 1)))
+        by_hand.append(models[1](F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True)))
+        got = Ensemble(members, "probs")(x)
+    expected = torch.log((by_hand[0].softmax(1) + by_hand[1].softmax(1)) / 2)
+    assert torch.allclose(got, expected, atol=1e-5)
+    ensemble = Ensemble(members).train()
+    assert not ensemble.training and not any(m.training for m in ensemble.modules())
+
+
+def test_folded_teacher_keeps_timm_module_names(image_root, tmp_path):
+    (path,) = teacher_files(tmp_path, ("test_efficientnet",))
+    out = train(image_root, tmp_path / "run", "teacher.name=test_efficientnet", f"teacher.weights={path}",
+                "features.student=layer4", "features.teacher=bn1.act", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "teacher bn1.act" in out.stdout
+
+
+def test_member_errors_name_the_member(image_root, tmp_path):
+    (path,) = teacher_files(tmp_path, ("test_resnet",))
+    out = train(image_root, tmp_path / "run", "teacher.name=test_resnet", f"teacher.weights={path}",
+                f"teacher.extra=[{{name: test_efficientnet, weights: {path}}}]")
+    assert out.returncode == 2 and "usi: error: teacher.extra[0].weights=" in out.stderr
+
+
+def test_self_distillation_from_a_previous_run_with_the_student_started_from_the_teacher(image_root, tmp_path):
+    """The seed paper's self-distillation: the teacher is an earlier usi run of the same architecture (its
+    best.safetensors), and the student may start from those weights (teacher-init) or from scratch."""
+    first = tmp_path / "first"
+    assert usi_main(*train_args(image_root, first, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
+    best = json.loads((first / "summary.json").read_text())["best"]
+    weights = first / "best.safetensors"
+    kd = ["teacher.name=test_resnet", f"teacher.weights={weights}", "sched.epochs=1", "sched.warmup_epochs=0"]
+    for init, extra in (("scratch", []), ("teacher-init", [f"model.weights={weights}"])):
+        out = usi_main(*train_args(image_root, tmp_path / init, *kd, *extra))
+        assert out.returncode == 0, out.stderr[-2000:]
+        teacher = json.loads((tmp_path / init / "summary.json").read_text())["teacher_metrics"]
+        assert teacher["top1"] == best["value"] and teacher["count"] == 12  # the earlier run's best, measured anew
+        assert ("student weights from" in out.stderr) == (init == "teacher-init")

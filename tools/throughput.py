@@ -36,13 +36,7 @@ from timm.task import DistillationTeacher, LogitDistillationTask
 from usi.distill.loss import DistillLoss
 from usi.distill.teacher import Teacher, fold_batchnorm
 from usi.models import Compute
-from usi.training.engine import (
-    StepConfig,
-    TrainState,
-    forward_backward,
-    optimizer_update,
-    prepare_batch,
-)
+from usi.training.engine import StepConfig, TrainState, forward_backward, optimizer_update, prepare_batch
 
 
 def interleaved_medians(fns: dict, warmup: int, runs: int, device: torch.device) -> dict[str, float]:

@@ -16,13 +16,7 @@ import logging
 from pathlib import Path
 
 from usi.data.folder import FolderSplit
-from usi.data.loader import (
-    InputSpec,
-    device_randaugment,
-    eval_transform,
-    randaugment_on_device,
-    train_transform,
-)
+from usi.data.loader import InputSpec, device_randaugment, eval_transform, randaugment_on_device, train_transform
 from usi.data.shards import ShardSplit
 from usi.errors import UsageError
 from usi.runtime.distributed import Dist

@@ -6,7 +6,6 @@ mixup that a teacher's soft labels carry information (a crop may cut the shape a
 from __future__ import annotations
 
 import hashlib
-
 import math
 from pathlib import Path
 

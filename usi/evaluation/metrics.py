@@ -12,9 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from usi.distill.distance import kl_distance  # the KD loss's distance: the metric measures what is trained
-from usi.recipe.schema import (
-    METRICS,  # each metric's name and direction, with run.best_metric's choices
-)
+from usi.recipe.schema import METRICS  # each metric's name and direction, with run.best_metric's choices
 
 
 def better(metric: str, new: float, old: float | None) -> bool:

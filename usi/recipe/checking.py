@@ -8,14 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from usi.errors import UsageError, suggest
-from usi.recipe.schema import (
-    SECTIONS,
-    LossSection,
-    Recipe,
-    check_field,
-    fields_of,
-    mixes,
-)
+from usi.recipe.schema import SECTIONS, LossSection, Recipe, check_field, fields_of, mixes
 
 
 def validate(recipe: Recipe) -> None:

@@ -15,14 +15,7 @@ import yaml
 
 from usi.errors import UsageError, suggest
 from usi.recipe.checking import validate
-from usi.recipe.schema import (
-    MEMBER_KEYS,
-    SECTIONS,
-    Recipe,
-    TeacherSection,
-    check_field,
-    fields_of,
-)
+from usi.recipe.schema import MEMBER_KEYS, SECTIONS, Recipe, TeacherSection, check_field, fields_of
 
 PACKAGE = Path(__file__).resolve().parent.parent
 # An installed wheel carries the recipes inside the package (setup.py copies them); a checkout, or an

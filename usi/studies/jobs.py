@@ -36,12 +36,7 @@ from usi import recipe as recipe_mod
 from usi.data.synthetic import make_dataset
 from usi.errors import UsageError
 from usi.recipe import Recipe
-from usi.training.rundir import (
-    RECIPE_FILE,
-    check_same_recipe,
-    check_writable,
-    read_summary,
-)
+from usi.training.rundir import RECIPE_FILE, check_same_recipe, check_writable, read_summary
 
 
 @dataclass

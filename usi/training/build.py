@@ -23,15 +23,7 @@ from usi.data.loader import seed_everything
 from usi.distill.loss import DistillLoss
 from usi.distill.teacher import Ensemble
 from usi.errors import UsageError
-from usi.models import (
-    Compute,
-    check_input_size,
-    compute_for,
-    create_student,
-    input_spec,
-    place,
-    teacher_for,
-)
+from usi.models import Compute, check_input_size, compute_for, create_student, input_spec, place, teacher_for
 from usi.recipe import Recipe, mixes
 from usi.runtime import distributed, environment
 from usi.training import tracking

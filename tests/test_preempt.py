@@ -1,118 +1,18 @@
-"""A real cluster's life: multi-node torchrun restarts, preemption signals, and what a run records."""
+"""usi/runtime/preempt.py: SIGTERM / SIGINT stop every rank after the same update, with a checkpoint, in any phase."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, read_jsonl, usi_cmd, usi_main
-from safetensors import safe_open
 
 from usi.training import checkpoint
 
-
-def train_args(root, run_dir, *extra):
-    return ["train", "quickstart", *TINY, f"data.root={root}", f"run.dir={run_dir}", *extra]
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def rank_of(pid: int) -> int:
-    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return int(next(e for e in env if e.startswith(b"RANK=")).split(b"=", 1)[1])
-
-
-def kill_tree(pid: int) -> None:
-    """torchrun starts each worker in a session of its own: kill those too, then the agent."""
-    for child in children(pid):
-        kill_tree(child)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, procs, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        for p in procs:
-            assert p.poll() is None, f"exited early with {p.returncode}"
-        time.sleep(0.05)
-    raise TimeoutError
-
-
-def epochs_done(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(read_jsonl(path)) if path.is_file() else 0
-
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-# ---------------------------------------------------------------- multi-node restarts
-
-
-@pytest.mark.parametrize("scenario", ["kill rank 1", "kill rank 0", "stop rank 0, kill rank 1",
-                                      "stop rank 1, kill rank 0"])
-def test_two_torchrun_agents_recover_whichever_node_loses_a_worker(image_root, tmp_path, scenario):
-    """Two agents (two 'nodes') on this machine, c10d rendezvous, --max-restarts=3. Killing a worker,
-    or stopping one node's worker while the other node's dies (the membership-change restart that
-    torchrun does not count), must end in a finished run, not a hang."""
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=usi-test",
-           "--max-restarts=3", "-m", "usi", *train_args(image_root, run, "sched.epochs=4", "data.batch_size=4",
-                                                          "optim.global_batch=8", "run.resume=auto")]
-    logs = [open(tmp_path / f"agent{i}.log", "w") for i in range(2)]
-    agents = [subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-              for log in logs]
-    try:
-        wait_for(lambda: epochs_done(run) >= 1, agents)
-        workers = {rank_of(w): w for a in agents for w in children(a.pid)}
-        assert sorted(workers) == [0, 1]
-        if scenario.startswith("kill"):
-            os.kill(workers[int(scenario[-1])], signal.SIGKILL)
-        else:
-            stopped, killed = workers[int(scenario[10])], workers[int(scenario[-1])]
-            os.kill(stopped, signal.SIGSTOP)
-            os.kill(killed, signal.SIGKILL)
-            time.sleep(8)
-            os.kill(stopped, signal.SIGCONT)
-        codes = [a.wait(timeout=240) for a in agents]
-    finally:
-        for a in agents:
-            kill_tree(a.pid)
-    output = "".join((tmp_path / f"agent{i}.log").read_text() for i in range(2))
-    assert codes == [0, 0], output[-3000:]
-    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
-    assert json.loads((run / "summary.json").read_text())["epochs"] == 4
-    assert "resumed from" in output
-
-
-# ---------------------------------------------------------------- preemption
+from conftest import REPO, read_jsonl, usi_cmd
+from helpers import ENV, children, epochs_done, kill_tree, rank_of, train_args, wait_for
 
 SLOW = ["data.input_size=48", "data.batch_size=2", "optim.global_batch=4", "sched.epochs=3", "run.log_interval=4"]
 
@@ -258,43 +158,3 @@ def test_a_signal_during_the_teachers_val_pass_stops_with_a_checkpoint(image_roo
     again = usi_cmd(*train_args(image_root, run, *kd, "run.resume=auto"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
-
-
-# ---------------------------------------------------------------- what a distributed run measures and records
-
-
-def test_two_process_logged_metrics_are_those_of_the_saved_weights(image_root, tmp_path):
-    """Each rank's BatchNorm statistics move with its own batches: evaluation must use rank 0's, the saved ones."""
-    run = tmp_path / "ddp"
-    out = usi_cmd(*train_args(image_root, run, "data.batch_size=4", "optim.global_batch=8", "sched.epochs=2"),
-                  torchrun=2)
-    assert out.returncode == 0, out.stderr[-3000:]
-    records = read_jsonl(run / "metrics.jsonl")
-    best = json.loads((run / "summary.json").read_text())["best"]
-    logged = records[best["epoch"] - 1][best["weights"]]
-    for ckpt, expected in ((run / "best.safetensors", {best["weights"]: logged}),
-                           (run / "last.pt", {k: records[-1][k] for k in ("raw", "ema")})):
-        report = usi_main("eval", str(ckpt), f"data.root={image_root}", "--json")  # one process: the same sums
-        assert report.returncode == 0, report.stderr[-2000:]
-        measured = json.loads(report.stdout)["students"]
-        for name, metrics in expected.items():
-            assert measured[name]["top1"] == metrics["top1"] and measured[name]["count"] == metrics["count"]
-            assert measured[name]["nll"] == pytest.approx(metrics["nll"], rel=1e-6)
-
-
-def test_versions_are_recorded_and_a_resume_under_other_versions_warns(image_root, tmp_path):
-    run = tmp_path / "run"
-    assert usi_main(*train_args(image_root, run, "run.stop_after=1")).returncode == 0
-    state = torch.load(run / "last.pt", weights_only=True)
-    assert state["versions"]["torch"] == torch.__version__ and state["versions"]["timm"]
-    starts = json.loads((run / "versions.json").read_text())
-    assert len(starts) == 1 and starts[0]["torch"] == torch.__version__
-    with safe_open(str(run / "best.safetensors"), framework="pt") as f:
-        assert json.loads(f.metadata()["versions"])["torch"] == torch.__version__
-    state["versions"]["torch"] = "2.0.0"
-    checkpoint.save({k: v for k, v in state.items() if k != "format"}, run / "last.pt")
-    again = usi_main(*train_args(image_root, run, "run.resume=auto"))
-    assert again.returncode == 0
-    warnings = [x for x in again.stderr.splitlines() if "other versions" in x]
-    assert len(warnings) == 1 and f"torch 2.0.0 -> {torch.__version__}" in warnings[0]
-    assert len(json.loads((run / "versions.json").read_text())) == 2

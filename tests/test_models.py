@@ -1,19 +1,22 @@
-"""Every GPU-facing option runs on the CPU too: torch.compile (inductor), bf16 autocast, channels_last."""
+"""usi/models.py: the student (local starting weights, fine-tuning mistakes) and Compute: torch.compile
+(inductor), bf16 autocast and channels_last, on the CPU too."""
 import json
 import math
 
 import pytest
 import timm
 import torch
-from conftest import REPO, TINY, read_jsonl, usi_cmd
 from safetensors.torch import save_file
 
+from usi import models
 from usi import recipe as R
 from usi.distill.loss import DistillLoss
 from usi.errors import UsageError
 from usi.models import Compute, amp_dtype, channels_last
-from usi.runtime.environment import set_backend_flags
 from usi.training.engine import StepConfig, TrainState, forward_backward
+
+from conftest import REPO, TINY, read_jsonl, usi_cmd, usi_main
+from helpers import teacher_file, train_args
 
 GPU_OPTIONS = ["run.compile=true", "run.amp=bf16", "run.amp_on_cpu=true", "run.channels_last=true"]
 
@@ -86,26 +89,6 @@ def test_precision_and_memory_format_follow_the_device_unless_a_recipe_insists()
         R.load(None, ["run.amp_on_cpu=true", "run.amp=fp16"])
 
 
-@pytest.fixture
-def backend_flags():
-    """torch's global cuDNN/TF32 flags, restored by assignment through torch's own setters afterwards
-    (monkeypatch's undo would delattr them: cuBLASModule has no instance attribute to delete)."""
-    flags = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
-             (torch.backends.cuda.matmul, "allow_tf32")]
-    saved = [(owner, name, getattr(owner, name)) for owner, name in flags]
-    yield
-    for owner, name, value in saved:
-        setattr(owner, name, value)
-
-
-def test_cudnn_benchmark_and_tf32_are_a_recipe_choice(backend_flags):
-    set_backend_flags(R.load(None).run, torch.device("cuda"))
-    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
-    assert torch.backends.cuda.matmul.allow_tf32
-    set_backend_flags(R.load(None, ["run.cudnn_benchmark=false", "run.tf32=false"]).run, torch.device("cuda"))
-    assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
-
-
 def test_the_published_recipe_trains_a_family_whose_cpu_channels_last_backward_crashes(image_root, tmp_path):
     """fastvit_t8's channels_last backward hangs or crashes in torch 2.14 on CPU; recipes/usi.yaml's
     channels_last=auto keeps it off there."""
@@ -118,3 +101,45 @@ def test_the_published_recipe_trains_a_family_whose_cpu_channels_last_backward_c
                   "run.max_steps=1", "run.device=cpu", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert [r["epoch"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_student_starts_from_a_local_file_with_its_classifier_reinitialized(image_root, tmp_path):
+    source = timm.create_model("test_resnet", num_classes=10)
+    save_file(source.state_dict(), str(tmp_path / "pretrained.safetensors"))
+    recipe = R.load(None, ["model.name=test_resnet", f"model.weights={tmp_path / 'pretrained.safetensors'}"])
+    student = models.create_student(recipe.model, 4, None, starting_weights=True)
+    assert torch.equal(student.conv1[0].weight, source.conv1[0].weight)  # the body: the file's
+    assert student.fc.weight.shape == (4, student.fc.weight.shape[1])  # the head: 4 classes, fresh
+    out = usi_main(*train_args(image_root, tmp_path / "run", f"model.weights={tmp_path / 'pretrained.safetensors'}",
+                               "optim.layer_decay=0.75", "sched.epochs=1", "sched.warmup_epochs=0"))
+    assert out.returncode == 0 and "classifier re-initialized" in out.stderr, out.stderr[-2000:]
+
+
+def test_starting_weights_of_another_architecture_are_one_line(image_root, tmp_path):
+    save_file(timm.create_model("resnet18", num_classes=4).state_dict(), str(tmp_path / "r18.safetensors"))
+    out = usi_main(*train_args(image_root, tmp_path / "r", f"model.weights={tmp_path / 'r18.safetensors'}"))
+    assert out.returncode == 2 and "do not fit ResNet: shapes differ (file vs model)" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.kwargs={pretrained: true}"], "model.kwargs sets pretrained, which usi sets from model.pretrained"),
+    (["model.kwargs={num_classes: 3}"], "model.kwargs sets num_classes"),
+    (["model.pretrained=true", "model.weights=x.pt"], "keep one"),
+    (["model.weights=/no/such.safetensors"], "does not exist"),
+    (["model.pretrained=true"], "could not get pretrained weights for test_resnet from timm"),
+])
+def test_fine_tuning_mistakes_are_one_line(image_root, tmp_path, args, message):
+    out = usi_main(*train_args(image_root, tmp_path / "r", *args))
+    assert out.returncode == 2 and message in out.stderr and not (tmp_path / "r").exists(), out.stderr
+
+
+def test_eval_and_resume_never_need_the_starting_weights_file(image_root, tmp_path):
+    init = teacher_file(tmp_path / "init.safetensors")
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, f"model.weights={init}", "run.stop_after=1")).returncode == 0
+    init.unlink()  # moved away after the start
+    assert usi_main("eval", str(run / "best.safetensors"), f"data.root={image_root}").returncode == 0
+    again = usi_main(*train_args(image_root, run, "model.weights=null", "run.resume=auto"))
+    assert again.returncode == 0, again.stderr
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]

@@ -1,0 +1,76 @@
+"""usi/training/build.py: the batch plan, the optimizer, the dry run, what a run holds."""
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from usi import recipe as R
+from usi.training import build
+
+from conftest import TINY, read_jsonl, usi_main
+from helpers import teacher_files, train, train_args
+
+
+def test_gradient_accumulation_reaches_the_global_batch(image_root, tmp_path):
+    out = train(image_root, tmp_path / "acc", "optim.global_batch=16", "sched.epochs=1", "sched.warmup_epochs=0")
+    assert out.returncode == 0, out.stderr
+    assert "global batch 16 = 8 x 1 processes x 2 accumulation" in out.stderr
+    steps = len(read_jsonl(tmp_path / "acc" / "metrics.jsonl"))
+    assert steps == 1 and torch.load(tmp_path / "acc" / "last.pt")["num_updates"] == 64 // 8 // 2
+
+
+def test_layer_decay_scales_the_lr_per_layer():
+    recipe = R.load(None, ["model.name=test_resnet", "optim.layer_decay=0.5"])
+    opt = build.create_optimizer(recipe, timm.create_model("test_resnet", num_classes=4), lr=1e-3)
+    scales = sorted({round(g["lr_scale"], 4) for g in opt.param_groups})
+    assert scales[-1] == 1.0 and scales[0] < 0.1 and len(scales) > 3
+
+
+def test_a_dry_run_checks_everything_writes_nothing_and_prints_the_plan(image_root, tmp_path):
+    teacher = tmp_path / "t.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=4).state_dict(), str(teacher))
+    out = usi_main(*train_args(image_root, tmp_path / "r", "teacher.name=test_resnet", f"teacher.weights={teacher}",
+                               "optim.global_batch=16"), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "r").exists()
+    for line in ("model:\n  name: test_resnet", "64 train / 12 val images, 4 classes", "teacher: test_resnet",
+                 "global batch 16 = 8 x 1 processes x 2 accumulation", "8 per epoch x 2 epochs = 16 steps, 8 updates"):
+        assert line in out.stdout, line
+    wrong = tmp_path / "t10.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), str(wrong))
+    out = usi_main(*train_args(image_root, tmp_path / "r", "teacher.name=test_resnet", f"teacher.weights={wrong}"),
+                   "--dry-run")
+    assert out.returncode == 2 and "predicts 10 classes but the dataset has 4" in out.stderr
+
+
+def test_the_ema_copy_carries_no_feature_hook(image_root, tmp_path):
+    from usi import recipe as recipe_mod
+    from usi.runtime import distributed
+    from usi.training import build
+
+    (path,) = teacher_files(tmp_path, ("test_resnet",))
+    recipe = recipe_mod.load(None, [*TINY, f"data.root={image_root}", f"run.dir={tmp_path / 'run'}",
+                                    "teacher.name=test_resnet", f"teacher.weights={path}",
+                                    "features.student=layer3", "features.teacher=layer4"])
+    t = build.build_training(recipe, distributed.Dist())
+    assert t.state.student.layer3._forward_hooks and not t.state.ema.module.layer3._forward_hooks
+    trained = {id(p) for p in t.state.trained_parameters()}
+    assert all(id(p) in trained for p in t.state.projector.parameters())
+    assert all(id(p) in trained for p in t.state.student.parameters())
+
+
+def test_the_batch_plan_accumulates_to_the_global_batch_or_scales_the_lr():
+    from usi.errors import UsageError
+    from usi.training.build import batch_plan
+
+    recipe = R.load(None, ["data.batch_size=128", "optim.global_batch=1024", "optim.lr=2e-3"])
+    assert batch_plan(recipe, 8) == (1, 2e-3, "global batch 1024 = 128 x 8 processes x 1 accumulation")
+    assert batch_plan(recipe, 2)[:2] == (4, 2e-3)  # fewer GPUs: accumulate, the lr unchanged
+    with pytest.raises(UsageError, match="optim.global_batch=1024 is not a multiple of data.batch_size x processes"):
+        batch_plan(recipe, 3)
+    linear = R.load(None, ["data.batch_size=128", "optim.global_batch=1024", "optim.lr=2e-3",
+                           "optim.batch_rule=linear"])
+    accum, lr, line = batch_plan(linear, 2)
+    assert accum == 1 and lr == pytest.approx(2e-3 * 256 / 1024) and "(linear)" in line
+    sqrt = R.load(None, ["data.batch_size=128", "optim.global_batch=1024", "optim.lr=2e-3", "optim.batch_rule=sqrt"])
+    assert batch_plan(sqrt, 2)[1] == pytest.approx(2e-3 * 0.5)

@@ -1,0 +1,32 @@
+"""usi/errors.py: UsageError's one-line form, cut long lines, "did you mean"."""
+from usi.errors import UsageError, one_line, shorten, suggest
+
+from conftest import usi_main
+
+
+def test_a_huge_value_is_not_echoed_back_whole(tmp_path):
+    (tmp_path / "r.yaml").write_text('model:\n  kwargs: {x: "' + "a" * 200_000 + '"}\n  nosuch: 1\n')
+    out = usi_main("train", str(tmp_path / "r.yaml"))
+    assert out.returncode == 2 and len(out.stderr) < 3000, len(out.stderr)
+
+
+def test_one_line_keeps_the_first_line_or_a_worker_tracebacks_last():
+    first = "model.name='x' is not a timm model"
+    assert one_line(UsageError(f"{first}\nmore detail")) == first
+    worker = RuntimeError("Caught OSError in DataLoader worker process 0.\n"
+                          "Original Traceback (most recent call last):\n"
+                          "  File \"x.py\", line 1, in f\nOSError: image file is truncated")
+    assert one_line(worker) == "image file is truncated"
+    assert one_line(ValueError("")) == "ValueError"  # no message: at least its kind
+
+
+def test_shorten_cuts_a_long_line_and_says_how_much_it_left_out():
+    assert shorten("a" * 1000) == "a" * 1000
+    assert shorten("a" * 1500) == "a" * 1000 + "... (500 more characters)"
+    assert len(one_line(UsageError("b" * 10_000))) < 1100
+
+
+def test_suggest_names_the_closest_choice_or_nothing():
+    assert suggest("lrr", ["lr", "weight_decay", "eps"]) == "; did you mean 'lr'?"
+    assert suggest("resnet5O", ["resnet50", "resnet18"]) == "; did you mean 'resnet50'?"
+    assert suggest("zzzz", ["lr", "eps"]) == ""

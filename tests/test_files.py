@@ -1,0 +1,150 @@
+"""usi/runtime/files.py: weight files: not-a-checkpoint, damaged bytes and metadata, hostile pickles, atomic writes
+and their leftovers, permissions."""
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from usi.runtime import files
+from usi.training import checkpoint
+
+from conftest import Payload, usi_main
+from helpers import one_error, teacher_file, train_args
+
+
+@pytest.fixture()
+def odd_files(tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("these are my notes, not weights\n")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    fake_zip = tmp_path / "fake.pt"
+    shutil.make_archive(str(tmp_path / "fake"), "zip", str(tmp_path), "notes.pth")
+    (tmp_path / "fake.zip").rename(fake_zip)
+    half = tmp_path / "half.safetensors"
+    teacher_file(tmp_path / "whole.safetensors")
+    half.write_bytes((tmp_path / "whole.safetensors").read_bytes()[:300])
+    return {"text": text, "empty": empty, "zip": fake_zip, "half": half}
+
+
+@pytest.mark.parametrize("kind", ["text", "empty", "zip", "half"])
+@pytest.mark.parametrize("use", ["teacher.weights", "run.resume", "usi eval"])
+def test_files_that_are_not_checkpoints_end_in_one_line(image_root, tmp_path, odd_files, kind, use):
+    path = odd_files[kind]
+    if use == "usi eval":
+        out = usi_main("eval", str(path), f"data.root={image_root}")
+    else:
+        extra = ["teacher.name=test_resnet"] if use == "teacher.weights" else []
+        out = usi_main(*train_args(image_root, tmp_path / "r", *extra, f"{use}={path}"))
+    one_error(out, str(path))
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_safetensors_file_named_pth_loads_and_mismatches_say_what_differs(image_root, tmp_path):
+    teacher = teacher_file(tmp_path / "teacher.pth")  # safetensors bytes, .pth name
+    out = usi_main(*train_args(image_root, tmp_path / "ok", "teacher.name=test_resnet", f"teacher.weights={teacher}",
+                              "sched.epochs=1", "sched.warmup_epochs=0", "run.max_steps=1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    other = teacher_file(tmp_path / "other.safetensors", name="test_efficientnet")
+    out = usi_main(*train_args(image_root, tmp_path / "r", "teacher.name=test_resnet", f"teacher.weights={other}"))
+    one_error(out, "do not fit test_resnet: ")
+    line = next(x for x in out.stderr.splitlines() if x.startswith("usi: error"))
+    assert "missing: " in line or "unexpected: " in line or "shapes differ" in line
+    # a student checkpoint evaluated as another architecture
+    out = usi_main("eval", str(tmp_path / "ok" / "best.safetensors"), f"data.root={image_root}",
+                   "model.name=test_efficientnet")
+    one_error(out, "does not fit test_efficientnet: ")
+    assert "missing: " in out.stderr
+
+
+@pytest.mark.parametrize("target", ["last.pt", "best.safetensors"])
+def test_a_checkpoint_with_damaged_bytes_is_refused(image_root, tmp_path, target):
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "run.stop_after=1")).returncode == 0
+    data = bytearray((run / target).read_bytes())
+    middle = len(data) // 2
+    data[middle] ^= 0xFF  # one flipped byte inside the tensors
+    (run / target).write_bytes(bytes(data))
+    if target == "last.pt":
+        one_error(usi_main(*train_args(image_root, run, "run.resume=auto")), "is damaged")
+    else:
+        one_error(usi_main("eval", str(run / target), f"data.root={image_root}"), "is damaged")
+
+
+def test_leftovers_of_a_killed_write_are_removed_and_weights_are_readable_by_others(image_root, tmp_path):
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "run.stop_after=1")).returncode == 0
+    for name in (".last.pt.tmp-99999", ".tmpAbC123"):  # atomic_write's, and safetensors' own
+        (run / name).write_bytes(b"half a checkpoint")
+    assert usi_main(*train_args(image_root, run, "run.resume=auto")).returncode == 0
+    assert not (run / ".last.pt.tmp-99999").exists() and not (run / ".tmpAbC123").exists()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("best.safetensors", "last.pt", "summary.json"):
+        assert stat.S_IMODE((run / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_damaged_checkpoint_metadata_and_misfit_exports_are_one_line(image_root, tmp_path):
+    from safetensors import safe_open
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
+    with safe_open(str(run / "best.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for change, message in (({"recipe": "{{{"}, "stored recipe is not a usi recipe"),
+                            ({"recipe": "- a"}, "stored recipe is not a usi recipe"),
+                            ({"classes": "not json"}, "stored class list"), ({"classes": "5"}, "stored class list")):
+        path = tmp_path / "edited.safetensors"
+        files.export_weights(tensors, path, {**meta, **change})
+        one_error(usi_main("eval", str(path), f"data.root={image_root}"), message)
+        one_error(usi_main("export", str(path), str(tmp_path / "out")), message)
+    other = tmp_path / "other.safetensors"
+    files.export_weights(tensors, other, {**meta, "model": "test_efficientnet",
+                                               "recipe": meta["recipe"].replace("test_resnet", "test_efficientnet")})
+    one_error(usi_main("export", str(other), str(tmp_path / "out")), "does not fit test_efficientnet")
+    (tmp_path / "afile").write_text("x")
+    one_error(usi_main("export", str(run / "best.safetensors"), str(tmp_path / "afile" / "out")), "cannot be created")
+    state = torch.load(run / "last.pt", weights_only=True)
+    for change in ({"recipe": "{{{"}, {"recipe": "- a"}, {"classes": 5}):
+        checkpoint.save({**{k: v for k, v in state.items() if k != "format"}, **change}, tmp_path / "edited.pt")
+        one_error(usi_main(*train_args(image_root, tmp_path / "r2", f"run.resume={tmp_path / 'edited.pt'}")),
+                  "damaged usi checkpoint")
+        assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda t: ["teacher.name=test_resnet", f"teacher.weights={teacher_in(t, 1000)}"],
+     "teacher test_resnet predicts 1000 classes but the dataset has 4"),
+    (lambda t: [f"run.dir={blocker(t)}/run"], "is not a writable directory"),
+    (lambda t: [f"run.resume={evil(t)}"], "refused to load"),
+    (lambda t: ["teacher.name=test_resnet", f"teacher.weights={evil(t)}"], "refused to load"),
+])
+def test_bad_files_end_in_one_line_exit_2_and_no_side_effect(image_root, tmp_path, make, message):
+    os.environ["USI_PWNED"] = str(tmp_path / "pwned")
+    args = train_args(image_root, tmp_path / "r") + make(tmp_path)
+    out = usi_main(*args)
+    assert out.returncode == 2, out.stderr
+    errors = [x for x in out.stderr.splitlines() if x.startswith("usi: error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in out.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def teacher_in(tmp_path, classes):
+    import timm
+    path = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=classes).state_dict(), str(path))
+    return path
+
+
+def blocker(tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("not a directory")
+    return path
+
+
+def evil(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "student": {}, "x": Payload()}, path)
+    return path
