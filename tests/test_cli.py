@@ -85,12 +85,16 @@ def test_an_unforeseen_error_is_still_one_line_and_its_traceback_is_kept(image_r
 
 def test_a_built_wheel_installed_elsewhere_trains_with_its_built_in_recipes(image_root, tmp_path):
     dist = tmp_path / "dist"
+    # a module an earlier build left in build/lib (moved or removed since) must not ship
+    stale = REPO / "build" / "lib" / "usi" / "train.py"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_text("raise ImportError('a module of an earlier layout')\n")
     subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(dist)], cwd=REPO, check=True, capture_output=True)
     (wheel,) = dist.glob("usi-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     wanted = {"usi/recipes/usi.yaml", "usi/recipes/quickstart.yaml", "usi/data/shard_writer.py", "usi/studies/tables.py"}
-    assert wanted <= set(names)
+    assert wanted <= set(names) and "usi/train.py" not in names
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True)

@@ -103,7 +103,8 @@ def decide(recipe: Recipe, run_dir: Path, rerun: bool) -> str:
     if not finished and not (run_dir / RECIPE_FILE).is_file():
         return "train"
     what = (f"{run_dir} is a finished run of another recipe" if finished else f"cannot resume {run_dir}")
-    check_same_recipe(recipe, recipe_mod.read_yaml(run_dir / RECIPE_FILE), f"{what} (pass --rerun, or another --out)")
+    check_same_recipe(recipe, recipe_mod.read_yaml(run_dir / RECIPE_FILE), what,
+                      remedy="pass --rerun to train it again, or another --out")
     return "reuse" if finished else "resume"
 
 

@@ -134,15 +134,15 @@ def check_writable(run_dir: Path, what: str = "run directory") -> None:
         raise UsageError(f"{what} {run_dir} cannot be created: {parent} is not a writable directory")
 
 
-def check_same_recipe(recipe: Recipe, saved_tree: dict, what: str) -> None:
-    """The saved recipe (parsed YAML) must equal this one, except for the resume_free fields."""
+def check_same_recipe(recipe: Recipe, saved_tree: dict, what: str, remedy: str = "use another run.dir") -> None:
+    """The saved recipe (parsed YAML) must equal this one, except for the resume_free fields; `remedy` ends
+    the line (what the command that asked lets a user do about it)."""
     saved = recipe_mod.from_dict(saved_tree).to_dict()
     free = recipe_mod.resume_free_keys()
     for section, values in recipe.to_dict().items():
         for key, value in values.items():
             if (section, key) not in free and saved.get(section, {}).get(key) != value:
-                raise UsageError(f"{what}: {section}.{key} was {saved[section][key]!r}, now {value!r}; "
-                                 f"use another run.dir")
+                raise UsageError(f"{what}: {section}.{key} was {saved[section][key]!r}, now {value!r}; {remedy}")
 
 
 def create(recipe: Recipe, run_dir: Path, dist: distributed.Dist, versions: dict) -> None:
