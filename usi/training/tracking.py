@@ -9,6 +9,7 @@ the same W&B run.
 from __future__ import annotations
 
 import importlib.util
+import secrets
 from pathlib import Path
 
 from usi.errors import UsageError
@@ -74,7 +75,8 @@ class WandB:
         import wandb
 
         id_file = run_dir / "wandb-id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        # usi makes the id itself: wandb 0.31 removed wandb.util.generate_id, which crashed every start
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(project="usi", name=run_dir.name, id=run_id, resume="allow", config=config,
                               dir=str(run_dir))
