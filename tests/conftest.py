@@ -121,3 +121,12 @@ def photo(width: int, height: int, seed: int) -> np.ndarray:
 def images() -> list[np.ndarray]:
     """Photo-like RGB arrays for the RandAugment tests."""
     return [photo(72, 56, seed) for seed in range(6)]  # not square: width and height must not be swapped
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors: one thread is faster, and far faster on a machine whose cores are busy elsewhere."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

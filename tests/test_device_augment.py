@@ -22,14 +22,7 @@ from usi.data.device_augment import (
 
 from helpers import FILL, as_batch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster, and far faster on a machine whose cores are busy elsewhere."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 def test_op_set_matches_timm():

@@ -27,13 +27,7 @@ from usi.data.fast_crop import CropDraw, FastRandomResizedCrop, draft_scale, red
 SIZE = 224
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is faster, and far faster on a machine whose cores are busy elsewhere."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: small tensors, one thread
 
 
 def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
