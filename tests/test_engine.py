@@ -7,9 +7,9 @@ from usi.distill.loss import DistillLoss
 from usi.distill.teacher import Teacher
 from usi.models import Compute
 from usi.runtime.progress import Progress
-from usi.training.engine import Guard, NonFiniteError, Position, StepConfig, TrainState, train_one_epoch
-from usi.training.feed import Feed
-from usi.training.meter import Meter
+from usi.training.engine import StepConfig, TrainState, train_one_epoch
+from usi.training.feed import Feed, Position
+from usi.training.meter import Guard, Meter, NonFiniteError
 
 from helpers import Spy
 

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(argv)
         run = partial(args.run, args)
     from usi.runtime.preempt import Interrupted
-    from usi.training.engine import NonFiniteError
+    from usi.training.meter import NonFiniteError
 
     try:
         return run()

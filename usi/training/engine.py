@@ -21,8 +21,8 @@ from timm.data.mixup import mixup_target
 from usi.distill.features import FeatureKD, refuse_task_state
 from usi.distill.loss import DistillLoss
 from usi.models import Compute
-from usi.training.feed import Feed, Position, due  # noqa: F401  (Position, due: imported from here too)
-from usi.training.meter import Guard, Meter, NonFiniteError  # noqa: F401  (Guard, NonFiniteError: likewise)
+from usi.training.feed import Feed, Position
+from usi.training.meter import Meter
 
 
 @dataclass(frozen=True)

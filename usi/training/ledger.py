@@ -23,7 +23,8 @@ from usi.evaluation.metrics import best_of, better
 from usi.recipe import Recipe
 from usi.runtime import environment, files
 from usi.training import checkpoint, rundir
-from usi.training.engine import Position, TrainState, due
+from usi.training.engine import TrainState
+from usi.training.feed import Position, due
 
 log = logging.getLogger("usi")
 

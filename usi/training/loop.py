@@ -25,8 +25,8 @@ from usi.runtime.progress import Progress, setup_logging
 from usi.training import build as make
 from usi.training import rundir
 from usi.training.build import Training
-from usi.training.engine import EpochResult, Position, due, train_one_epoch
-from usi.training.feed import Feed
+from usi.training.engine import EpochResult, train_one_epoch
+from usi.training.feed import Feed, Position, due
 from usi.training.ledger import Ledger
 from usi.training.meter import Guard, Meter, NonFiniteError
 from usi.training.tracking import Trackers
