@@ -75,7 +75,10 @@ def test_the_pool_runs_jobs_after_their_needs_reuses_and_keeps_going(tmp_path, c
 
 
 def test_a_finished_study_run_of_another_recipe_is_not_reused(image_root, tmp_path):
-    from usi.studies.quickstart import run_once
+    base = recipe_mod.read_yaml(recipe_mod.recipe_path("quickstart"))
+
+    def run_once(overrides, run_dir, rerun):  # one quickstart-recipe run in this process, by the policy
+        return jobs.run_here(Job(run_dir.name, jobs.settings(base, overrides)), run_dir, rerun)
 
     small = ["data.batch_size=8", "optim.global_batch=8", "data.input_size=16", "data.workers=0",
              "teacher.name=null", f"data.root={image_root}", "sched.warmup_epochs=0"]

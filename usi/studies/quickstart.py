@@ -52,13 +52,6 @@ def plan(data: Path, runs: Path, seed: int, extra: list[str]) -> list[Job]:
     return first + distilled
 
 
-def run_once(overrides: list[str], run_dir: Path, rerun: bool) -> dict:
-    """One run of the quickstart recipe with `overrides`, in this process, by the studies' policy: a
-    finished run of the same recipe is reused, an unfinished one resumed, one of another recipe refused."""
-    base = recipe_mod.read_yaml(recipe_mod.recipe_path("quickstart"))
-    return jobs.run_here(Job(run_dir.name, settings(base, overrides)), run_dir, rerun)
-
-
 def against_teacher(run_dir: Path, data: Path) -> dict:
     """The run's best weights evaluated with the teacher: top-1, ECE and agreement, for KD and no-KD alike."""
     overrides = jobs.as_overrides({"data.root": str(data), **teacher_of(run_dir.parent)})
