@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import copy
 import json
-import multiprocessing
-import os
 import shutil
-import sys
+import signal
+import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from usi import recipe as recipe_mod
 from usi.data.synthetic import make_dataset
-from usi.errors import UsageError
+from usi.errors import UsageError, shorten
 from usi.recipe import Recipe
+from usi.studies.launch import Children, launcher
 from usi.training.rundir import RECIPE_FILE, check_same_recipe, check_writable, read_summary
 
 
@@ -127,29 +125,76 @@ def run_here(job: Job, run_dir: Path, rerun: bool) -> dict:
     return train(recipe)
 
 
-def train_in_worker(recipe: Recipe, log: Path) -> dict:
-    """One run in a pool worker process: one thread, its output appended to its log."""
-    torch.set_num_threads(1)
-    with open(log, "a") as out:
-        os.dup2(out.fileno(), sys.stderr.fileno())
-        os.dup2(out.fileno(), sys.stdout.fileno())
-        from usi.training.loop import train  # in the worker only
-
-        return train(recipe)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a slot of one core: the same bits on every machine
 
 
-def process_pool(workers: int = 2) -> ProcessPoolExecutor:
-    """Worker processes, each a fresh interpreter (spawn): a run's threads and output are its own."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+class Stopped(Exception):
+    """A run that a signal stopped (its checkpoint written): the study starts nothing new."""
+
+
+def last_error(log: Path) -> str:
+    """The line of a run's log that says why it failed."""
+    lines = [line for line in log.read_text(errors="replace").strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "usi: error" in line or "Error" in line]
+    return shorten((errors or lines or ["no output"])[-1].strip(), 300)
+
+
+def train_child(children: Children, nproc: int, recipe: Recipe, log: Path) -> dict:
+    """One run through `usi train` (under torchrun for nproc > 1) in a child process of a free slot, its
+    output appended to its log: its summary, RunFailed with the error's line, or Stopped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.yaml"
+        recipe.save(path)
+        t0 = time.time()
+        code = children.run(launcher(nproc) + ["train", str(path)], log)
+        add_seconds(Path(recipe.run.dir), time.time() - t0)
+    if code in (-1, 128 + signal.SIGINT, 128 + signal.SIGTERM) and children.stopping:
+        raise Stopped(f"stopped by {signal.Signals(children.stopping).name}")
+    if code != 0:
+        raise RunFailed(last_error(log))
+    return read_summary(Path(recipe.run.dir)) or {}
+
+
+def seconds_file(run_dir: Path) -> Path:
+    return run_dir.parent / f"{run_dir.name}.seconds"
+
+
+def add_seconds(run_dir: Path, seconds: float) -> None:
+    """The wall time of the run's processes, start-up included, summed over every start (a resume adds)."""
+    seconds_file(run_dir).write_text(f"{spent_seconds(run_dir) + seconds:.1f}\n")
+
+
+def spent_seconds(run_dir: Path) -> float:
+    try:
+        return float(seconds_file(run_dir).read_text())
+    except (OSError, ValueError):
+        return 0.0
+
+
+def run_children(jobs: list[Job], runs: Path, *, envs: list[dict], nproc: int = 1,
+                 then: Callable[[Children, Path], object] | None = None, **how) -> dict[str, Outcome]:
+    """run_all with each run a child process in one of `envs`' slots (launch.slot_envs); then(children,
+    run_dir) follows each run that finished, in the same worker (an evaluation, say). A signal reaches
+    every child, each checkpoints, and Interrupted is raised once all have ended."""
+    children = Children(envs)
+
+    def work(recipe: Recipe, log: Path) -> dict:
+        summary = train_child(children, nproc, recipe, log)
+        if then is not None:
+            then(children, Path(recipe.run.dir))
+        return summary
+
+    with children.forwarding(), ThreadPoolExecutor(len(envs)) as pool:
+        return run_all(jobs, runs, pool=pool, workers=len(envs), work=work, **how)
 
 
 def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun: bool, tag: str, start: float,
-            work: Callable[[Recipe, Path], dict] = train_in_worker, keep_going: bool = False) -> dict[str, Outcome]:
+            work: Callable[[Recipe, Path], dict], keep_going: bool = False) -> dict[str, Outcome]:
     """{name: outcome} of every job, `workers` at a time, each as soon as the jobs it needs are done, in
     the order given otherwise. work(recipe, log) trains one run in the pool and returns its summary.
     keep_going: a job that cannot start or fails is recorded with its reason (else it raises)."""
     outcomes: dict[str, Outcome] = {}
-    waiting, queued = {}, list(jobs)
+    waiting, queued, stopped = {}, list(jobs), False
 
     def say(text: str) -> None:
         print(f"[{tag}] {time.time() - start:4.0f} s  {text}", flush=True)
@@ -172,7 +217,7 @@ def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun:
         waiting[pool.submit(work, recipe, log_file(run_dir))] = job.name
 
     def start_ready() -> None:
-        while len(waiting) < workers:
+        while len(waiting) < workers and not stopped:
             job = next((j for j in queued if all(n in outcomes for n in j.needs)), None)
             if job is None:
                 return
@@ -186,6 +231,9 @@ def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun:
             name = waiting.pop(future)
             try:
                 outcomes[name] = Outcome(future.result())
+            except Stopped as e:
+                outcomes[name], stopped = Outcome(None, failure=str(e)), True
+                continue
             except (RunFailed, UsageError) as e:
                 if not keep_going:
                     raise
@@ -194,7 +242,7 @@ def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun:
                 continue
             say(f"{name} done{best(outcomes[name].summary)} (log: {log_file(runs / name)})")
         start_ready()
-    if queued:  # a name in `needs` that no job has
+    if queued and not stopped:  # a name in `needs` that no job has
         raise ValueError(f"jobs never ready: {', '.join(j.name for j in queued)}")
     return outcomes
 

@@ -17,7 +17,7 @@ from usi.data.synthetic import digest
 from usi.evaluation.report import evaluate_checkpoint
 from usi.runtime.environment import reproduction_key
 from usi.studies import jobs, table
-from usi.studies.jobs import Job, settings
+from usi.studies.jobs import ONE_THREAD, Job, settings
 from usi.studies.table import model_cost
 from usi.training.checkpoint import BEST
 
@@ -25,10 +25,9 @@ TEACHER = "test_resnet"
 TEACHER_EPOCHS = 24  # a teacher worth distilling: 3x the students' epochs, the same recipe otherwise
 # Three families at 24 px. The ViT's patches are 4 px (36 tokens): timm's default 16 px patch would
 # leave it one token.
-STUDENTS = (("test_resnet", "CNN", {}), ("test_efficientnet", "mobile", {}),
-            ("test_vit", "ViT", {"model.kwargs": {"patch_size": 4}}))
+STUDENTS = (("test_resnet", {}), ("test_efficientnet", {}), ("test_vit", {"model.kwargs": {"patch_size": 4}}))
 SIZE = 24  # recipes/quickstart.yaml's data.input_size
-QUICKSTART_COLUMNS = ["model", "family", "params_m", "top1_nokd", "top1_kd", "gain", "agreement_nokd",
+QUICKSTART_COLUMNS = ["model", "kind", "params_m", "top1_nokd", "top1_kd", "gain", "agreement_nokd",
                       "agreement_kd", "ece_nokd", "ece_kd", "train_img_s", "infer_img_s"]
 
 
@@ -44,7 +43,7 @@ def plan(data: Path, runs: Path, seed: int, extra: list[str]) -> list[Job]:
     first = [Job("teacher", settings(base, {"sched.epochs": TEACHER_EPOCHS, **common}, extra,
                                      {"model.name": TEACHER, "teacher.name": None}))]
     distilled = []
-    for name, _, student in STUDENTS:
+    for name, student in STUDENTS:
         model = {"model.name": name, **student}
         first.append(Job(f"{name}-nokd", settings(base, common, extra, {**model, "teacher.name": None})))
         distilled.append(Job(f"{name}-kd", settings(base, common, extra, {**model, **teacher_of(runs)}),
@@ -65,17 +64,17 @@ def quickstart(out: Path, seed: int = 42, rerun: bool = False, per_class: tuple[
     """per_class: train and val images per class; extra: overrides for every run (tests shrink it)."""
     start = time.time()
     data, runs = jobs.prepare(out, seed, per_class, "the quickstart's")
-    with jobs.process_pool(2) as pool:  # two runs at a time, one per core
-        outcomes = jobs.run_all(plan(data, runs, seed, list(extra)), runs, pool=pool, workers=2, rerun=rerun,
-                                tag="quickstart", start=start)
+    # two runs at a time, one thread each: the README's figures are one-thread figures on any machine
+    outcomes = jobs.run_children(plan(data, runs, seed, list(extra)), runs, envs=[ONE_THREAD] * 2, rerun=rerun,
+                                 tag="quickstart", start=start)
     summaries = jobs.summaries(outcomes)
     rows = []
-    for name, family, student in STUDENTS:
+    for name, student in STUDENTS:
         nokd, kd = (against_teacher(runs / f"{name}-{kind}", data) for kind in ("nokd", "kd"))
         kd["train_img_s"] = summaries[f"{name}-kd"].get("train_img_per_s")
         kwargs = student.get("model.kwargs", {})
         cost = model_cost(name, 10, SIZE, torch.device("cpu"), **({"img_size": SIZE, **kwargs} if kwargs else {}))
-        rows.append(table.row(name, nokd=nokd, kd=kd, cost=cost, family=family))
+        rows.append(table.row(name, nokd=nokd, kd=kd, cost=cost))
     title = (f"USI quickstart: seed {seed}, teacher {TEACHER} (top-1 {summaries['teacher']['best']['value']:.2f}), "
              f"{time.time() - start:.0f} s")
     # the same seed gives the same table to the last digit only where this line is the same (README)

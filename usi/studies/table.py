@@ -2,12 +2,12 @@
 
 Shared by `usi quickstart`, `usi table` and `usi fidelity` (its own columns and plot, the same write
 path). Writes markdown, CSV and a PNG plot of top-1 against inference throughput (the paper's
-speed-accuracy figure), drawn with Pillow so that plotting adds no dependency.
+speed-accuracy figure), drawn with matplotlib.
 """
 from __future__ import annotations
 
 import csv
-import math
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -17,6 +17,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from usi.runtime.files import json_safe
+
 # Published USI top-1 (ImageNet-1k) by timm model name, from the paper's table.
 PUBLISHED = {
     "resnet50": 81.0, "tresnet_m": 82.4, "convnext_small": 84.0, "regnety_032": 82.8, "efficientnet_b0": 79.3,
@@ -24,35 +26,70 @@ PUBLISHED = {
     "swin_small_patch4_window7_224": 84.0, "tnt_s_patch16_224": 82.5, "mixer_b16_224": 82.0,
     "resmlp_12_224": 78.8,
 }
-FAMILY = {
-    "resnet50": "CNN", "tresnet_m": "CNN", "convnext_small": "CNN", "regnety_032": "CNN", "test_resnet": "CNN",
-    "efficientnet_b0": "mobile", "mobilenetv3_large_100": "mobile", "test_efficientnet": "mobile",
-    "vit_small_patch16_224": "transformer", "levit_384": "transformer", "swin_small_patch4_window7_224":
-    "transformer", "tnt_s_patch16_224": "transformer", "test_vit": "transformer", "mixer_b16_224": "MLP",
-    "resmlp_12_224": "MLP",
+# A model's kind, from timm's own module of it (timm.models.<module>): the family is the module's name.
+KINDS = {
+    "CNN": {"resnet", "resnetv2", "resnest", "res2net", "regnet", "convnext", "tresnet", "densenet", "vgg", "dla",
+            "dpn", "cspnet", "byobnet", "senet", "sknet", "xception", "xception_aligned", "inception_v3",
+            "inception_v4", "inception_resnet_v2", "nfnet", "hrnet", "selecsls", "vovnet", "nasnet", "pnasnet",
+            "rdnet", "hgnet", "inception_next", "mambaout", "starnet", "fasternet", "shvit"},
+    "mobile": {"efficientnet", "mobilenetv3", "mobilenetv4", "mobilenetv5", "ghostnet", "rexnet", "hardcorenas",
+               "repghost", "repvit", "mobileone", "lcnet", "tinynet", "mnasnet", "fbnet"},
+    "ViT": {"vision_transformer", "deit", "swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr",
+            "beit", "eva", "cait", "tnt", "xcit", "pit", "crossvit", "twins", "vision_transformer_relpos",
+            "vision_transformer_sam", "hiera", "vitamin", "naflexvit", "pvt_v2", "davit", "gcvit", "focalnet",
+            "nest", "sequencer", "volo", "mvitv2", "hieradet_sam2", "aimv2", "vision_transformer_flex"},
+    "hybrid": {"levit", "mobilevit", "efficientformer", "efficientformer_v2", "fastvit", "coat", "maxxvit",
+               "vision_transformer_hybrid", "convit", "edgenext", "nextvit", "tiny_vit", "efficientvit_mit",
+               "efficientvit_msra", "poolformer", "metaformer", "ghostnetv3", "convmixer"},
+    "MLP": {"mlp_mixer"},
 }
-COLUMNS = ["model", "family", "params_m", "gmacs", "top1_nokd", "top1_kd", "gain", "usi_published",
-           "agreement_nokd", "agreement_kd", "kl_kd", "ece_nokd", "ece_kd", "train_img_s", "infer_img_s", "note"]
+
+
+def family_of(name: str) -> str:
+    """timm's module of the model (resnet, vision_transformer, mlp_mixer, ...), '?' for an unknown name."""
+    try:
+        return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+    except Exception:  # not a timm name: the row's note says so
+        return "?"
+
+
+def default_size(name: str) -> int:
+    """The input size timm's pretrained config gives the model (224 when it gives none)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = getattr(cfg, "input_size", None) if cfg else None
+    return int(size[-1]) if size else 224
+
+
+def kind_of(family: str) -> str:
+    """CNN, mobile, ViT, hybrid or MLP for a timm module; 'other' for one not sorted here."""
+    return next((kind for kind, modules in KINDS.items() if family in modules), "other" if family != "?" else "?")
+
+
+COLUMNS = ["model", "kind", "family", "params_m", "gmacs", "top1_nokd", "top1_kd", "gain", "usi_published",
+           "agreement_nokd", "agreement_kd", "kl_kd", "ece_nokd", "ece_kd", "nll_nokd", "nll_kd", "train_img_s", "infer_img_s", "note"]
 
 
 def model_cost(name: str, num_classes: int, input_size: int, device: torch.device, batch: int = 64,
                runs: int = 5, **kwargs) -> dict:
-    """Params, GMACs of one forward at input_size, and eval-mode images/s (median of `runs`)."""
+    """Params and GMACs of one forward at input_size, and eval-mode images/s (median of `runs`; bf16
+    autocast on a GPU, fp32 on a CPU: infer_precision says which)."""
     model = timm.create_model(name, num_classes=num_classes, **kwargs).eval().to(device)
     x = torch.randn(batch, 3, input_size, input_size, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x[:1])
+    cuda = device.type == "cuda"
     times = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         for i in range(runs + 1):
             t0 = time.perf_counter()
             model(x)
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(device)
             if i:  # the first call warms up
                 times.append(time.perf_counter() - t0)
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "gmacs": counter.get_total_flops() / 2 / 1e9, "infer_img_s": batch / statistics.median(times)}
+            "gmacs": counter.get_total_flops() / 2 / 1e9, "infer_img_s": batch / statistics.median(times),
+            "infer_precision": f"{'bf16' if cuda else 'fp32'} {device.type} batch {batch}"}
 
 
 def row(model: str, *, nokd: dict | None, kd: dict | None, cost: dict | None, note: str = "",
@@ -60,11 +97,13 @@ def row(model: str, *, nokd: dict | None, kd: dict | None, cost: dict | None, no
     """nokd / kd: evaluation metrics of the best weights ({top1, ece, agreement, kl}); train_img_s
     comes from the KD run's summary when given as kd['train_img_s']."""
     nokd, kd, cost = nokd or {}, kd or {}, cost or {}
-    out = {"model": model, "family": family or FAMILY.get(model, "?"), "params_m": cost.get("params_m"),
+    family = family or family_of(model)
+    out = {"model": model, "kind": kind_of(family), "family": family, "params_m": cost.get("params_m"),
            "gmacs": cost.get("gmacs"), "top1_nokd": nokd.get("top1"), "top1_kd": kd.get("top1"),
            "gain": None, "usi_published": PUBLISHED.get(model), "agreement_nokd": nokd.get("agreement"),
            "agreement_kd": kd.get("agreement"), "kl_kd": kd.get("kl"), "ece_nokd": nokd.get("ece"),
-           "ece_kd": kd.get("ece"), "train_img_s": kd.get("train_img_s", nokd.get("train_img_s")),
+           "ece_kd": kd.get("ece"), "nll_nokd": nokd.get("nll"), "nll_kd": kd.get("nll"),
+           "train_img_s": kd.get("train_img_s", nokd.get("train_img_s")),
            "infer_img_s": cost.get("infer_img_s"), "note": note}
     if out["top1_kd"] is not None and out["top1_nokd"] is not None:
         out["gain"] = out["top1_kd"] - out["top1_nokd"]
@@ -88,16 +127,20 @@ def markdown(columns: list[str], rows: list[dict], cell: Callable[[object, str],
 
 
 def write(rows: list[dict], out_dir: Path, stem: str, title: str, *, columns: list[str] = COLUMNS,
-          cell: Callable[[object, str], str] = cell, draw: Callable | None = None) -> dict[str, Path]:
-    """<out_dir>/<stem>.md (the columns any row fills), .csv (every column) and .png (draw(rows, path,
-    title); this module's speed-accuracy plot unless a study draws its own): every study writes here."""
+          cell: Callable[[object, str], str] = cell, draw: Callable | None = None,
+          meta: dict | None = None) -> dict[str, Path]:
+    """<out_dir>/<stem>.md (the columns any row fills), .csv (every column), .json (the rows whole, with
+    meta) and .png (draw(rows, path, title); this module's speed-accuracy plot unless a study draws its
+    own): every study writes here."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv", "png": out_dir / f"{stem}.png"}
+    paths = {"md": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv", "json": out_dir / f"{stem}.json",
+             "png": out_dir / f"{stem}.png"}
     paths["md"].write_text(f"{title}\n\n{markdown(filled(columns, rows), rows, cell)}\n")
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    paths["json"].write_text(json.dumps(json_safe({"title": title, **(meta or {}), "rows": rows}), indent=1))
     (draw or plot)(rows, paths["png"], title)
     return paths
 
@@ -113,38 +156,36 @@ def show(title: str, text: str, paths: dict[str, Path]) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Top-1 (with and without KD) against inference images/s, log x axis."""
-    from PIL import Image, ImageDraw
+    """Top-1 without KD (open) and with KD (filled) against inference images/s (log), an arrow from one
+    to the other, error bars where the rows have standard errors, every point labelled."""
+    import matplotlib
 
-    pts = [(r["infer_img_s"], r[k], r["model"], k) for r in rows for k in ("top1_nokd", "top1_kd")
-           if r.get("infer_img_s") and r.get(k) is not None]
-    w, h, m = 720, 480, 60
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((m, 15), title.splitlines()[0][:100], fill="black")  # the headline; the md file has the rest
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    if pts:
-        xs = [math.log10(p[0]) for p in pts]
-        ys = [p[1] for p in pts]
-        x0, x1 = min(xs) - 0.1, max(xs) + 0.1
-        y0, y1 = min(ys) - 2, max(ys) + 2
-        sx = lambda v: m + (math.log10(v) - x0) / (x1 - x0) * (w - 2 * m)  # noqa: E731
-        sy = lambda v: h - m - (v - y0) / (y1 - y0) * (h - 2 * m)  # noqa: E731
-        for r in rows:  # an arrow from without KD to with KD
-            if r.get("infer_img_s") and r.get("top1_nokd") is not None and r.get("top1_kd") is not None:
-                d.line([sx(r["infer_img_s"]), sy(r["top1_nokd"]), sx(r["infer_img_s"]), sy(r["top1_kd"])],
-                       fill="gray", width=1)
-        for speed, top1, name, kind in pts:
-            x, y = sx(speed), sy(top1)
-            color = "red" if kind == "top1_kd" else "blue"
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-            if kind == "top1_kd":
-                d.text((x + 6, y - 6), name, fill="black")
-        for v in (y0, (y0 + y1) / 2, y1):
-            d.text((5, sy(v) - 5), f"{v:.1f}", fill="black")
-        for v in (x0, (x0 + x1) / 2, x1):
-            d.text((sx(10 ** v) - 15, h - m + 8), f"{10 ** v:.0f}", fill="black")
-    d.text((w // 2 - 80, h - 22), "inference images/s (log)", fill="black")
-    d.text((5, m - 20), "top-1 %", fill="black")
-    d.text((w - m - 150, m + 5), "red: KD   blue: no KD", fill="black")
-    img.save(path)
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    for r in rows:
+        speed = r.get("infer_img_s")
+        if not speed:
+            continue
+        nokd, kd = r.get("top1_nokd"), r.get("top1_kd")
+        if nokd is not None:
+            ax.errorbar(speed, nokd, yerr=r.get("top1_nokd_se"), fmt="o", mfc="white", color="tab:blue", capsize=3)
+        if kd is not None:
+            ax.errorbar(speed, kd, yerr=r.get("top1_kd_se"), fmt="o", color="tab:red", capsize=3)
+        if nokd is not None and kd is not None:
+            ax.annotate("", xy=(speed, kd), xytext=(speed, nokd), arrowprops={"arrowstyle": "->", "color": "gray"})
+        top = max(v for v in (nokd, kd, -1e9) if v is not None)
+        if top > -1e9:
+            ax.annotate(r["model"], (speed, top), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("inference images/s (log scale)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title.splitlines()[0][:90], fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.plot([], [], "o", mfc="white", color="tab:blue", label="no KD")
+    ax.plot([], [], "o", color="tab:red", label="KD")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

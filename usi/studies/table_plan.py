@@ -1,0 +1,83 @@
+"""`usi table FILE --plan`: the table's runs as launch commands and a Slurm job array, run by nothing here.
+
+Writes under <out>/plan/:
+  <run>.yaml           each run's whole recipe (run.dir set, run.resume=auto: a rerun or a requeue resumes)
+  teacher.txt          the teacher's command, when the table trains its own teacher
+  runs.txt             one command per student run (torchrun when a run has several processes)
+  slurm-teacher.sh     the teacher as one Slurm job
+  slurm.sh             the students as a Slurm job array, one task per line of runs.txt
+  submit.sh            submits both, the array after the teacher has finished
+Each array task execs its command, so Slurm's SIGTERM (preemption, --signal before the time limit)
+reaches torchrun and the run checkpoints; --requeue puts it back in the queue, where it resumes.
+`usi table FILE --collect` then builds the table from the runs that finished.
+"""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import yaml
+
+from usi import recipe as recipe_mod
+from usi.studies.jobs import Job, settings
+
+ARRAY = """#!/bin/bash
+#SBATCH --job-name={name}
+#SBATCH --array=0-{last}
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={nproc}
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --requeue
+#SBATCH --signal=B:TERM@300
+#SBATCH --output={logs}/%x-%A_%a.out
+# One task per line of {commands}; each resumes its run after a requeue (run.resume=auto).
+set -euo pipefail
+cd {cwd}
+line=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {commands})
+eval "exec $line"
+"""
+
+
+def command(nproc: int, recipe_file: Path) -> str:
+    launch = "python -m usi" if nproc <= 1 else f"torchrun --standalone --nproc_per_node={nproc} -m usi"
+    return f"{launch} train {shlex.quote(str(recipe_file))}"
+
+
+def recipe_file(job: Job, out: Path, plan_dir: Path, pending_teacher: bool) -> Path:
+    """The job's recipe, checked and written. A KD run's teacher weights that the plan's own teacher run
+    will write do not exist yet: that one key is left out of the check."""
+    tree = settings(job.tree, {"run.dir": str(out / job.name), "run.resume": "auto"})
+    check = settings(tree, {"teacher.weights": None}) if pending_teacher and job.needs else tree
+    recipe_mod.from_tree(check)  # a bad run is refused here, before any file is written
+    path = plan_dir / f"{job.name.replace('/', '-')}.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def write_plan(todo: list[Job], out: Path, *, nproc: int, cpus: int = 8) -> list[Path]:
+    """Every file of the plan (this module's docstring); the paths written."""
+    plan_dir = out / "plan"
+    plan_dir.mkdir(parents=True, exist_ok=True)
+    pending = any(j.name == "teacher" for j in todo)
+    lines = {j.name: command(nproc, recipe_file(j, out, plan_dir, pending).resolve()) for j in todo}
+    teacher = lines.pop("teacher", None)
+    written = [plan_dir / "runs.txt", plan_dir / "slurm.sh", plan_dir / "submit.sh"]
+    (plan_dir / "runs.txt").write_text("\n".join(lines.values()) + "\n")
+    common = {"nproc": nproc, "cpus": cpus, "logs": shlex.quote(str(plan_dir.resolve())),
+              "cwd": shlex.quote(str(Path.cwd()))}
+    (plan_dir / "slurm.sh").write_text(ARRAY.format(name="usi-table", last=len(lines) - 1,
+                                                    commands=shlex.quote(str((plan_dir / "runs.txt").resolve())),
+                                                    **common))
+    submit = ["#!/bin/bash", "set -euo pipefail", f"cd {shlex.quote(str(plan_dir.resolve()))}"]
+    if teacher:
+        (plan_dir / "teacher.txt").write_text(teacher + "\n")
+        (plan_dir / "slurm-teacher.sh").write_text(ARRAY.format(
+            name="usi-teacher", last=0, commands=shlex.quote(str((plan_dir / "teacher.txt").resolve())), **common))
+        submit += ["teacher=$(sbatch --parsable slurm-teacher.sh)",
+                   "sbatch --dependency=afterok:${teacher} slurm.sh"]
+        written += [plan_dir / "teacher.txt", plan_dir / "slurm-teacher.sh"]
+    else:
+        submit += ["sbatch slurm.sh"]
+    (plan_dir / "submit.sh").write_text("\n".join(submit) + "\n")
+    return written
