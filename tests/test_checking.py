@@ -34,6 +34,15 @@ from helpers import nan_copy, one_error, teacher_file, train, train_args
     (["data.batch_size=7"], "data.batch_size=7 must be even for mixup/cutmix"),
     (["optim.name=adamww"], "optim.name='adamww' is not a timm optimizer; did you mean 'adamw'?"),
     (["optim.lr"], "must look like section.key=value"),
+    (["loss.task=bcee"], "loss.task='bcee' is not one of ce, bce; did you mean 'bce'?"),
+    (["loss.task=bce", "loss.bce_target_thresh=1"], "loss.bce_target_thresh=1.0 is out of range: must be >= 0.0 and "
+                                                     "< 1.0"),
+    (["loss.bce_target_thresh=0.2"], "loss.bce_target_thresh=0.2 applies to loss.task=bce only (loss.task=ce)"),
+    (["loss.task=bce", "loss.bce_target_thresh=high"], "loss.bce_target_thresh must be float"),
+    (["loss.distill_token=sofft"], "loss.distill_token='sofft' is not one of soft, hard; did you mean 'soft'?"),
+    (["loss.distill_token=soft", "teacher.name=null"], "loss.distill_token=soft needs a teacher (teacher.name is "
+                                                        "null)"),
+    (["loss.distill_token=hard", "loss.hard_label=false"], "loss.hard_label=false would leave it untrained"),
 ])
 def test_bad_recipes_fail_with_one_clear_line(override, message):
     with pytest.raises(UsageError) as err:

@@ -62,6 +62,7 @@ def validate(recipe: Recipe) -> None:
     check_model_name("model.name", recipe.model.name)
     check_teachers(recipe)
     check_features(recipe)
+    check_loss(recipe)
     recipe.run_dir()  # fails early on a bad template
 
 
@@ -83,6 +84,18 @@ def check_features(recipe: Recipe) -> None:
                          f"module to a teacher module")
     if f.student and not recipe.kd:
         raise UsageError("features.student needs a teacher (teacher.name is null)")
+
+
+def check_loss(recipe: Recipe) -> None:
+    loss = recipe.loss
+    if loss.bce_target_thresh is not None and loss.task != "bce":
+        raise UsageError(f"loss.bce_target_thresh={loss.bce_target_thresh} applies to loss.task=bce only "
+                         f"(loss.task={loss.task}); set loss.task=bce or leave it null")
+    if loss.distill_token and not recipe.kd:
+        raise UsageError(f"loss.distill_token={loss.distill_token} needs a teacher (teacher.name is null)")
+    if loss.distill_token and not loss.hard_label:
+        raise UsageError("loss.distill_token trains the class token on the mixed targets: loss.hard_label=false "
+                         "would leave it untrained")
 
 
 def check_optimizer(name: str) -> None:

@@ -133,6 +133,15 @@ class LossSection:
                              help="usi: CE + kd_weight x KL (the published recipe); hinton: alpha x CE + "
                                   "(1 - alpha) x T^2 x KL (Hinton et al. 2015; kd_weight is not used)")
     alpha: float = setting(0.5, low=0.0, high=1.0, help="hinton weighting: the CE term's share")
+    task: str = setting("ce", choices=("ce", "bce"), help="the task term on the mixed targets: softmax CE, or "
+                        "binary CE per class (timm's --bce-loss, as in ResNet strikes back)")
+    bce_target_thresh: Optional[float] = setting(None, low=0.0, high=1.0, high_open=True,
+                                                 help="bce: mixed targets above it become 1, the rest 0 (timm's "
+                                                      "--bce-target-thresh); null: the soft targets")
+    distill_token: Optional[str] = setting(None, choices=("soft", "hard"),
+                                           help="DeiT distilled ViTs: the distillation token learns the teacher's "
+                                                "soft label (the KD term's KL) or hard one (CE on its argmax), the "
+                                                "class token the mixed targets; eval averages both heads; null: off")
 
 
 @dataclass

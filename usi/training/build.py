@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from usi import data
 from usi.data.loader import seed_everything
-from usi.distill.loss import DistillLoss
+from usi.distill.loss import DistillLoss, train_distillation_token
 from usi.distill.teacher import Ensemble
 from usi.errors import UsageError
 from usi.models import Compute, check_input_size, compute_for, create_student, input_spec, place, teacher_for
@@ -108,7 +108,9 @@ def create_mixup(recipe: Recipe, num_classes: int) -> Mixup | None:
 
 def step_config(recipe: Recipe, compute: Compute, num_classes: int, accum_steps: int) -> StepConfig:
     loss = DistillLoss(kd_weight=recipe.loss.kd_weight, temperature=recipe.loss.temperature,
-                       hard_label=recipe.loss.hard_label, weighting=recipe.loss.weighting, alpha=recipe.loss.alpha)
+                       hard_label=recipe.loss.hard_label, weighting=recipe.loss.weighting, alpha=recipe.loss.alpha,
+                       task=recipe.loss.task, bce_target_thresh=recipe.loss.bce_target_thresh,
+                       distill_token=recipe.loss.distill_token)
     return StepConfig(compute=compute, num_classes=num_classes, loss=loss, accum_steps=accum_steps,
                       clip_grad=recipe.optim.clip_grad, label_smoothing=recipe.aug.label_smoothing)
 
@@ -156,6 +158,8 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
     num_classes = len(train_split.classes)
     seed_everything(recipe.run.seed)
     student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=fresh and not dry)
+    if recipe.loss.distill_token:
+        log.info(train_distillation_token(student, recipe.model.name, recipe.loss.distill_token))
     spec = input_spec(student, recipe.data.input_size)
     check_input_size(recipe.model, num_classes, spec.size)
     compute = compute_for(recipe, dist.device)

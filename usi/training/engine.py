@@ -92,7 +92,9 @@ def forward_backward(state: TrainState, cfg: StepConfig, x: torch.Tensor, y: tor
                 state.features.tap.clear()  # what the teacher records now, not what evaluation left
             teacher_logits = state.teacher(x) if state.teacher is not None else None
             out = state.wrapped(x)
-        student_logits, projected = out if isinstance(out, tuple) else (out, None)
+        # feature KD's wrapper returns (logits, features); a DeiT student with loss.distill_token returns its
+        # two heads as a tuple too, which the loss takes apart
+        student_logits, projected = out if state.features is not None else (out, None)
         task, kd = cfg.loss(student_logits, y, teacher_logits)
         feature = state.features.loss(projected) if state.features is not None else torch.zeros_like(task)
         loss = (task + kd + feature) / cfg.accum_steps
