@@ -1,13 +1,18 @@
 """`usi table` (usi/studies/tables.py): one recipe, many backbones, on tiny models, CPU."""
 import csv
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
+import yaml
 from safetensors.torch import save_file
 
-from conftest import TINY
-from helpers import run_tool
+from conftest import REPO, TINY
+from helpers import ENV, children, epochs_done, one_error, run_tool, wait_for
 
 
 def test_bench_table_runs_each_model_skips_finished_ones_and_survives_a_failure(image_root, tmp_path):
@@ -27,15 +32,15 @@ def test_bench_table_runs_each_model_skips_finished_ones_and_survives_a_failure(
     assert 0 <= float(good["agreement_kd"]) <= 100 and float(good["kl_kd"]) >= 0 and float(good["gmacs"]) > 0
     assert "is not a timm model" in bad["note"]
     assert (tmp_path / "table" / "table.png").stat().st_size > 1000
-    assert (tmp_path / "table" / "test_efficientnet-kd.eval.json").is_file()  # kept: a re-run evaluates nothing
+    assert (tmp_path / "table" / "seed0" / "test_efficientnet-kd.eval.json").is_file()  # kept: a rerun evaluates nothing
     again = run_tool(*args)
     assert again.returncode == 0 and again.stdout.count("already finished") == 2
 
 
 def test_usi_table_takes_overrides_before_or_after_its_flags():
-    from usi.studies.tables import DEFAULT_MODELS, parse
+    from usi.studies.tables import parse
     args = parse(["recipes/usi.yaml", "--nproc", "8", "--out", "runs/t", "data.root=/data/imagenet"])
-    assert args.overrides == ["data.root=/data/imagenet"] and args.nproc == 8 and args.models == DEFAULT_MODELS
+    assert args.overrides == ["data.root=/data/imagenet"] and args.nproc == 8 and args.models is None
     args = parse(["recipes/usi.yaml", "optim.lr=1e-3", "--models", "resnet50", "vit_small_patch16_224",
                   "data.root=/d"])
     assert args.models == ["resnet50", "vit_small_patch16_224"] and args.overrides == ["optim.lr=1e-3", "data.root=/d"]
@@ -58,9 +63,11 @@ def test_bench_table_composes_with_an_ensemble_and_feature_kd(image_root, tmp_pa
     with open(tmp_path / "table" / "table.csv") as f:
         (row,) = csv.DictReader(f)
     assert float(row["top1_nokd"]) >= 0 and not row["note"]  # the baseline row drops teacher and features
-    metrics = json.loads((tmp_path / "table" / "test_resnet-kd.eval.json").read_text())["metrics"]
+    report = json.loads((tmp_path / "table" / "seed0" / "test_resnet-kd.eval.json").read_text())["report"]
+    (metrics,) = report["students"].values()
     assert len(metrics["members"]) == 2  # evaluated against the whole ensemble, each member too
-    assert "feature KD: student layer3 -> teacher layer4" in (tmp_path / "table" / "test_resnet-kd.log").read_text()
+    log = (tmp_path / "table" / "seed0" / "test_resnet-kd.log").read_text()
+    assert "feature KD: student layer3 -> teacher layer4" in log
 
 
 def test_bench_table_survives_a_first_model_that_fails_before_any_folder_exists(image_root, tmp_path):
@@ -73,3 +80,104 @@ def test_bench_table_survives_a_first_model_that_fails_before_any_folder_exists(
     with open(out_dir / "table.csv") as f:
         (row,) = csv.DictReader(f)
     assert "fails on 18 px inputs" in row["note"]
+
+
+SMALL = {"data.root": None, "data.input_size": 16, "data.batch_size": 8, "data.eval_batch_size": 8,
+         "data.workers": 0, "optim.global_batch": 8, "sched.epochs": 2, "sched.warmup_epochs": 1, "run.device": "cpu",
+         "run.amp": "none", "run.channels_last": False, "run.log_interval": 2, "ema.decay": 0.9}
+
+
+def table_file(tmp_path, root, **changes):
+    tree = {"recipe": "quickstart", "overrides": {**SMALL, "data.root": str(root)},
+            "teacher": {"name": "test_resnet"},
+            "models": [{"name": "test_vit", "overrides": {"model.kwargs": {"patch_size": 4}, "optim.lr": 0.003},
+                        "expect": 99}],
+            "kd": "both", "seeds": [0, 1], "jobs": 2, "out": str(tmp_path / "out"), **changes}
+    path = tmp_path / "table.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_a_table_file_trains_its_teacher_then_every_seed_in_parallel_and_reports_mean_se_and_paired_gain(
+        image_root, tmp_path):
+    path = table_file(tmp_path, image_root)
+    out = run_tool("-m", "usi", "table", str(path), "--device", "cpu")
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads((tmp_path / "out" / "table.json").read_text())
+    teacher, vit = saved["rows"]
+    assert teacher["model"] == "teacher (test_resnet)" and teacher["top1_nokd"] is not None
+    assert vit["kind"] == "ViT" and vit["family"] == "vision_transformer" and vit["seeds_kd"] == 2
+    assert vit["params_m"] == pytest.approx(sum(p.numel() for p in timm.create_model(
+        "test_vit", num_classes=4, img_size=16, patch_size=4).parameters()) / 1e6)  # 4 classes, not 1000
+    tops = {(r["seed"], r["kd"]): r["metrics"]["top1"] for r in vit["runs"]}
+    assert vit["gain"] == pytest.approx((tops[0, True] - tops[0, False] + tops[1, True] - tops[1, False]) / 2)
+    assert vit["top1_kd_se"] is not None and vit["gain_se"] is not None and vit["paired_seeds"] == 2
+    assert vit["deviates"] == "optim.lr=0.003" and "under the expected 99" in vit["note"]
+    assert vit["train_proc_s"] > 0 and vit["selection"] == "val"
+    prov = {r["name"]: r["provenance"] for r in vit["runs"]}
+    kd_sha = prov["seed0/test_vit-kd"]["teacher_sha256"]
+    assert len(kd_sha) == 64 and prov["seed0/test_vit-nokd"]["teacher_sha256"] is None
+    assert prov["seed0/test_vit-kd"]["recipe_sha256"] != prov["seed1/test_vit-kd"]["recipe_sha256"]  # seeds
+    assert prov["seed0/test_vit-kd"]["timm"] == timm.__version__
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert " ± " in md and "| ViT | vision_transformer |" in md
+    # KD and no-KD runs of a seed saw the same data order: the seed's two logs start with the same loss
+    assert "2 seeds [0, 1], 5 runs (0 reused), 2 at a time" in out.stdout
+    # the same command again: every run reused, nothing evaluated again; --collect and --compare agree
+    again = run_tool("-m", "usi", "table", str(path), "--device", "cpu", "--compare", str(tmp_path / "out" / "table.json"))
+    assert again.returncode == 0 and again.stdout.count("already finished") == 5, again.stderr[-2000:]
+    assert "test_vit: top1_nokd" in again.stdout and "(+0.00" in again.stdout
+    collected = run_tool("-m", "usi", "table", str(path), "--collect", "--device", "cpu")
+    assert collected.returncode == 0 and "missing" not in collected.stdout
+    assert json.loads((tmp_path / "out" / "table.json").read_text())["rows"][1]["gain"] == vit["gain"]
+
+
+def test_collect_names_the_runs_that_are_missing_and_plan_runs_nothing(image_root, tmp_path):
+    path = table_file(tmp_path, image_root, kd="off", seeds=[3])
+    plan = run_tool("-m", "usi", "table", str(path), "--plan")
+    assert plan.returncode == 0 and "planned 1 runs; nothing was run" in plan.stdout, plan.stderr[-2000:]
+    assert (tmp_path / "out" / "plan" / "slurm.sh").is_file() and not (tmp_path / "out" / "seed3").exists()
+    out = run_tool("-m", "usi", "table", str(path), "--collect", "--device", "cpu")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "missing 1 of 1 runs: seed3/test_vit-nokd" in out.stdout
+    row = json.loads((tmp_path / "out" / "table.json").read_text())["rows"][0]
+    assert row["top1_nokd"] is None and "missing (not started)" in row["note"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"modles": []}, "unknown key 'modles'; did you mean 'models'?"),
+    ({"teacher": None, "kd": "on"}, "kd=on needs a teacher: the recipe quickstart has none"),
+    ({"overrides": {"optim.lrr": 1}}, "unknown key optim.lrr"),
+    ({"jobs": 64}, None),  # fine on a CPU: the cores are shared (not run: --plan)
+])
+def test_a_bad_table_file_is_one_line_and_runs_nothing(image_root, tmp_path, change, message):
+    path = table_file(tmp_path, image_root, **change)
+    out = run_tool("-m", "usi", "table", str(path), "--plan")
+    if message is None:
+        assert out.returncode == 0, out.stderr[-2000:]
+        return
+    one_error(out, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_stops_every_run_with_a_checkpoint_and_the_same_command_resumes(image_root, tmp_path):
+    path = table_file(tmp_path, image_root, kd="off", overrides={**SMALL, "data.root": str(image_root),
+                                                                 "sched.epochs": 8})
+    table = subprocess.Popen([sys.executable, "-m", "usi", "table", str(path), "--device", "cpu"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    runs = [tmp_path / "out" / f"seed{s}" / "test_vit-nokd" for s in (0, 1)]
+    wait_for(lambda: all(epochs_done(r) >= 1 for r in runs), [table])
+    children_before = children(table.pid)
+    table.send_signal(signal.SIGTERM)
+    stdout, stderr = table.communicate(timeout=120)
+    assert table.returncode == 143, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("usi: error")]
+    assert len(errors) <= 1 and "Traceback" not in stderr
+    assert "every run wrote its checkpoint; the same command resumes them" in stderr
+    assert all((r / "last.pt").is_file() and not (r / "summary.json").exists() for r in runs)
+    assert children_before and not any(Path(f"/proc/{pid}").exists() and
+                                       open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in children_before)
+    again = run_tool("-m", "usi", "table", str(path), "--device", "cpu")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("(resuming its last checkpoint)") == 2
+    assert all(epochs_done(r) == 8 for r in runs)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,39 @@ class Compute:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def timm_model(name: str, **kwargs) -> torch.nn.Module:
+    """timm.create_model, where kwargs may also replace an argument that the model's own entrypoint fixes.
+    timm's MLP entrypoints pass e.g. patch_size=16 themselves (`dict(patch_size=16, **kwargs)`), so
+    create_model refuses patch_size=4, and a Mixer or ResMLP could not take 32-64 px inputs with enough
+    tokens. The clashing arguments are handed to the entrypoint's builder (build_model_with_cfg), where
+    they replace the entrypoint's own value; every other argument goes the usual way."""
+    replace = {}
+    while True:
+        try:
+            if not replace:
+                return timm.create_model(name, **kwargs)
+            with replaced_arguments(name, replace):
+                return timm.create_model(name, **kwargs)
+        except TypeError as e:
+            clash = re.search(r"multiple values for (?:keyword )?argument '(\w+)'", str(e))
+            if not clash or clash.group(1) not in kwargs:
+                raise
+            replace[clash.group(1)] = kwargs.pop(clash.group(1))
+
+
+@contextlib.contextmanager
+def replaced_arguments(name: str, replace: dict):
+    module = sys.modules[timm.models.model_entrypoint(name).__module__]
+    original = getattr(module, "build_model_with_cfg", None)
+    if original is None:  # an entrypoint that builds otherwise: the TypeError stands
+        raise TypeError(f"{name} fixes {', '.join(replace)} itself")
+    module.build_model_with_cfg = lambda *args, **kw: original(*args, **{**kw, **replace})
+    try:
+        yield
+    finally:
+        module.build_model_with_cfg = original
+
+
 def create_student(model_cfg, num_classes: int, input_size: int | None, starting_weights: bool = False
                    ) -> torch.nn.Module:
     """The student, built for `input_size` when its constructor takes img_size (ViTs, MLP-Mixers); from
@@ -50,12 +85,12 @@ def create_student(model_cfg, num_classes: int, input_size: int | None, starting
         model = None
         if input_size and "img_size" not in kwargs:
             try:
-                model = timm.create_model(model_cfg.name, pretrained=pretrained, num_classes=num_classes,
-                                          img_size=input_size, **kwargs)
+                model = timm_model(model_cfg.name, pretrained=pretrained, num_classes=num_classes,
+                                   img_size=input_size, **kwargs)
             except TypeError:
                 pass  # a CNN: any input size works without telling it
         # timm re-initializes a pretrained classifier for another class count
-        model = model or timm.create_model(model_cfg.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+        model = model or timm_model(model_cfg.name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         if pretrained and not isinstance(e, TypeError):  # no hub access, no weights for this name, ...

@@ -74,17 +74,18 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: Path) -> dict:
+def read_yaml(path: Path, kind: str = "recipe") -> dict:
+    """A recipe file (or another usi YAML file: kind names it in the errors) as its tree."""
     if not path.is_file():
-        raise UsageError(f"recipe file {path} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
+        raise UsageError(f"{kind} file {path} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UsageError(f"recipe {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+        raise UsageError(f"{kind} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                          f"save it as UTF-8") from None
     except OSError as e:
-        raise UsageError(f"recipe {path} cannot be read ({e.strerror})") from None
-    return parse_yaml(text, f"recipe {path}")
+        raise UsageError(f"{kind} {path} cannot be read ({e.strerror})") from None
+    return parse_yaml(text, f"{kind} {path}")
 
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few kB; a checkpoint's metadata could hold anything
@@ -109,7 +110,7 @@ def parse_yaml(text: str, what: str) -> dict:
     if tree is None:
         return {}
     if not isinstance(tree, dict):
-        raise UsageError(f"{what} must be a mapping of sections, got {type(tree).__name__}")
+        raise UsageError(f"{what} must be a mapping (key: value lines), got {type(tree).__name__}")
     return tree
 
 

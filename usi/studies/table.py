@@ -17,6 +17,7 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from usi.models import timm_model
 from usi.runtime.files import json_safe
 
 # Published USI top-1 (ImageNet-1k) by timm model name, from the paper's table.
@@ -73,7 +74,13 @@ def model_cost(name: str, num_classes: int, input_size: int, device: torch.devic
                runs: int = 5, **kwargs) -> dict:
     """Params and GMACs of one forward at input_size, and eval-mode images/s (median of `runs`; bf16
     autocast on a GPU, fp32 on a CPU: infer_precision says which)."""
-    model = timm.create_model(name, num_classes=num_classes, **kwargs).eval().to(device)
+    model = None
+    if "img_size" not in kwargs:  # built as the run builds it (usi.models.create_student): for its input size
+        try:
+            model = timm_model(name, num_classes=num_classes, img_size=input_size, **kwargs)
+        except TypeError:  # a CNN takes any size
+            pass
+    model = (model or timm_model(name, num_classes=num_classes, **kwargs)).eval().to(device)
     x = torch.randn(batch, 3, input_size, input_size, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x[:1])

@@ -44,23 +44,27 @@ def command(nproc: int, recipe_file: Path) -> str:
     return f"{launch} train {shlex.quote(str(recipe_file))}"
 
 
-def recipe_file(job: Job, out: Path, plan_dir: Path, pending_teacher: bool) -> Path:
-    """The job's recipe, checked and written. A KD run's teacher weights that the plan's own teacher run
-    will write do not exist yet: that one key is left out of the check."""
+def checked_tree(job: Job, out: Path, pending_teacher: bool) -> dict:
+    """The job's recipe as it will run, checked. A KD run's teacher weights that the plan's own teacher
+    run will write do not exist yet: that one key is left out of the check."""
     tree = settings(job.tree, {"run.dir": str(out / job.name), "run.resume": "auto"})
-    check = settings(tree, {"teacher.weights": None}) if pending_teacher and job.needs else tree
-    recipe_mod.from_tree(check)  # a bad run is refused here, before any file is written
-    path = plan_dir / f"{job.name.replace('/', '-')}.yaml"
+    recipe_mod.from_tree(settings(tree, {"teacher.weights": None}) if pending_teacher and job.needs else tree)
+    return tree
+
+
+def recipe_file(name: str, tree: dict, plan_dir: Path) -> Path:
+    path = plan_dir / f"{name.replace('/', '-')}.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
 
 
 def write_plan(todo: list[Job], out: Path, *, nproc: int, cpus: int = 8) -> list[Path]:
     """Every file of the plan (this module's docstring); the paths written."""
+    pending = any(j.name == "teacher" for j in todo)
+    trees = {j.name: checked_tree(j, out, pending) for j in todo}  # a bad run is refused before any file
     plan_dir = out / "plan"
     plan_dir.mkdir(parents=True, exist_ok=True)
-    pending = any(j.name == "teacher" for j in todo)
-    lines = {j.name: command(nproc, recipe_file(j, out, plan_dir, pending).resolve()) for j in todo}
+    lines = {name: command(nproc, recipe_file(name, tree, plan_dir).resolve()) for name, tree in trees.items()}
     teacher = lines.pop("teacher", None)
     written = [plan_dir / "runs.txt", plan_dir / "slurm.sh", plan_dir / "submit.sh"]
     (plan_dir / "runs.txt").write_text("\n".join(lines.values()) + "\n")

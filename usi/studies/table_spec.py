@@ -151,7 +151,7 @@ def from_mapping(tree, where: str) -> TableSpec:
 
 
 def load(path: Path) -> TableSpec:
-    return from_mapping(recipe_mod.read_yaml(path), str(path))
+    return from_mapping(recipe_mod.read_yaml(path, "table file"), str(path))
 
 
 def deviations(row: Row) -> dict:
