@@ -34,6 +34,9 @@ from helpers import nan_copy, one_error, teacher_file, train, train_args
     (["data.batch_size=7"], "data.batch_size=7 must be even for mixup/cutmix"),
     (["optim.name=adamww"], "optim.name='adamww' is not a timm optimizer; did you mean 'adamw'?"),
     (["optim.lr"], "must look like section.key=value"),
+    (["data.minival=-0.1"], "data.minival=-0.1 is out of range: must be >= 0.0"),
+    (["data.minival=1.5"], "data.minival=1.5 must be a fraction below 1 or a whole number of images"),
+    (["data.format=shards", "data.minival=0.1"], "data.minival needs data.format=folder"),
 ])
 def test_bad_recipes_fail_with_one_clear_line(override, message):
     with pytest.raises(UsageError) as err:

@@ -50,6 +50,7 @@ def validate(recipe: Recipe) -> None:
     resume = recipe.run.resume
     if resume not in ("never", "auto") and not Path(resume).is_file():
         raise UsageError(f"run.resume={resume!r} must be never, auto or an existing checkpoint file")
+    check_minival(recipe.data)
     check_optimizer(recipe.optim.name)
     reserved = {"pretrained": "model.pretrained", "num_classes": "the data (its class folders)",
                 "pretrained_cfg_overlay": "model.weights", "checkpoint_path": "model.weights"}
@@ -83,6 +84,18 @@ def check_features(recipe: Recipe) -> None:
                          f"module to a teacher module")
     if f.student and not recipe.kd:
         raise UsageError("features.student needs a teacher (teacher.name is null)")
+
+
+def check_minival(data) -> None:
+    """data.minival: a fraction below 1 or a whole count of image-folder train images (what the images
+    allow, e.g. a class left with none to train on, is checked when the folder is read)."""
+    if data.minival >= 1 and data.minival != int(data.minival):
+        raise UsageError(f"data.minival={data.minival:g} must be a fraction below 1 or a whole number of images")
+    if data.minival and data.format == "shards":
+        # shards stream in a fixed order with fixed steps per epoch; holding samples out would break both,
+        # and evaluating them each epoch would read every train shard
+        raise UsageError("data.minival needs data.format=folder: shards stream a fixed count of train samples "
+                         "per epoch, none can be held out; set data.minival=0 (select on val)")
 
 
 def check_optimizer(name: str) -> None:
