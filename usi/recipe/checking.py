@@ -90,7 +90,7 @@ def check_minival(data) -> None:
     """data.minival: a fraction below 1 or a whole count of image-folder train images (what the images
     allow, e.g. a class left with none to train on, is checked when the folder is read)."""
     if data.minival >= 1 and data.minival != int(data.minival):
-        raise UsageError(f"data.minival={data.minival:g} must be a fraction below 1 or a whole number of images")
+        raise UsageError(f"data.minival={data.minival} must be a fraction below 1 or a whole number of images")
     if data.minival and data.format == "shards":
         # shards stream in a fixed order with fixed steps per epoch; holding samples out would break both,
         # and evaluating them each epoch would read every train shard
