@@ -4,7 +4,8 @@ timm's CheckpointSaver is the model: the loop tells the ledger what happened (`a
 `evaluated`, `epoch_done`, `evaluation_stopped`, `finish`) and the ledger decides what is written:
   - last.pt (usi/training/checkpoint.py) at every epoch's end, at a stop, and every run.ckpt_every_steps
     updates within an epoch; it holds the record whole, so a resume continues exactly;
-  - best.safetensors when run.best_metric improves on the best so far (raw or EMA weights);
+  - best.safetensors when run.best_metric improves on the best so far (raw or EMA weights), on the
+    selection split: val, or the minival split that data.minival holds out of train;
   - metrics.jsonl, one line per finished epoch (rewritten from the record on resume);
   - summary.json once the last epoch is done.
 Every rank keeps the same record; only rank 0 writes. A rule such as "keep the top-k checkpoints" belongs
