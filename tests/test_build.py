@@ -74,3 +74,21 @@ def test_the_batch_plan_accumulates_to_the_global_batch_or_scales_the_lr():
     assert accum == 1 and lr == pytest.approx(2e-3 * 256 / 1024) and "(linear)" in line
     sqrt = R.load(None, ["data.batch_size=128", "optim.global_batch=1024", "optim.lr=2e-3", "optim.batch_rule=sqrt"])
     assert batch_plan(sqrt, 2)[1] == pytest.approx(2e-3 * 0.5)
+
+
+def test_minival_is_the_same_images_for_every_seed_and_model_and_never_trained_on(image_root, tmp_path):
+    from usi.runtime import distributed
+
+    def built(*extra):
+        recipe = R.load(None, [*TINY, f"data.root={image_root}", f"run.dir={tmp_path / 'r'}", "data.minival=8",
+                               *extra])
+        return build.build_training(recipe, distributed.Dist(), dry=True)
+
+    a, b = built("run.seed=1"), built("run.seed=2", "model.name=test_efficientnet")
+    assert a.minival_split.samples == b.minival_split.samples and len(a.minival_split) == 8
+    assert a.selection == "minival (8 images)" and len(a.train_split) == 56
+    trained = {path for path, _ in a.train_loader.loader.dataset.split.samples}  # what the train loader reads
+    assert trained and not trained & {path for path, _ in a.minival_split.samples}
+    assert a.minival_loader.dataset.split is a.minival_split
+    out = usi_main(*train_args(image_root, tmp_path / "r", "data.minival=8"), "--dry-run")
+    assert "56 train / 12 val images, 4 classes; best weights selected on minival (8 images)" in out.stdout

@@ -43,6 +43,9 @@ from helpers import nan_copy, one_error, teacher_file, train, train_args
     (["loss.distill_token=soft", "teacher.name=null"], "loss.distill_token=soft needs a teacher (teacher.name is "
                                                         "null)"),
     (["loss.distill_token=hard", "loss.hard_label=false"], "loss.hard_label=false would leave it untrained"),
+    (["data.minival=-0.1"], "data.minival=-0.1 is out of range: must be >= 0.0"),
+    (["data.minival=1.5"], "data.minival=1.5 must be a fraction below 1 or a whole number of images"),
+    (["data.format=shards", "data.minival=0.1"], "data.minival needs data.format=folder"),
 ])
 def test_bad_recipes_fail_with_one_clear_line(override, message):
     with pytest.raises(UsageError) as err:

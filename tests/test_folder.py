@@ -2,13 +2,14 @@
 loader's own view."""
 import itertools
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from usi.data.folder import FolderSplit
+from usi.data.folder import FolderSplit, held_out_counts
 from usi.errors import UsageError
 
 from conftest import read_jsonl, usi_cmd, usi_main
@@ -141,3 +142,31 @@ def test_unreadable_images_are_skipped_counted_and_stop_past_the_limit(image_roo
     assert "skipped unreadable image" in ok.stderr
     stop = usi_main(*train_args(data, tmp_path / "stop", "data.max_bad_samples=2"))
     assert stop.returncode == 2 and "3 unreadable images so far exceeds data.max_bad_samples=2" in stop.stderr
+
+
+def test_minival_is_held_out_of_train_per_class_chosen_by_relative_path_alone(image_root, tmp_path):
+    train = FolderSplit(image_root / "train")
+    rest, held = train.hold_out(0.25)
+    assert len(held) == 16 and len(rest) == 48 and rest.classes == held.classes == train.classes
+    assert not set(rest.samples) & set(held.samples) and sorted(rest.samples + held.samples) == sorted(train.samples)
+    assert torch.bincount(torch.tensor(held.targets)).tolist() == [4, 4, 4, 4]  # stratified
+    assert held.bad is not rest.bad and len(held.bad) == 16  # each view flags its own files
+    # the same files from a copy elsewhere: the choice depends on the relative paths, nothing else
+    shutil.copytree(image_root / "train", tmp_path / "copy")
+    again = FolderSplit(tmp_path / "copy").hold_out(0.25)[1]
+    relative = lambda split: sorted(Path(p).relative_to(split.root) for p, _ in split.samples)  # noqa: E731
+    assert relative(again) == relative(held)
+    # a count: in proportion to each class's size, the rounding to the largest remainders, in class order
+    assert held_out_counts([10, 10, 5], 6, ["a", "b", "c"]) == [3, 2, 1]
+    assert held_out_counts([100, 50], 0.1, ["a", "b"]) == [10, 5]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0.99", "data.minival=0.99 holds out all 16 train images of class 'circle'; hold out fewer"),
+    ("64", "data.minival=64 holds out 64 of the 64 train images: leave some to train on"),
+    ("0.001", "data.minival=0.001 holds out no image of the 64 train images"),
+])
+def test_a_minival_the_train_split_cannot_give_is_one_line_before_any_run_directory(image_root, tmp_path, value,
+                                                                                    message):
+    one_error(usi_main(*train_args(image_root, tmp_path / "r", f"data.minival={value}")), message)
+    assert not (tmp_path / "r").exists()

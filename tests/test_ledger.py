@@ -1,4 +1,5 @@
 """usi/training/ledger.py: resume: exact after an epoch boundary, mid-epoch and after kill -9; data that changed."""
+import json
 import os
 import shutil
 import signal
@@ -10,7 +11,7 @@ import torch
 from usi.training import checkpoint
 
 from conftest import read_jsonl, usi_main
-from helpers import one_error, start, train, train_args, wait_for_epochs
+from helpers import one_error, start, teacher_file, train, train_args, wait_for_epochs
 
 
 def weights(run_dir):
@@ -87,3 +88,23 @@ def test_resuming_on_data_whose_class_names_differ_is_refused(image_root, tmp_pa
         (renamed / split / "circle").rename(renamed / split / "zcircle")  # same count, labels shift
     out = usi_main(*train_args(renamed, tmp_path / "r", "run.resume=auto"))
     one_error(out, "they differ at label 0 ('circle' vs 'frame')")
+
+
+def test_a_resumed_minival_run_holds_out_the_same_images_and_keeps_its_selection(image_root, tmp_path):
+    # with a teacher: its minival logits (agreement, KL) are computed again on resume, from the same images
+    extra = ["data.minival=0.25", "teacher.name=test_resnet", f"teacher.weights={teacher_file(tmp_path / 't.st')}",
+             "run.best_metric=kl"]
+    assert train(image_root, tmp_path / "whole", *extra).returncode == 0
+    assert train(image_root, tmp_path / "cut", *extra, "run.stop_after=1").returncode == 0
+    again = train(image_root, tmp_path / "cut", *extra, "run.resume=auto")
+    assert again.returncode == 0, again.stderr
+    timing = ("train", "eval_time_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    whole, cut = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("whole", "cut"))
+    assert strip(whole) == strip(cut) and all("kl" in r["minival"]["ema"] for r in cut)
+    a, b = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("whole", "cut"))
+    assert a["selection"] == b["selection"] == "minival (16 images)"
+    assert a["best"] == b["best"] and a["selected_val"] == b["selected_val"]
+    best = b["best"]
+    assert best["value"] == min(r["minival"][w]["kl"] for r in cut for w in ("raw", "ema"))  # ranked on minival
+    assert b["selected_val"] == cut[best["epoch"] - 1][best["weights"]]  # and reported on val

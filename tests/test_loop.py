@@ -1,7 +1,12 @@
 """usi/training/loop.py: how the epoch loop ends a run that cannot go on."""
+import json
 import shutil
 
-from conftest import usi_main
+from safetensors import safe_open
+
+from usi.training import loop
+
+from conftest import read_jsonl, usi_main
 from helpers import one_error, train_args
 
 
@@ -28,3 +33,32 @@ def test_a_diverging_run_stops_naming_the_update_lr_and_checkpoint(image_root, t
     assert out.returncode == 1
     (line,) = [x for x in out.stderr.splitlines() if x.startswith("usi: stopped")]
     assert "non-finite updates in a row (run.max_nonfinite=" in line and "lr now" in line and "checkpoint" in line
+
+
+def test_best_weights_are_selected_on_minival_where_it_and_val_disagree(image_root, tmp_path, monkeypatch):
+    """Rigged top-1s: on val the raw weights win, on minival the EMA ones. data.minival selects on minival (and
+    reports the chosen weights' val metrics); data.minival=0, the USI paper's protocol, on val."""
+    real = loop.evaluate
+
+    def rigged(models, loader, compute, **kwargs):
+        metrics, logits = real(models, loader, compute, **kwargs)
+        on_minival = len(loader.dataset) == 16  # 64 train images x 0.25; val has 12
+        metrics["raw"]["top1"], metrics["ema"]["top1"] = (10.0, 90.0) if on_minival else (80.0, 20.0)
+        return metrics, logits
+
+    monkeypatch.setattr(loop, "evaluate", rigged)
+    assert usi_main(*train_args(image_root, tmp_path / "mini", "data.minival=0.25")).returncode == 0
+    summary = json.loads((tmp_path / "mini" / "summary.json").read_text())
+    assert summary["selection"] == "minival (16 images)"
+    assert (summary["best"]["weights"], summary["best"]["value"]) == ("ema", 90.0)
+    assert summary["selected_val"]["top1"] == 20.0 and summary["selected_val"]["count"] == 12
+    first = read_jsonl(tmp_path / "mini" / "metrics.jsonl")[0]
+    assert first["selected_on"] == "minival" and first["raw"]["top1"] == 80.0 and first["minival"]["ema"]["top1"] == 90
+    with safe_open(tmp_path / "mini" / "best.safetensors", "pt") as f:
+        assert f.metadata()["weights"] == "ema" and f.metadata()["selection"] == "minival (16 images)"
+
+    assert usi_main(*train_args(image_root, tmp_path / "val")).returncode == 0
+    summary = json.loads((tmp_path / "val" / "summary.json").read_text())
+    assert summary["selection"] == "val" and summary["best"]["weights"] == "raw"
+    assert summary["selected_val"]["top1"] == summary["best"]["value"] == 80.0
+    assert "minival" not in read_jsonl(tmp_path / "val" / "metrics.jsonl")[0]

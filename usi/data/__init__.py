@@ -7,6 +7,7 @@ either format, offers:
   eval_loader(transform, ...)  every sample exactly once across ranks
   bad_count(device)            unreadable samples met by any rank (a collective call)
   cache_identity(transform)    what the teacher's val logits depend on (files, transform), or None
+A folder's train split can also hold out a minival split (data.minival, `hold_out`).
 Each loader reads its own view of the split, with its own transform (the loader's `.dataset`, which
 knows its cache_identity()): building the val loader never changes the train loader's images.
 """
@@ -24,7 +25,7 @@ from usi.runtime.distributed import Dist
 log = logging.getLogger("usi")
 Split = FolderSplit | ShardSplit
 
-__all__ = ["InputSpec", "Split", "open_splits", "open_val_split", "train_loader", "val_loader"]
+__all__ = ["InputSpec", "Split", "hold_out", "open_splits", "open_val_split", "train_loader", "val_loader"]
 
 
 def open_split(cfg, name: str, classes: list[str] | None = None) -> Split:
@@ -51,6 +52,14 @@ def open_splits(cfg) -> tuple[Split, Split]:
     if missing:
         log.warning(f"val split has no images of {len(missing)} classes (e.g. {train.classes[missing[0]]!r})")
     return train, val
+
+
+def hold_out(train: Split, cfg) -> tuple[Split, Split | None]:
+    """data.minival: (train without the held-out images, the minival split they form); (train, None) when
+    it is 0. Only image folders hold out (usi/recipe/checking.py refuses it with shards)."""
+    if not cfg.minival:
+        return train, None
+    return train.hold_out(cfg.minival)
 
 
 def open_val_split(cfg, classes: list[str]) -> Split:

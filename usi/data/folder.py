@@ -9,6 +9,7 @@ stop past a threshold of distinct bad files.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -55,6 +56,36 @@ def list_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
     return samples
 
 
+def path_hash(path: str, root: Path) -> str:
+    """A hash of the path relative to the split's folder (a string cut: Path.relative_to takes a minute on
+    ImageNet's 1.28M files)."""
+    prefix = str(root) + os.sep
+    relative = path[len(prefix):] if path.startswith(prefix) else str(Path(path).relative_to(root))
+    return hashlib.sha256(relative.replace(os.sep, "/").encode()).hexdigest()
+
+
+def held_out_counts(counts: list[int], minival: float, classes: list[str]) -> list[int]:
+    """Images held out per class for data.minival (a fraction < 1 of the split, or a count): in proportion to
+    each class's size, the total's rounding left to the largest remainders. Every class keeps a train image."""
+    total = sum(counts)
+    n = round(minival * total) if minival < 1 else int(minival)
+    minival = minival if minival < 1 else n  # as the user wrote it: 10000, not 10000.0 or 1e+04
+    if n == 0:
+        raise UsageError(f"data.minival={minival} holds out no image of the {total} train images")
+    if n >= total:
+        raise UsageError(f"data.minival={minival} holds out {n} of the {total} train images: leave some to train on")
+    quotas = [n * c / total for c in counts]
+    held = [int(q) for q in quotas]
+    by_remainder = sorted(range(len(counts)), key=lambda i: held[i] - quotas[i])  # stable: ties by class order
+    for i in by_remainder[:n - sum(held)]:
+        held[i] += 1
+    for i, (h, c) in enumerate(zip(held, counts)):
+        if h >= c:
+            raise UsageError(f"data.minival={minival} holds out all {c} train images of class {classes[i]!r}; "
+                             f"hold out fewer")
+    return held
+
+
 class FolderSplit:
     """One split of an image folder: its files and labels, its unreadable-file flags, and its loaders."""
 
@@ -81,6 +112,26 @@ class FolderSplit:
 
     def missing_classes(self) -> list[int]:
         return sorted(set(range(len(self.classes))) - set(self.targets))
+
+    def subset(self, indices: list[int]) -> "FolderSplit":
+        """A view of these samples alone: the same root and classes, its own unreadable-file flags."""
+        view = copy.copy(self)
+        view.samples = [self.samples[i] for i in indices]
+        view.bad = torch.zeros(len(view.samples), dtype=torch.uint8).share_memory_()
+        return view
+
+    def hold_out(self, minival: float) -> tuple["FolderSplit", "FolderSplit"]:
+        """(the rest, the held-out images) for data.minival: per class, the files whose relative paths hash
+        lowest, so the choice depends on the file list alone (the same for every seed, model and resume)."""
+        by_class = [[] for _ in self.classes]
+        for i, (path, label) in enumerate(self.samples):
+            by_class[label].append(i)
+        counts = held_out_counts([len(c) for c in by_class], minival, self.classes)
+        held = set()
+        for indices, n in zip(by_class, counts):
+            held.update(sorted(indices, key=lambda i: path_hash(self.samples[i][0], self.root))[:n])
+        return (self.subset([i for i in range(len(self)) if i not in held]),
+                self.subset([i for i in range(len(self)) if i in held]))
 
     def dataset(self, transform) -> "FolderDataset":
         """A training view of the split through `transform` (the split itself keeps no transform: each

@@ -50,6 +50,7 @@ def validate(recipe: Recipe) -> None:
     resume = recipe.run.resume
     if resume not in ("never", "auto") and not Path(resume).is_file():
         raise UsageError(f"run.resume={resume!r} must be never, auto or an existing checkpoint file")
+    check_minival(recipe.data)
     check_optimizer(recipe.optim.name)
     reserved = {"pretrained": "model.pretrained", "num_classes": "the data (its class folders)",
                 "pretrained_cfg_overlay": "model.weights", "checkpoint_path": "model.weights"}
@@ -96,6 +97,18 @@ def check_loss(recipe: Recipe) -> None:
     if loss.distill_token and not loss.hard_label:
         raise UsageError("loss.distill_token trains the class token on the mixed targets: loss.hard_label=false "
                          "would leave it untrained")
+
+
+def check_minival(data) -> None:
+    """data.minival: a fraction below 1 or a whole count of image-folder train images (what the images
+    allow, e.g. a class left with none to train on, is checked when the folder is read)."""
+    if data.minival >= 1 and data.minival != int(data.minival):
+        raise UsageError(f"data.minival={data.minival} must be a fraction below 1 or a whole number of images")
+    if data.minival and data.format == "shards":
+        # shards stream in a fixed order with fixed steps per epoch; holding samples out would break both,
+        # and evaluating them each epoch would read every train shard
+        raise UsageError("data.minival needs data.format=folder: shards stream a fixed count of train samples "
+                         "per epoch, none can be held out; set data.minival=0 (select on val)")
 
 
 def check_optimizer(name: str) -> None:

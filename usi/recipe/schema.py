@@ -96,6 +96,8 @@ class DataSection:
     input_size: Optional[int] = setting(None, low=8, high=4096, help="null: the student's default input size")
     max_bad_samples: int = setting(1000, low=0, resume_free=True,
                                    help="unreadable images skipped per run before it stops")
+    minival: float = setting(0.0, low=0.0, help="train images held out to select best.safetensors on: a "
+                             "fraction < 1 or a count, per class, the same for every seed; 0: select on val")
 
 
 @dataclass

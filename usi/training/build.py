@@ -137,6 +137,13 @@ class Training:
     val_loader: object
     steps: int  # per epoch
     epochs: int  # including cool-down
+    minival_split: data.Split | None = None  # data.minival: held out from train, selects best.safetensors
+    minival_loader: object = None
+
+    @property
+    def selection(self) -> str:
+        """The split best.safetensors is selected on, in words (summary.json's "selection")."""
+        return f"minival ({len(self.minival_split)} images)" if self.minival_split is not None else "val"
 
     @property
     def classes(self) -> list[str]:
@@ -155,6 +162,7 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
     batch = batch_plan(recipe, dist.world)  # the world size is known: fail before any work
     tracking.check_available(recipe.run.loggers)
     train_split, val_split = data.open_splits(recipe.data)
+    train_split, minival_split = data.hold_out(train_split, recipe.data)
     num_classes = len(train_split.classes)
     seed_everything(recipe.run.seed)
     student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=fresh and not dry)
@@ -169,6 +177,8 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
 
     train_loader = data.train_loader(train_split, recipe.data, recipe.aug, spec, seed=recipe.run.seed, dist=dist)
     val_loader = data.val_loader(val_split, recipe.data, recipe.aug, spec, dist=dist)
+    minival_loader = (data.val_loader(minival_split, recipe.data, recipe.aug, spec, dist=dist)
+                      if minival_split is not None else None)
     steps = train_loader.steps_per_epoch()
     if recipe.run.max_steps:
         steps = min(steps, recipe.run.max_steps)
@@ -203,9 +213,11 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
                        features=features)
     t = Training(recipe=recipe, dist=dist, batch=batch, state=state,
                  cfg=step_config(recipe, compute, num_classes, batch.accum), train_split=train_split,
-                 val_split=val_split, train_loader=train_loader, val_loader=val_loader, steps=steps, epochs=epochs)
+                 val_split=val_split, train_loader=train_loader, val_loader=val_loader, steps=steps, epochs=epochs,
+                 minival_split=minival_split, minival_loader=minival_loader)
     log.info(f"student {recipe.model.name}: {t.params / 1e6:.2f}M params, input {spec.size}, {num_classes} classes, "
-             f"{len(train_split)} train / {len(val_split)} val images, {steps} steps x {epochs} epochs"
+             f"{len(train_split)} train / {len(val_split)} val images, {steps} steps x {epochs} epochs, best "
+             f"weights selected on {t.selection}"
              + (f", teacher {' + '.join(c.name for c in recipe.teachers())}" if teacher is not None
                 else ", no teacher"))
     return t
@@ -250,7 +262,7 @@ def plan_lines(t: Training) -> list[str]:
     steps, epochs, accum = t.steps, t.epochs, t.cfg.accum_steps
     return [
         (f"data: {recipe.data.format} at {recipe.data.root}: {len(t.train_split)} train / {len(t.val_split)} val "
-         f"images, {len(t.classes)} classes"),
+         f"images, {len(t.classes)} classes; best weights selected on {t.selection}"),
         f"student: {recipe.model.name}, {t.params / 1e6:.2f}M params, input {size} px",
         f"teacher: {teacher_line}",
         *feature_line,

@@ -4,7 +4,8 @@ timm's CheckpointSaver is the model: the loop tells the ledger what happened (`a
 `evaluated`, `epoch_done`, `evaluation_stopped`, `finish`) and the ledger decides what is written:
   - last.pt (usi/training/checkpoint.py) at every epoch's end, at a stop, and every run.ckpt_every_steps
     updates within an epoch; it holds the record whole, so a resume continues exactly;
-  - best.safetensors when run.best_metric improves on the best so far (raw or EMA weights);
+  - best.safetensors when run.best_metric improves on the best so far (raw or EMA weights), on the
+    selection split: val, or the minival split that data.minival holds out of train;
   - metrics.jsonl, one line per finished epoch (rewritten from the record on resume);
   - summary.json once the last epoch is done.
 Every rank keeps the same record; only rank 0 writes. A rule such as "keep the top-k checkpoints" belongs
@@ -31,8 +32,9 @@ log = logging.getLogger("usi")
 
 class Ledger:
     def __init__(self, state: TrainState, *, recipe: Recipe, classes: list[str], run_dir: Path, steps: int,
-                 epochs: int, main: bool):
+                 epochs: int, main: bool, selection: str = "val"):
         self.state, self.recipe, self.classes, self.run_dir = state, recipe, classes, run_dir
+        self.selection = selection  # the split `evaluated` ranks on: "val", or "minival (N images)"
         self.steps, self.epochs, self.main = steps, epochs, main  # steps per epoch; epochs with cool-down
         self.versions = environment.versions()  # usi, torch, timm, CUDA, cuDNN, git: in every checkpoint
         # ---- the record (a checkpoint holds it whole)
@@ -70,7 +72,8 @@ class Ledger:
             self.save(at)
 
     def evaluated(self, metrics: dict, epoch: int) -> None:
-        """Raw and EMA ranked by run.best_metric; the winner's weights exported if it beats the best so far."""
+        """Raw and EMA ranked by run.best_metric (`metrics`: on the selection split); the winner's weights
+        exported if it beats the best so far."""
         metric = self.recipe.run.best_metric
         candidates = {name: m[metric] for name, m in metrics.items() if metric in m}
         if not candidates:
@@ -84,6 +87,7 @@ class Ledger:
             files.export_weights(model.state_dict(), self.run_dir / checkpoint.BEST, metadata={
                 "recipe": self.recipe.to_yaml(), "model": self.recipe.model.name, "weights": name,
                 "classes": json.dumps(self.classes), "epoch": str(epoch + 1), metric: repr(candidates[name]),
+                "selection": self.selection,
                 "versions": json.dumps(self.versions)})
 
     def epoch_done(self, record: dict, end: Position) -> None:
@@ -120,6 +124,7 @@ class Ledger:
             "teacher": " + ".join(t.name for t in recipe.teachers()) if recipe.kd else None,
             "params": sum(p.numel() for p in self.state.student.parameters()), "epochs": self.epochs,
             "num_classes": len(self.classes), "best": self.best,
+            "selection": self.selection, "selected_val": self.selected_val(),
             "final": {k: v for k, v in final.items() if k in ("raw", "ema")},
             "teacher_metrics": self.teacher,
             "train_img_per_s": sum(r["train"].get("images", 0) for r in history) / train_time if train_time else None,
@@ -129,9 +134,17 @@ class Ledger:
         if self.main:
             rundir.write_summary(self.run_dir, summary)
             best = self.best
-            log.info(f"done: best {best.get('metric')} {best.get('value', float('nan')):.2f} "
-                     f"({best.get('weights')} weights, epoch {best.get('epoch')}) -> {self.run_dir}")
+            log.info(f"done: best {best.get('metric')} {best.get('value', float('nan')):.2f} on {self.selection} "
+                     f"({best.get('weights')} weights, epoch {best.get('epoch')}; val top1 "
+                     f"{summary['selected_val'].get('top1', float('nan')):.2f}) -> {self.run_dir}")
         return summary
+
+    def selected_val(self) -> dict:
+        """The val metrics of the weights best.safetensors holds: val is evaluated with every evaluation (on
+        minival too), so they are in the record, and a resumed run finds them there."""
+        best = self.best
+        record = next((r for r in self.history if r["epoch"] == best.get("epoch")), {})
+        return record.get(best.get("weights"), {})
 
     # ---------------------------------------------------------------- resume
 

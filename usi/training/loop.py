@@ -44,7 +44,8 @@ def train(recipe: Recipe) -> dict:
         try:
             training = make.build_training(recipe, dist, fresh=resume_from is None)
             ledger = Ledger(training.state, recipe=recipe, classes=training.classes, run_dir=run_dir,
-                            steps=training.steps, epochs=training.epochs, main=dist.main)
+                            steps=training.steps, epochs=training.epochs, main=dist.main,
+                            selection=training.selection)
             if resume_from is not None:
                 ledger.resume(resume_from)
             ledger.started = started
@@ -88,10 +89,12 @@ def run(t: Training, ledger: Ledger) -> dict:
 def loop(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter, trackers: Trackers) -> dict:
     recipe = t.recipe
     stop_at = min(t.epochs, ledger.at.epoch + recipe.run.stop_after) if recipe.run.stop_after else t.epochs
-    # ---- the teacher's val logits, once (minutes on ImageNet: a stop signal is honoured here too)
-    teacher_logits, broken = None, None
+    # ---- the teacher's val (and minival) logits, once (minutes on ImageNet: a stop signal is honoured here too)
+    teacher_logits, broken = {}, None
     try:
-        ledger.teacher, teacher_logits = val_teacher(t)
+        ledger.teacher, teacher_logits["val"] = val_teacher(t)
+        if t.minival_split is not None:
+            teacher_logits["minival"] = val_teacher(t, "minival")[1]
     except LoaderBroken as e:
         broken = e
     if signum := feed.signal(broken):
@@ -105,7 +108,8 @@ def loop(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter, trackers: Tra
         else:
             # ---- train one epoch (from a mid-epoch step when resuming), stopping early on a signal
             record, result = train_phase(t, ledger, feed=feed, meter=meter)
-        # ---- evaluate raw and EMA weights (the very weights rank 0 saves); export the best
+        # ---- evaluate raw and EMA weights (the very weights rank 0 saves) on val, and on minival when
+        # data.minival holds one out; export the best on the selection split (minival, else val)
         if due(at.epoch + 1, recipe.run.eval_every, last=t.epochs):
             t_eval = time.time()
             try:
@@ -115,8 +119,11 @@ def loop(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter, trackers: Tra
                 ledger.evaluation_stopped(record, result.end.updates)
                 stop(t, ledger, signum, evaluating=True)
             record["eval_time_s"] = time.time() - t_eval
-            ledger.evaluated(metrics, at.epoch)
-            record.update(metrics)
+            selected_on = "minival" if "minival" in metrics else "val"
+            ledger.evaluated(metrics[selected_on], at.epoch)
+            record.update(metrics["val"], selected_on=selected_on)
+            if "minival" in metrics:
+                record["minival"] = metrics["minival"]
         # ---- unreadable images met so far (train and val apart), this epoch's evaluation included
         check_bad_images(t, record)
         # ---- checkpoint at the epoch's end (the record with it), then log
@@ -147,17 +154,22 @@ def train_phase(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter) -> tup
     return {"epoch": at.epoch + 1, "train": {**result.stats, "time_s": time.time() - t0}}, result
 
 
-def evaluate_epoch(t: Training, teacher_logits: torch.Tensor | None) -> dict:
+def evaluate_epoch(t: Training, teacher_logits: dict) -> dict:
+    """{"val": {raw/ema: metrics}} and, with data.minival, "minival": the same on the held-out images."""
     models = t.state.models_to_eval()
     if t.dist.distributed:
         for model in models.values():  # each rank's BatchNorm statistics moved with its own batches
             distribute_bn(model, t.dist.world, reduce=False)
-    metrics, _ = evaluate(models, t.val_loader, t.cfg.compute, n_bins=t.recipe.run.ece_bins,
-                          teacher_logits=teacher_logits)
-    if metrics["raw"]["count"] == 0:
-        raise UsageError(f"no val image could be read ({t.val_split.bad_count(t.dist.device)} unreadable; see the "
-                         f"warnings above)")
-    return metrics
+    result = {}
+    for name in ("val", "minival") if t.minival_split is not None else ("val",):
+        split, loader = getattr(t, f"{name}_split"), getattr(t, f"{name}_loader")
+        metrics, _ = evaluate(models, loader, t.cfg.compute, n_bins=t.recipe.run.ece_bins,
+                              teacher_logits=teacher_logits.get(name))
+        if metrics["raw"]["count"] == 0:
+            raise UsageError(f"no {name} image could be read ({split.bad_count(t.dist.device)} unreadable; see the "
+                             f"warnings above)")
+        result[name] = metrics
+    return result
 
 
 def check_some_update_counted(ledger: Ledger, result: EpochResult, at: Position) -> None:
@@ -189,15 +201,17 @@ def stop(t: Training, ledger: Ledger, signum: int, saved: bool = False, evaluati
                               f"continue with run.resume=auto")
 
 
-def val_teacher(t: Training) -> tuple[dict, torch.Tensor | None]:
-    """The teacher's val metrics, once; this rank's logits serve every epoch's fidelity metrics."""
+def val_teacher(t: Training, name: str = "val") -> tuple[dict, torch.Tensor | None]:
+    """The teacher's metrics on the val (or minival) split, once; this rank's logits serve every epoch's
+    fidelity metrics."""
     if t.state.teacher is None:
         return {}, None
     t0 = time.time()
-    metrics, logits, hit = teacher_val_logits(t.state.teacher, t.recipe, t.val_split, t.val_loader,
+    split = getattr(t, f"{name}_split")
+    metrics, logits, hit = teacher_val_logits(t.state.teacher, t.recipe, split, getattr(t, f"{name}_loader"),
                                               compute=t.cfg.compute, n_bins=t.recipe.run.ece_bins, dist=t.dist)
-    log.info(f"teacher val top-1 {metrics.get('top1', float('nan')):.2f} "
-             f"({cache_note(hit, t.val_split)}, {time.time() - t0:.1f} s)")
+    log.info(f"teacher {name} top-1 {metrics.get('top1', float('nan')):.2f} "
+             f"({cache_note(hit, split)}, {time.time() - t0:.1f} s)")
     return metrics, logits
 
 
@@ -212,6 +226,9 @@ def check_bad_images(t: Training, record: dict) -> None:
     data.max_bad_samples, the run ends."""
     bad_train, bad_val = t.train_split.bad_count(t.dist.device), t.val_split.bad_count(t.dist.device)
     record["train"]["bad_images"], record["val_bad_images"] = bad_train, bad_val
+    if t.minival_split is not None:  # its own flags: held-out train images
+        record["minival_bad_images"] = t.minival_split.bad_count(t.dist.device)
+        bad_train += record["minival_bad_images"]
     if bad_train + bad_val > t.recipe.data.max_bad_samples:
         raise UsageError(f"{bad_train + bad_val} unreadable images so far exceeds "
                          f"data.max_bad_samples={t.recipe.data.max_bad_samples}; see the warnings above for "
@@ -229,4 +246,6 @@ def epoch_line(record: dict) -> str:
             text += f" | {name} top1 {m['top1']:.2f} top5 {m['top5']:.2f} nll {m['nll']:.3f}"
             if "agreement" in m:
                 text += f" agree {m['agreement']:.1f}"
+    for name, m in record.get("minival", {}).items():
+        text += f" | minival {name} top1 {m['top1']:.2f}"
     return text
