@@ -129,7 +129,9 @@ def loop(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter, trackers: Tra
         log.info(f"stopped after epoch {ledger.at.epoch} (run.stop_after={recipe.run.stop_after}); "
                  f"continue with run.resume=auto")
         return {"stopped_at_epoch": ledger.at.epoch}
-    return ledger.finish()
+    summary = ledger.finish()
+    trackers.summary(summary)
+    return summary
 
 
 def train_phase(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter) -> tuple[dict, EpochResult]:
