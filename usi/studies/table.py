@@ -15,7 +15,8 @@ from pathlib import Path
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from usi.models import forward_macs
 
 # Published USI top-1 (ImageNet-1k) by timm model name, from the paper's table.
 PUBLISHED = {
@@ -40,8 +41,7 @@ def model_cost(name: str, num_classes: int, input_size: int, device: torch.devic
     """Params, GMACs of one forward at input_size, and eval-mode images/s (median of `runs`)."""
     model = timm.create_model(name, num_classes=num_classes, **kwargs).eval().to(device)
     x = torch.randn(batch, 3, input_size, input_size, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x[:1])
+    macs = forward_macs(model, input_size)
     times = []
     with torch.no_grad():
         for i in range(runs + 1):
@@ -52,7 +52,7 @@ def model_cost(name: str, num_classes: int, input_size: int, device: torch.devic
             if i:  # the first call warms up
                 times.append(time.perf_counter() - t0)
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "gmacs": counter.get_total_flops() / 2 / 1e9, "infer_img_s": batch / statistics.median(times)}
+            "gmacs": macs / 1e9, "infer_img_s": batch / statistics.median(times)}
 
 
 def row(model: str, *, nokd: dict | None, kd: dict | None, cost: dict | None, note: str = "",
