@@ -34,6 +34,13 @@ from helpers import nan_copy, one_error, teacher_file, train, train_args
     (["data.batch_size=7"], "data.batch_size=7 must be even for mixup/cutmix"),
     (["optim.name=adamww"], "optim.name='adamww' is not a timm optimizer; did you mean 'adamw'?"),
     (["optim.lr"], "must look like section.key=value"),
+    (["run.keep_best=0"], "run.keep_best=0 is out of range: must be >= 1 and <= 100"),
+    (["run.wandb_project=lab/kd"], "run.wandb_project='lab/kd' must be 1 to 128 characters, none of"),
+    (["run.wandb_project=''"], "run.wandb_project='' must be 1 to 128 characters"),
+    (["run.wandb_tags=[kd, '']"], "run.wandb_tags: '' is not a tag of 1 to 64 characters"),
+    (["run.wandb_tags=[3]"], "run.wandb_tags: 3 is not a tag"),
+    (["run.wandb_tags=kd"], "run.wandb_tags must be list"),
+    (["run.wandb_name=[a]"], "run.wandb_name must be str or null"),
 ])
 def test_bad_recipes_fail_with_one_clear_line(override, message):
     with pytest.raises(UsageError) as err:
