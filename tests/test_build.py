@@ -34,8 +34,14 @@ def test_a_dry_run_checks_everything_writes_nothing_and_prints_the_plan(image_ro
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "r").exists()
     for line in ("model:\n  name: test_resnet", "64 train / 12 val images, 4 classes", "teacher: test_resnet",
-                 "global batch 16 = 8 x 1 processes x 2 accumulation", "8 per epoch x 2 epochs = 16 steps, 8 updates"):
+                 "global batch 16 = 8 x 1 processes x 2 accumulation", "8 per epoch x 2 epochs = 16 steps, 8 updates",
+                 "initial weights: random initialization (timm's, seed 42)",
+                 # timm's cosine: warm-up from 1e-4 over 4 updates, then the cosine (of the whole run) to 1e-6
+                 "lr: 0.0001 at update 0 (start), 0.001 at update 4 (end of warm-up, middle), 7.71e-05 at update 7 (last update)"):
         assert line in out.stdout, line
+    from usi.models import forward_macs
+    macs = forward_macs(timm.create_model("test_resnet", num_classes=4), 16)
+    assert f"0.37M params, {macs / 1e9:.3g} GMACs per image, input 16 px" in out.stdout
     wrong = tmp_path / "t10.safetensors"
     save_file(timm.create_model("test_resnet", num_classes=10).state_dict(), str(wrong))
     out = usi_main(*train_args(image_root, tmp_path / "r", "teacher.name=test_resnet", f"teacher.weights={wrong}"),

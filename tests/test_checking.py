@@ -46,6 +46,13 @@ from helpers import nan_copy, one_error, teacher_file, train, train_args
     (["data.minival=-0.1"], "data.minival=-0.1 is out of range: must be >= 0.0"),
     (["data.minival=1.5"], "data.minival=1.5 must be a fraction below 1 or a whole number of images"),
     (["data.format=shards", "data.minival=0.1"], "data.minival needs data.format=folder"),
+    (["run.keep_best=0"], "run.keep_best=0 is out of range: must be >= 1 and <= 100"),
+    (["run.wandb_project=lab/kd"], "run.wandb_project='lab/kd' must be 1 to 128 characters, none of"),
+    (["run.wandb_project=''"], "run.wandb_project='' must be 1 to 128 characters"),
+    (["run.wandb_tags=[kd, '']"], "run.wandb_tags: '' is not a tag of 1 to 64 characters"),
+    (["run.wandb_tags=[3]"], "run.wandb_tags: 3 is not a tag"),
+    (["run.wandb_tags=kd"], "run.wandb_tags must be list"),
+    (["run.wandb_name=[a]"], "run.wandb_name must be str or null"),
 ])
 def test_bad_recipes_fail_with_one_clear_line(override, message):
     with pytest.raises(UsageError) as err:

@@ -52,3 +52,25 @@ def test_too_many_bad_updates_in_a_row_stop_the_run_at_the_read_and_each_epoch_c
     # updates 5, 6 and 7 in a row: the third reaches the limit
     with pytest.raises(NonFiniteError, match=r"3 non-finite updates in a row \(run.max_nonfinite=3 reached at update 7"):
         m.end(stopped=True)
+
+
+def test_the_eta_counts_the_evaluations_still_to_come():
+    m, _ = meter()  # 3 epochs
+    m.val_images, m.eval_every = 80, 2  # evaluated after epochs 2 and 3 (the last)
+    m.begin(0)
+    # before any evaluation was timed: from the val split's size at this pace (80 images at 8 img/s: 10 s)
+    assert m.eval_left(8.0) == (0.0, 2 * 0.5 * 10.0)
+    m.eval_s = 7.0  # the loop times each evaluation
+    m.begin(1)
+    assert m.eval_left(8.0) == (7.0, 14.0)
+    m.begin(2)
+    assert m.eval_left(1e6) == (7.0, 7.0)
+
+
+def test_the_progress_line_adds_the_evaluations_to_its_eta():
+    m, stream = meter(steps=2, log_interval=2)
+    m.eval_s = 60.0
+    m.begin(2)  # the last epoch: its evaluation is still to come
+    for step in range(2):
+        m.add(losses(1.0, 1.0), step=step, updates=step + 1, bad=torch.tensor(False))
+    assert "eta 1:00 epoch, 1:00 run" in stream.getvalue()  # no step left, one evaluation of 60 s

@@ -147,3 +147,12 @@ def test_eval_and_resume_never_need_the_starting_weights_file(image_root, tmp_pa
     again = usi_main(*train_args(image_root, run, "model.weights=null", "run.resume=auto"))
     assert again.returncode == 0, again.stderr
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_forward_macs_counts_one_image_and_leaves_the_mode_as_it_was():
+    from usi.models import forward_macs
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2, bias=False))
+    assert forward_macs(model, 8) == 3 * 4 * 8 * 8 + 4 * 2  # the 1x1 convolution at 8 x 8, then the linear
+    assert model.training

@@ -43,4 +43,7 @@ def test_the_progress_line_tells_the_time_left_in_the_epoch_and_the_run():
     # 2 steps of this epoch, then 10 more of the last epoch: 4 s and 24 s
     assert line == "epoch 2/3  step 8/10  task 1.5  eta 0:04 epoch, 0:24 run"
     assert "1:00:00 run" in step_line({}, epoch=0, epochs=1, step=0, steps=3600, seconds_per_step=1.0)
+    # the evaluations still to come: this epoch's and the run's
+    with_eval = step_line({}, epoch=1, epochs=3, step=8, steps=10, seconds_per_step=2.0, eval_left_s=(30.0, 60.0))
+    assert with_eval.endswith("eta 0:34 epoch, 1:24 run")
 

@@ -1,4 +1,6 @@
 """usi/training/tracking.py: TensorBoard and Weights & Biases beside metrics.jsonl."""
+import json
+
 import pytest
 
 from usi.training.tracking import check_available, flatten
@@ -28,11 +30,12 @@ FAKE_WANDB = '''
 import json, os
 # like wandb >= 0.31: no wandb.util.generate_id
 class Run:
+    summary = {}
     def log(self, scalars, step): pass
     def finish(self): pass
 def init(**kwargs):
     with open(os.environ["WANDB_CALLS"], "a") as f:
-        f.write(json.dumps({k: kwargs[k] for k in ("id", "resume", "project")}) + "\\n")
+        f.write(json.dumps({k: kwargs[k] for k in ("id", "resume", "project", "name", "tags")}) + "\\n")
     return Run()
 '''
 
@@ -44,10 +47,77 @@ def test_a_wandb_run_keeps_its_id_across_a_resume(image_root, tmp_path):
     env = {"PYTHONPATH": str(tmp_path / "fake"), "WANDB_CALLS": str(tmp_path / "calls.jsonl")}
     run = tmp_path / "run"
     assert usi_cmd(*train_args(image_root, run, "run.loggers=[wandb]", "run.stop_after=1"), env=env).returncode == 0
-    assert usi_cmd(*train_args(image_root, run, "run.loggers=[wandb]", "run.resume=auto"), env=env).returncode == 0
+    tagged = ["run.loggers=[wandb]", "run.resume=auto", "run.wandb_tags=[later]"]  # the W&B keys may change
+    assert usi_cmd(*train_args(image_root, run, *tagged), env=env).returncode == 0
     calls = read_jsonl(tmp_path / "calls.jsonl")
     assert len(calls) == 2 and calls[0]["id"] == calls[1]["id"] and calls[0]["resume"] == "allow"
+    assert [(c["project"], c["name"], c["tags"]) for c in calls] == [("usi", "run", []), ("usi", "run", ["later"])]
     assert len(calls[0]["id"]) == 8 and calls[0]["id"].isalnum() and calls[0]["id"].islower()  # wandb's id form
+
+
+def wandb_records(run_dir):
+    """Every record of the run's offline transaction logs (run_dir/wandb/offline-run-*/run-*.wandb), in order:
+    wandb 0.31 has no Python reader of its own (its core, in Go, writes them), so this reads the LevelDB log
+    format they are written in (a 7-byte file header; 32 KiB blocks of chunks, each with a 7-byte header:
+    CRC, length, kind) and parses each record with wandb's own protobuf."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data, pos, chunks = path.read_bytes(), 7, b""
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if left < 7 or kind == 0:  # a block's zero padding
+                pos += left
+                continue
+            chunks += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a whole record, or the last chunk of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(chunks)
+                records.append(record)
+                chunks = b""
+    return records
+
+
+def items_of(entries) -> dict:
+    """W&B's history or summary items -> {"raw/top1": 71.2, ...} (nested keys joined by /)."""
+    return {"/".join(e.nested_key) or e.key: json.loads(e.value_json) for e in entries}
+
+
+def test_the_real_wandb_offline_gets_the_config_every_epoch_and_the_summary(image_root, tmp_path):
+    """wandb itself, offline (no network): what reached the run is read back from the files it wrote."""
+    pytest.importorskip("wandb")
+    env = {f"WANDB_{k}": str(tmp_path / "wandb-home") for k in ("DIR", "CONFIG_DIR", "CACHE_DIR", "DATA_DIR")}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    run = tmp_path / "run"
+    keys = ["run.loggers=[wandb]", "run.wandb_project=kd-tests", "run.wandb_entity=lab", "run.wandb_name=tiny",
+            "run.wandb_tags=[kd, test]"]
+    out = usi_cmd(*train_args(image_root, run, *keys), env=env)  # the fake above covers the resume: one start
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = wandb_records(run)
+    (start,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert start.run_id == (run / "wandb-id").read_text().strip()
+    assert (start.project, start.entity, start.display_name, list(start.tags)) == ("kd-tests", "lab", "tiny",
+                                                                                  ["kd", "test"])
+    config = items_of(start.config.update)
+    assert config["model"]["name"] == "test_resnet" and config["sched"]["epochs"] == 2
+    history = [items_of(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+    epochs = [h for h in history if "raw/top1" in h]
+    expected = read_jsonl(run / "metrics.jsonl")
+    assert [h["raw/top1"] for h in epochs] == [r["raw"]["top1"] for r in expected]
+    assert [h["epoch"] for h in epochs] == [1, 2] and [h["_step"] for h in epochs] == [8, 16]
+    assert len([h for h in history if "train/task_loss" in h]) == 2 * 4  # 8 steps an epoch, one every 2
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update(items_of(r.summary.update))
+    saved = json.loads((run / "summary.json").read_text())
+    assert summary["best/value"] == saved["best"]["value"] and summary["final/ema/nll"] == saved["final"]["ema"]["nll"]
 
 
 @pytest.mark.parametrize("logger, extra", [("wandb", "usi[wandb]"), ("tensorboard", "usi[tensorboard]")])

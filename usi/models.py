@@ -145,6 +145,21 @@ def check_input_size(model_cfg, num_classes: int, size: int) -> None:
                          f"it returns {got}")
 
 
+def forward_macs(model: torch.nn.Module, input_size: int) -> float:
+    """Multiply-accumulates of one image's forward pass at input_size, in eval mode (torch's own counter);
+    the model's mode is left as it was."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    training = model.training
+    x = torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.eval()(x)
+    finally:
+        model.train(training)
+    return counter.get_total_flops() / 2
+
+
 def input_spec(model: torch.nn.Module, input_size: int | None) -> InputSpec:
     """The student's input: data.input_size or its default size, and the mean/std it expects."""
     cfg = resolve_model_data_config(model)

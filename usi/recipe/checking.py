@@ -39,6 +39,7 @@ def validate(recipe: Recipe) -> None:
         if logger not in ("tensorboard", "wandb"):
             raise UsageError(f"run.loggers: {logger!r} is not one of tensorboard, wandb"
                              f"{suggest(logger, ('tensorboard', 'wandb'))}")
+    check_wandb(recipe.run)
     if recipe.aug.randaugment_on == "device" and (recipe.aug.color_jitter or not str(
             recipe.aug.auto_augment or "rand").startswith("rand")):
         raise UsageError("aug.randaugment_on=device does RandAugment strings (rand-...) without color jitter; "
@@ -109,6 +110,17 @@ def check_minival(data) -> None:
         # and evaluating them each epoch would read every train shard
         raise UsageError("data.minival needs data.format=folder: shards stream a fixed count of train samples "
                          "per epoch, none can be held out; set data.minival=0 (select on val)")
+
+
+def check_wandb(run) -> None:
+    """What wandb.init would refuse only once training has started (its own limits)."""
+    bad = sorted(set("/\\#?%:") & set(run.wandb_project))
+    if not run.wandb_project or len(run.wandb_project) > 128 or bad:
+        raise UsageError(f"run.wandb_project={run.wandb_project!r} must be 1 to 128 characters, none of / \\ # ? % :"
+                         + (f" (it has {' '.join(bad)})" if bad else ""))
+    for tag in run.wandb_tags:
+        if not isinstance(tag, str) or not 1 <= len(tag) <= 64:
+            raise UsageError(f"run.wandb_tags: {tag!r} is not a tag of 1 to 64 characters")
 
 
 def check_optimizer(name: str) -> None:

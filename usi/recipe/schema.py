@@ -166,7 +166,8 @@ class SchedSection:
     # timm's plateau scheduler needs a metric per epoch; usi steps the schedule per optimizer update.
     name: str = setting("cosine", choices=("cosine", "step", "multistep", "tanh", "poly"),
                         help="timm scheduler, stepped per optimizer update")
-    epochs: int = setting(300, low=1, help="training epochs (cool-down epochs come on top)")
+    epochs: int = setting(300, low=1, help="training epochs (cool-down epochs come on top); a resume may change "
+                                           "it (not below the epochs done): the schedule follows the new total")
     warmup_epochs: int = setting(5, low=0, help="linear warm-up from warmup_lr")
     warmup_lr: float = setting(1e-4, low=0.0, help="learning rate at the start of warm-up")
     min_lr: float = setting(1e-6, low=0.0, help="learning rate at the end of the schedule")
@@ -201,6 +202,8 @@ class RunSection:
     eval_every: int = setting(1, low=1, help="evaluate every N epochs (and after the last)")
     best_metric: str = setting("top1", choices=tuple(METRICS),
                                help="what best.safetensors is ranked by, over raw and EMA weights")
+    keep_best: int = setting(1, low=1, high=100, resume_free=True,
+                             help="keep the top-k weights by run.best_metric: best.safetensors, best-2..k")
     ece_bins: int = setting(15, low=1, high=10000, help="equal-width confidence bins of the ECE")
     max_nonfinite: int = setting(20, low=1, resume_free=True,
                                  help="non-finite updates in a row before the run stops")
@@ -209,6 +212,10 @@ class RunSection:
                               help="train this many epochs in this invocation, then exit (time-limited jobs)")
     loggers: list = setting(factory=list, resume_free=True,
                             help="trackers beside metrics.jsonl, rank 0 only: tensorboard, wandb")
+    wandb_project: str = setting("usi", resume_free=True, help="the W&B project")
+    wandb_entity: Optional[str] = setting(None, resume_free=True, help="the W&B team or user; null: your default")
+    wandb_name: Optional[str] = setting(None, resume_free=True, help="the W&B run name; null: the run directory's")
+    wandb_tags: list = setting(factory=list, resume_free=True, help="the W&B run's tags, e.g. [kd, resnet]")
 
 
 @dataclass

@@ -75,15 +75,15 @@ class Progress:
 
 
 def step_line(fields: dict, *, epoch: int, epochs: int, step: int, steps: int,
-              seconds_per_step: float | None = None) -> str:
-    """One progress line; with the current pace, the time left in the epoch and in the run (training
-    steps only: evaluation comes on top)."""
+              seconds_per_step: float | None = None, eval_left_s: tuple[float, float] = (0.0, 0.0)) -> str:
+    """One progress line; with the current pace, the time left in the epoch and in the run: the training
+    steps left, and the evaluations still to come (eval_left_s: this epoch's, the run's, in seconds)."""
     body = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
     line = f"epoch {epoch + 1}/{epochs}  step {step}/{steps}  {body}"
     if seconds_per_step:
         left = steps - step
-        line += (f"  eta {clock(left * seconds_per_step)} epoch, "
-                 f"{clock((left + (epochs - epoch - 1) * steps) * seconds_per_step)} run")
+        line += (f"  eta {clock(left * seconds_per_step + eval_left_s[0])} epoch, "
+                 f"{clock((left + (epochs - epoch - 1) * steps) * seconds_per_step + eval_left_s[1])} run")
     return line
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from usi.models import timm_model
+from usi.models import forward_macs, timm_model
 from usi.runtime.files import json_safe
 
 # Published USI top-1 (ImageNet-1k) by timm model name, from the paper's table.
@@ -82,8 +81,7 @@ def model_cost(name: str, num_classes: int, input_size: int, device: torch.devic
             pass
     model = (model or timm_model(name, num_classes=num_classes, **kwargs)).eval().to(device)
     x = torch.randn(batch, 3, input_size, input_size, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x[:1])
+    macs = forward_macs(model, input_size)
     cuda = device.type == "cuda"
     times = []
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -95,7 +93,7 @@ def model_cost(name: str, num_classes: int, input_size: int, device: torch.devic
             if i:  # the first call warms up
                 times.append(time.perf_counter() - t0)
     return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "gmacs": counter.get_total_flops() / 2 / 1e9, "infer_img_s": batch / statistics.median(times),
+            "gmacs": macs / 1e9, "infer_img_s": batch / statistics.median(times),
             "infer_precision": f"{'bf16' if cuda else 'fp32'} {device.type} batch {batch}"}
 
 

@@ -239,7 +239,35 @@ def dry_run(recipe: Recipe) -> str:
     t = build_training(recipe, dist, fresh=resume_from is None, dry=True)
     start = f"resume from {resume_from}" if resume_from else "a fresh start"
     return "\n".join(["# the effective recipe", recipe.to_yaml().rstrip(), "",
-                      "# the plan (nothing was written)", f"run directory: {run_dir} ({start})", *plan_lines(t)])
+                      "# the plan (nothing was written)", f"run directory: {run_dir} ({start})",
+                      f"initial weights: {starting_weights(recipe, resume_from)}", *plan_lines(t)])
+
+
+def starting_weights(recipe: Recipe, resume_from) -> str:
+    if resume_from:
+        return f"the checkpoint {resume_from} (model.weights and model.pretrained are not read)"
+    if recipe.model.weights:
+        return f"{recipe.model.weights} (model.weights)"
+    if recipe.model.pretrained:
+        return f"timm's pretrained {recipe.model.name} (model.pretrained, from its hub)"
+    return f"random initialization (timm's, seed {recipe.run.seed})"
+
+
+def schedule_points(t: Training) -> str:
+    """The lr at the schedule's key updates, from a twin of the run's scheduler (the run's is not stepped)."""
+    s, per_epoch = t.recipe.sched, t.steps // t.cfg.accum_steps
+    twin = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.batch.lr)
+    scheduler, _ = create_scheduler(t.recipe, twin, per_epoch)
+    total = per_epoch * t.epochs
+    points = {}
+    for update, name in ((0, "start"), (s.warmup_epochs * per_epoch, "end of warm-up"), (total // 2, "middle"),
+                         (max(total - 1, 0), "last update")):
+        points.setdefault(update, []).append(name)
+    words = []
+    for update, names in sorted(points.items()):
+        scheduler.step_update(num_updates=update)
+        words.append(f"{twin.param_groups[0]['lr']:.3g} at update {update} ({', '.join(names)})")
+    return "lr: " + ", ".join(words)
 
 
 def plan_lines(t: Training) -> list[str]:
@@ -260,12 +288,16 @@ def plan_lines(t: Training) -> list[str]:
 
         feature_line = [features.describe(state.wrapped, recipe.features)]
     steps, epochs, accum = t.steps, t.epochs, t.cfg.accum_steps
+    from usi.models import forward_macs  # what the dry run alone counts
+
     return [
         (f"data: {recipe.data.format} at {recipe.data.root}: {len(t.train_split)} train / {len(t.val_split)} val "
          f"images, {len(t.classes)} classes; best weights selected on {t.selection}"),
-        f"student: {recipe.model.name}, {t.params / 1e6:.2f}M params, input {size} px",
+        (f"student: {recipe.model.name}, {t.params / 1e6:.2f}M params, "
+         f"{forward_macs(state.student, size) / 1e9:.3g} GMACs per image, input {size} px"),
         f"teacher: {teacher_line}",
         *feature_line,
         f"batch: {t.batch.line}; lr {t.batch.lr:g}",
         f"steps: {steps} per epoch x {epochs} epochs = {steps * epochs} steps, {steps // accum * epochs} updates",
+        schedule_points(t),
     ]

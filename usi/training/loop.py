@@ -80,7 +80,10 @@ def run(t: Training, ledger: Ledger) -> dict:
             meter = Meter(t.state.optimizer, guard=Guard(t.dist.device, t.recipe.run.max_nonfinite),
                           progress=Progress(t.dist.main), log_interval=t.recipe.run.log_interval,
                           images_per_step=t.recipe.data.batch_size * t.dist.world, steps=t.steps,
-                          epochs=t.epochs, feature_kd=t.state.features is not None, on_log=trackers.interval)
+                          epochs=t.epochs, feature_kd=t.state.features is not None, on_log=trackers.interval,
+                          val_images=len(t.val_split), eval_every=t.recipe.run.eval_every,
+                          eval_s=next((r["eval_time_s"] for r in reversed(ledger.history) if "eval_time_s" in r),
+                                      None))
             return loop(t, ledger, feed=feed, meter=meter, trackers=trackers)
     finally:
         trackers.close()
@@ -118,7 +121,7 @@ def loop(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter, trackers: Tra
                 signum = feed.signal(e)
                 ledger.evaluation_stopped(record, result.end.updates)
                 stop(t, ledger, signum, evaluating=True)
-            record["eval_time_s"] = time.time() - t_eval
+            record["eval_time_s"] = meter.eval_s = time.time() - t_eval  # the ETA's next evaluations
             selected_on = "minival" if "minival" in metrics else "val"
             ledger.evaluated(metrics[selected_on], at.epoch)
             record.update(metrics["val"], selected_on=selected_on)
@@ -136,7 +139,9 @@ def loop(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter, trackers: Tra
         log.info(f"stopped after epoch {ledger.at.epoch} (run.stop_after={recipe.run.stop_after}); "
                  f"continue with run.resume=auto")
         return {"stopped_at_epoch": ledger.at.epoch}
-    return ledger.finish()
+    summary = ledger.finish()
+    trackers.summary(summary)
+    return summary
 
 
 def train_phase(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter) -> tuple[dict, EpochResult]:

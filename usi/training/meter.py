@@ -2,8 +2,8 @@
 
 Losses and the non-finite guard accumulate on the device; they are read once per logging interval
 (run.log_interval steps, and the epoch's last), the only host sync of the hot path. At that read the
-meter draws the progress line, hands the interval's means to the trackers and times images/s; at the
-epoch's end it gives the epoch's means for metrics.jsonl.
+meter draws the progress line (its ETA counts the evaluations still to come), hands the interval's means
+to the trackers and times images/s; at the epoch's end it gives the epoch's means for metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ import torch
 
 from usi.runtime.progress import Progress, Rate, step_line
 from usi.training.feed import due
+
+# Before the first evaluation is timed, an evaluation's cost per val image as a share of a training step's per
+# image: it runs the raw and EMA forwards only, where a step runs the teacher's and the student's forward
+# and the student's backward (about four forwards' work).
+EVAL_SHARE = 0.5
 
 
 class NonFiniteError(RuntimeError):
@@ -48,15 +53,18 @@ class Meter:
     """For the whole run (the guard counts since this process started); `begin(epoch)` starts an epoch.
 
     optimizer: its peak lr is shown. feature_kd: a third loss (feature KD's) is kept. on_log(updates,
-    the interval's losses, lr and images/s) is called at every interval (the trackers).
+    the interval's losses, lr and images/s) is called at every interval (the trackers). val_images,
+    eval_every and eval_s (the last evaluation's seconds; the loop sets it after each): the ETA's evaluations.
     """
 
     def __init__(self, optimizer, *, guard: Guard, progress: Progress, log_interval: int, images_per_step: int,
                  steps: int, epochs: int, feature_kd: bool = False,
-                 on_log: Callable[[int, dict], None] | None = None):
+                 on_log: Callable[[int, dict], None] | None = None, val_images: int = 0, eval_every: int = 1,
+                 eval_s: float | None = None):
         self.optimizer, self.guard, self.progress, self.on_log = optimizer, guard, progress, on_log
         self.log_interval, self.images_per_step = log_interval, images_per_step
         self.steps, self.epochs, self.feature_kd = steps, epochs, feature_kd
+        self.val_images, self.eval_every, self.eval_s = val_images, eval_every, eval_s
         self.skipped_before = 0  # the guard's count at the last epoch's end
         self.begin(0)
 
@@ -83,10 +91,18 @@ class Meter:
             {"feat": last["feature_loss"]} if "feature_loss" in last else {})
         self.progress.show(step_line({**shown, "lr": last["lr"], "img/s": round(rate)}, epoch=self.epoch,
                                      epochs=self.epochs, step=step + 1, steps=self.steps,
-                                     seconds_per_step=self.images_per_step / max(rate, 1e-9)))
+                                     seconds_per_step=self.images_per_step / max(rate, 1e-9),
+                                     eval_left_s=self.eval_left(rate)))
         if self.on_log is not None:
             self.on_log(updates, {k: v for k, v in last.items() if k.endswith("_loss")}
                         | {"lr": last["lr"], "img_per_s": rate})
+
+    def eval_left(self, rate: float) -> tuple[float, float]:
+        """Seconds of evaluation still to come: (this epoch's, the run's), from the last evaluation's time or,
+        before one was timed, from the val split's size at this pace."""
+        each = self.eval_s if self.eval_s is not None else EVAL_SHARE * self.val_images / max(rate, 1e-9)
+        due_epochs = [e for e in range(self.epoch, self.epochs) if due(e + 1, self.eval_every, last=self.epochs)]
+        return (each if self.epoch in due_epochs else 0.0), each * len(due_epochs)
 
     def read(self) -> dict:
         """The one host sync of a logging interval; stops the run after too many bad updates in a row."""

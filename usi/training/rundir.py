@@ -7,8 +7,8 @@ Deciding how a run starts; the order is important:
   2. run.resume=never: the directory must hold no run (it is refused, never overwritten); a fresh start.
   3. run.resume=auto: a directory that holds files but no recipe.yaml is no usi run and is refused (a
      run writes recipe.yaml first). If it holds a recipe.yaml, the recipe must be the same one, except
-     for the fields marked resume_free in usi/recipe/schema.py; then it resumes from last.pt if there is one,
-     else starts afresh (a run killed before its first checkpoint).
+     for the fields marked resume_free in usi/recipe/schema.py and sched.epochs (a longer schedule); then it
+     resumes from last.pt if there is one, else starts afresh (a run killed before its first checkpoint).
   4. run.resume=<path>: the same checks as auto against the directory; then it resumes from that
      checkpoint, writing to run.dir.
   5. The nearest existing ancestor of the directory must be writable.
@@ -118,7 +118,8 @@ def resume_source(recipe: Recipe, run_dir: Path) -> Path | None:
             raise UsageError(f"run directory {run_dir} holds files but no usi run (no {RECIPE_FILE}); it is never "
                              f"written into: choose another run.dir")
         if existing:
-            check_same_recipe(recipe, recipe_mod.read_yaml(run_dir / RECIPE_FILE), f"cannot resume {run_dir}")
+            check_same_recipe(recipe, recipe_mod.read_yaml(run_dir / RECIPE_FILE), f"cannot resume {run_dir}",
+                              resuming=True)
         last = run_dir / checkpoint.LAST
         resume_from = (last if last.is_file() else None) if recipe.run.resume == "auto" else Path(recipe.run.resume)
     check_writable(run_dir)
@@ -134,11 +135,13 @@ def check_writable(run_dir: Path, what: str = "run directory") -> None:
         raise UsageError(f"{what} {run_dir} cannot be created: {parent} is not a writable directory")
 
 
-def check_same_recipe(recipe: Recipe, saved_tree: dict, what: str, remedy: str = "use another run.dir") -> None:
+def check_same_recipe(recipe: Recipe, saved_tree: dict, what: str, remedy: str = "use another run.dir",
+                      resuming: bool = False) -> None:
     """The saved recipe (parsed YAML) must equal this one, except for the resume_free fields; `remedy` ends
-    the line (what the command that asked lets a user do about it)."""
+    the line (what the command that asked lets a user do about it). `resuming` (usi train continuing the
+    run): sched.epochs may differ too, as timm's train.py allows; the ledger checks it against the epochs done."""
     saved = recipe_mod.from_dict(saved_tree).to_dict()
-    free = recipe_mod.resume_free_keys()
+    free = recipe_mod.resume_free_keys() | ({("sched", "epochs")} if resuming else set())
     for section, values in recipe.to_dict().items():
         for key, value in values.items():
             if (section, key) not in free and saved.get(section, {}).get(key) != value:

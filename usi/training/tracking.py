@@ -3,8 +3,9 @@
 Each is imported only when a recipe names it (run.loggers), and only rank 0 writes. At every logging
 interval (run.log_interval steps; its values are the interval's means, read at the interval's one host
 sync) they get the task and KD losses, the lr and images/s, keyed by the update count; at every epoch,
-every metric of metrics.jsonl. A W&B run keeps its id in the run directory, so a resumed run continues
-the same W&B run.
+every metric of metrics.jsonl; at the end, summary.json's numbers (W&B's run summary). A W&B run keeps
+its id in the run directory, so a resumed run continues the same W&B run; its project, entity, name and
+tags are run.wandb_*.
 """
 from __future__ import annotations
 
@@ -50,6 +51,10 @@ class Trackers:
         for writer in self.writers:
             writer.log({"epoch": float(record["epoch"]), **scalars}, updates)
 
+    def summary(self, summary: dict) -> None:
+        for writer in self.writers:
+            writer.summary(flatten(summary))
+
     def close(self) -> None:
         for writer in self.writers:
             writer.close()
@@ -66,6 +71,9 @@ class TensorBoard:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
+    def summary(self, scalars: dict) -> None:
+        pass  # TensorBoard has no run summary: the last epoch's scalars are its record
+
     def close(self) -> None:
         self.writer.close()
 
@@ -78,11 +86,16 @@ class WandB:
         # usi makes the id itself: wandb 0.31 removed wandb.util.generate_id, which crashed every start
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
-        self.run = wandb.init(project="usi", name=run_dir.name, id=run_id, resume="allow", config=config,
-                              dir=str(run_dir))
+        r = config["run"]
+        self.run = wandb.init(project=r["wandb_project"], entity=r["wandb_entity"],
+                              name=r["wandb_name"] or run_dir.name, tags=r["wandb_tags"], id=run_id,
+                              resume="allow", config=config, dir=str(run_dir))
 
     def log(self, scalars: dict, step: int) -> None:
         self.run.log(scalars, step=step)
+
+    def summary(self, scalars: dict) -> None:
+        self.run.summary.update(scalars)
 
     def close(self) -> None:
         self.run.finish()
