@@ -182,15 +182,17 @@ def plan(spec: TableSpec, extra: list[str] = ()) -> list[Job]:
     base = recipe_mod.read_yaml(recipe_mod.recipe_path(spec.recipe))
     todo = []
     if spec.teacher is not None and spec.kd != "off":
-        tree = settings(base, spec.overrides, list(extra), {"run.seed": spec.seeds[0]}, spec.teacher.overrides,
-                        {"model.name": spec.teacher.name}, BASELINE)
+        layers = [spec.overrides, list(extra), {"run.seed": spec.seeds[0]}, spec.teacher.overrides,
+                  {"model.name": spec.teacher.name}, BASELINE]
+        tree = settings(base, *layers)
         todo.append(Job("teacher", tree))
     needs = ("teacher",) if todo else ()
     for seed in spec.seeds:
         for row in spec.rows:
             for kd in KINDS[spec.kd]:
                 kd_layer = teacher_settings(spec) if kd else BASELINE
-                tree = settings(base, spec.overrides, list(extra), {"run.seed": seed}, row.overrides,
-                                {"model.name": row.name}, kd_layer)
+                layers = [spec.overrides, list(extra), {"run.seed": seed}, row.overrides, {"model.name": row.name},
+                          kd_layer]
+                tree = settings(base, *layers)
                 todo.append(Job(run_name(row, kd, seed), tree, needs=needs if kd else ()))
     return todo
