@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from usi import recipe as R
+from usi.errors import UsageError
 from usi.training import build
 
 from conftest import TINY, read_jsonl, usi_main
@@ -98,3 +99,118 @@ def test_minival_is_the_same_images_for_every_seed_and_model_and_never_trained_o
     assert a.minival_loader.dataset.split is a.minival_split
     out = usi_main(*train_args(image_root, tmp_path / "r", "data.minival=8"), "--dry-run")
     assert "56 train / 12 val images, 4 classes; best weights selected on minival (8 images)" in out.stdout
+
+
+def built(image_root, tmp_path, *extra):
+    from usi.runtime import distributed
+
+    recipe = R.load(None, [*TINY, f"data.root={image_root}", f"run.dir={tmp_path / 'run'}", *extra])
+    return build.build_training(recipe, distributed.Dist())
+
+
+def test_grad_checkpointing_recomputes_the_blocks_and_gives_the_same_gradients(image_root, tmp_path):
+    grads, counts = [], []
+    for flag in ("false", "true"):
+        student = built(image_root, tmp_path, f"model.grad_checkpointing={flag}").state.student
+        assert student.grad_checkpointing == (flag == "true")  # timm's own switch, set by the key
+        torch.manual_seed(0)
+        student.train()(torch.randn(4, 3, 16, 16)).logsumexp(1).sum().backward()
+        grads.append([p.grad for p in student.parameters()])
+        counts.append(int(student.layer2[0].bn1.num_batches_tracked))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    # the recompute in the backward pass ran the block again (its BatchNorm counted the batch twice, as in timm)
+    assert counts == [1, 2]
+
+
+def test_the_optimizer_takes_the_recipe_betas_momentum_and_kwargs():
+    model = timm.create_model("test_resnet", num_classes=4)
+    sgd = R.load(None, ["optim.name=sgd", "optim.momentum=0.8", "optim.kwargs={nesterov: false, dampening: 0.1}"])
+    group = build.create_optimizer(sgd, model, lr=1e-3).param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["dampening"]) == (0.8, False, 0.1)
+    adamw = R.load(None, ["optim.betas=[0.8, 0.95]", "optim.kwargs={amsgrad: true, foreach: true}"])
+    group = build.create_optimizer(adamw, model, lr=1e-3).param_groups[0]
+    assert (group["betas"], group["amsgrad"], group["foreach"], group["fused"]) == ((0.8, 0.95), True, True, None)
+    assert build.create_optimizer(R.load(None, []), model, lr=1e-3).param_groups[0]["fused"]  # usi's default
+    # what the optimizer itself refuses (torch: nesterov needs momentum) is one line too
+    with pytest.raises(UsageError, match=r"optim.name='sgd' with optim.kwargs \{'nesterov': True\}: .*[Nn]esterov"):
+        build.create_optimizer(R.load(None, ["optim.name=sgd", "optim.momentum=0", "optim.kwargs={nesterov: true}"]),
+                               model, lr=1e-3)
+
+
+def test_layer_decay_names_its_learning_rates_in_one_line():
+    recipe = R.load(None, ["optim.layer_decay=0.5"])
+    model = timm.create_model("test_resnet", num_classes=4)
+    opt = build.create_optimizer(recipe, model, lr=1e-3)
+    line = build.layer_lrs(opt, model, 1e-3, 0.5)
+    assert line == (f"layer decay 0.5: {len(opt.param_groups)} param groups at 6 peak learning rates, 3.13e-05 .. "
+                    f"0.001: 3.13e-05 conv1.0.weight, 6.25e-05 layer1.0.conv1.weight, 0.000125 layer2.0.conv1.weight, "
+                    f"..., 0.0005 layer4.0.conv1.weight, 0.001 fc.weight")
+
+
+def test_sync_bn_converts_every_batchnorm_under_ddp_and_nothing_with_one_process():
+    from timm.layers import BatchNormAct2d
+
+    from usi.runtime.distributed import Dist
+
+    model = timm.create_model("test_efficientnet", num_classes=4).eval()  # timm's BatchNormAct2d
+    x = torch.randn(2, 3, 32, 32)
+    before, state = model(x), {k: v.clone() for k, v in model.state_dict().items()}
+    assert build.sync_batchnorm(model, Dist()) is model and not any(
+        isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())  # one process: as timm, no change
+    kinds = {type(m) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert BatchNormAct2d in kinds
+    model = build.sync_batchnorm(model, Dist(world=2, device=torch.device("cuda", 0)))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    assert model.state_dict().keys() == state.keys()  # checkpoints, EMA and exports see the same weights
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(model(x), before)  # eval mode: no synchronization; activations kept
+
+
+def test_sync_bn_on_cpu_processes_is_one_line_as_torch_refuses_cpu_tensors(image_root, tmp_path):
+    import torch.distributed as torch_dist
+
+    # torch itself: once a process group exists, SyncBatchNorm's training forward refuses CPU tensors
+    torch_dist.init_process_group("gloo", store=torch_dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+            torch.nn.SyncBatchNorm(3).train()(torch.randn(4, 3, 2, 2))
+    finally:
+        torch_dist.destroy_process_group()
+    out = train(image_root, tmp_path / "r", "run.sync_bn=true", "data.batch_size=4", torchrun=2)
+    one_line = [x for x in out.stderr.splitlines() if x.startswith("usi: error:")]
+    assert out.returncode != 0 and len(one_line) == 1, out.stderr[-2000:]
+    assert "run.sync_bn=true needs GPUs: torch's SyncBatchNorm refuses CPU tensors (2 CPU processes)" in one_line[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_new_keys_train_and_survive_a_resume(image_root, tmp_path):
+    """data.class_map, model.grad_checkpointing, optim.momentum/kwargs, layer decay's log line and run.sync_bn
+    (one process: no change) through a run stopped after one epoch and resumed."""
+    import json
+
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    keys = ["data.class_map=[ring, circle]", "optim.name=sgd", "optim.momentum=0.8", "optim.kwargs={nesterov: false}",
+            "optim.layer_decay=0.7", "run.sync_bn=true"]
+    first = train(image_root, run, *keys, "model.grad_checkpointing=true", "run.stop_after=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    other_map = train(image_root, run, "data.class_map=[circle, ring]", *keys[1:], "run.resume=auto")
+    assert other_map.returncode == 2 and "cannot resume" in other_map.stderr and "classes" in other_map.stderr
+    other_momentum = train(image_root, run, *keys, "optim.momentum=0.9", "run.resume=auto")
+    assert other_momentum.returncode == 2 and "optim.momentum was 0.8, now 0.9" in other_momentum.stderr
+    # checkpointing does not change what is trained: it may be switched off on resume
+    again = train(image_root, run, *keys, "model.grad_checkpointing=false", "run.resume=auto")
+    assert again.returncode == 0 and "resumed from" in again.stderr, again.stderr[-2000:]
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert last["classes"] == ["ring", "circle"]  # the map's order, not the folders'
+    groups = last["optimizer"]["param_groups"]
+    assert {(g["momentum"], g["nesterov"]) for g in groups} == {(0.8, False)} and len(groups) > 2
+    with safe_open(str(run / "best.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["classes"]) == ["ring", "circle"]
+    assert "layer decay 0.7: " in (run / "log.txt").read_text()
+    report = usi_main("eval", str(run / "best.safetensors"), f"data.root={image_root}", "--json")
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert json.loads(report.stdout)["students"]["raw"]["count"] == 2 * 3  # the other classes' images left out

@@ -53,6 +53,20 @@ from helpers import nan_copy, one_error, teacher_file, train, train_args
     (["run.wandb_tags=[3]"], "run.wandb_tags: 3 is not a tag"),
     (["run.wandb_tags=kd"], "run.wandb_tags must be list"),
     (["run.wandb_name=[a]"], "run.wandb_name must be str or null"),
+    (["optim.momentum=0.9"], "optim.momentum: adamw (AdamW) takes no momentum; its arguments: lr, betas, eps"),
+    (["optim.name=sgd", "optim.betas=[0.9, 0.99]"], "optim.betas: sgd (SGD) takes no betas"),
+    (["optim.name=sgd", "optim.kwargs={nesterv: false}"], "optim.kwargs.nesterv is not an argument of sgd (SGD) or of "
+     "timm's create_optimizer_v2; valid: dampening, nesterov, maximize, foreach, differentiable, fused, "
+     "filter_bias_and_bn, fallback_list, fallback_no_weight_decay, layer_decay_min_scale, layer_decay_no_opt_scale; "
+     "did you mean 'nesterov'?"),
+    (["optim.kwargs={lr: 1}"], "optim.kwargs sets lr, which usi sets from optim.lr; set that instead"),
+    (["optim.betas=[0.9]"], "optim.betas=[0.9] must be 2 numbers in [0, 1) for adamw (its default: [0.9, 0.999])"),
+    (["optim.name=adan", "optim.betas=[0.9, 0.99]"], "must be 3 numbers in [0, 1) for adan"),
+    (["optim.name=sgd", "optim.momentum=1.5"], "optim.momentum=1.5 is out of range: must be >= 0.0 and < 1.0"),
+    (["model.grad_checkpointing=maybe"], "model.grad_checkpointing must be bool"),
+    (["run.sync_bn=yes please"], "run.sync_bn must be bool"),
+    (["data.class_map={a: 1}"], "data.class_map must be str or list or null, got {'a': 1}"),
+    (["data.format=shards", "data.class_map=[a]"], "data.class_map works on image folders (data.format=folder)"),
 ])
 def test_bad_recipes_fail_with_one_clear_line(override, message):
     with pytest.raises(UsageError) as err:
@@ -82,6 +96,8 @@ def test_bad_recipes_fail_with_one_clear_line(override, message):
     (["aug.interpolation=fancy"], "aug.interpolation='fancy' is not one of"),
     (["run.best_metric=agreement"], "run.best_metric=agreement needs a teacher"),
     (["run.best_metric=kl"], "run.best_metric=kl needs a teacher"),
+    (["model.name=dla46_c", "model.grad_checkpointing=true"],
+     "model.grad_checkpointing=true: dla46_c does not support gradient checkpointing in timm"),
 ])
 def test_values_a_library_rejects_end_in_one_line_before_any_run_directory(image_root, tmp_path, args, message):
     extra = []

@@ -169,4 +169,38 @@ def test_minival_is_held_out_of_train_per_class_chosen_by_relative_path_alone(im
 def test_a_minival_the_train_split_cannot_give_is_one_line_before_any_run_directory(image_root, tmp_path, value,
                                                                                     message):
     one_error(usi_main(*train_args(image_root, tmp_path / "r", f"data.minival={value}")), message)
+
+
+def test_a_class_map_picks_and_orders_the_classes_and_leaves_the_others_out(image_root, tmp_path):
+    from usi import data
+    from usi import recipe as R
+
+    listed = (tmp_path / "map.txt")
+    listed.write_text("ring\ncircle\n")
+    for value in ("[ring, circle]", str(listed)):
+        train, val = data.open_splits(R.load(None, [f"data.root={image_root}", f"data.class_map={value}"]).data)
+        assert train.classes == val.classes == ["ring", "circle"]
+        for split, per_class in ((train, 16), (val, 3)):
+            assert len(split) == 2 * per_class and split.targets.count(0) == per_class
+            assert all(f"/{['ring', 'circle'][y]}/" in path for path, y in split.samples)
+    # usi eval opens val with the checkpoint's classes: the other folders are left out there too
+    val = data.open_val_split(R.load(None, [f"data.root={image_root}", "data.class_map=[ring]"]).data, ["ring"])
+    assert len(val) == 3
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[ring, rign]", "data.class_map=['ring', 'rign'] names 'rign', which is not a class folder of "),
+    ("[ring, ring]", "data.class_map=['ring', 'ring']: a class is named twice"),
+    ("[]", "data.class_map=[] names no class"),
+    ("{tmp}/nothing.txt", "nothing.txt' is not a file (one class folder name per line) nor a list of names"),
+    ("{tmp}/twice.txt", "twice.txt': a class is named twice"),
+    ("{tmp}/map.csv", "map.csv': Unsupported class map file extension (.csv)"),
+])
+def test_class_map_mistakes_are_one_line_before_any_run_directory(image_root, tmp_path, value, message):
+    (tmp_path / "twice.txt").write_text("ring\ncircle\nring\n")
+    (tmp_path / "map.csv").write_text("ring\n")
+    out = usi_main(*train_args(image_root, tmp_path / "r", f"data.class_map={value.format(tmp=tmp_path)}"))
+    one_error(out, message)
+    if "rign" in value:
+        assert "did you mean 'ring'?" in out.stderr
     assert not (tmp_path / "r").exists()

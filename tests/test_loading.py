@@ -37,6 +37,11 @@ def test_overrides_are_typed_and_dotted():
     assert r.optim.lr == 1e-3 and isinstance(r.optim.lr, float)
     assert r.model.name == "vit_small_patch16_224" and not r.kd
     assert r.aug.scale == [0.5, 1] and r.model.kwargs == {"img_size": 384}
+    # a field of two kinds (data.class_map: a file or a list) takes either, and refuses the rest in one line
+    assert R.load(None, ["data.class_map=[b, a]"]).data.class_map == ["b", "a"]
+    assert R.load(None, ["data.class_map=classes.txt"]).data.class_map == "classes.txt"
+    with pytest.raises(UsageError, match=r"^data.class_map must be str or list or null, got \{'x': 1\}$"):
+        R.load(None, ["data.class_map={x: 1}"])
 
 
 def test_saved_recipe_reloads_identically(tmp_path):

@@ -39,4 +39,7 @@ def test_usi_keys_lists_every_key_with_its_default_and_meaning():
     lines = [x for x in out.stdout.splitlines() if x.startswith("  ")]
     assert len(lines) == sum(len(R.fields_of(s)) for s in R.SECTIONS)
     assert "  run.max_steps = 0 (>= 0): " in out.stdout and "  data.eval_batch_size = None" in out.stdout
+    for key in ("model.grad_checkpointing = False", "optim.betas = None", "optim.momentum = None (>= 0.0 and < 1.0)",
+                "optim.kwargs = {}", "run.sync_bn = False", "data.class_map = None"):
+        assert f"  {key}" in out.stdout, key
     assert usi_main("keys", "optimm").returncode == 2

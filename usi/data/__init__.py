@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from usi.data.folder import FolderSplit
+from usi.data.folder import FolderSplit, class_map
 from usi.data.loader import InputSpec, device_randaugment, eval_transform, randaugment_on_device, train_transform
 from usi.data.shards import ShardSplit
 from usi.errors import UsageError
@@ -37,7 +37,13 @@ def open_split(cfg, name: str, classes: list[str] | None = None) -> Split:
             raise UsageError(f"{name} shards' classes differ from the {len(classes)} expected ones; write them "
                              f"with usi shards --classes-from <train folder>")
         return split
-    return FolderSplit(folder, classes=classes)
+    if cfg.class_map is None:
+        return FolderSplit(folder, classes=classes)
+    if classes is not None:  # val (or eval): the classes are the map's, other folders left out
+        return FolderSplit(folder, classes=classes, mapped=True)
+    split = FolderSplit(folder, classes=class_map(cfg.class_map, folder), mapped=True)
+    split.require_every_class()
+    return split
 
 
 def open_splits(cfg) -> tuple[Split, Split]:

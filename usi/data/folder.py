@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from usi.data.images import IMAGE_EXTENSIONS, load_rgb
 from usi.data.loader import InputSpec, TrainLoader, eval_loader
-from usi.errors import UsageError
+from usi.errors import UsageError, suggest
 from usi.runtime import distributed
 
 log = logging.getLogger("usi")
@@ -39,12 +39,45 @@ def find_classes(root: Path) -> list[str]:
     return classes
 
 
-def list_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
-    """(path, label) for every image, labels from `classes`; every class folder under root must be known."""
+def class_map(value: str | list, root: Path) -> list[str]:
+    """data.class_map's class names in label order: a list, or a file timm's load_class_map reads (.txt: one
+    name per line; .pkl: {name: index}); each must be a class folder of `root` (the train split)."""
+    from timm.data.readers.class_map import load_class_map
+
+    where = f"data.class_map={value!r}"
+    if isinstance(value, str):
+        if not Path(value).is_file():
+            raise UsageError(f"{where} is not a file (one class folder name per line) nor a list of names")
+        try:
+            mapping = load_class_map(value)
+        except Exception as e:  # timm asserts on other extensions; a damaged .pkl
+            raise UsageError(f"{where}: {e or type(e).__name__} (expected a .txt, one class folder per line)") from None
+        names = sorted(mapping, key=mapping.get)
+        if sorted(mapping.values()) != list(range(len(mapping))):
+            raise UsageError(f"{where}: a class is named twice (its labels must be 0..n-1, each class once)")
+    else:
+        names = [str(name) for name in value]
+        if len(set(names)) != len(names):
+            raise UsageError(f"{where}: a class is named twice")
+    if not names:
+        raise UsageError(f"{where} names no class")
+    folders = find_classes(root)
+    unknown = [name for name in names if name not in folders]
+    if unknown:
+        raise UsageError(f"{where} names {unknown[0]!r}, which is not a class folder of {root}"
+                         f"{suggest(unknown[0], folders)} ({len(unknown)} unknown names)")
+    return names
+
+
+def list_images(root: Path, classes: list[str], leave_out: bool = False) -> list[tuple[str, int]]:
+    """(path, label) for every image, labels from `classes`; every class folder under root must be known,
+    unless `leave_out` (a class map): then the folders of other classes are left out."""
     index = {name: i for i, name in enumerate(classes)}
     found = find_classes(root)
     unknown = [c for c in found if c not in index]
-    if unknown:
+    if leave_out:
+        found = [c for c in found if c in index]
+    elif unknown:
         raise UsageError(f"{root} has class folder {unknown[0]!r} that the training split does not have "
                          f"({len(unknown)} such folders)")
     samples = []
@@ -89,19 +122,24 @@ def held_out_counts(counts: list[int], minival: float, classes: list[str]) -> li
 class FolderSplit:
     """One split of an image folder: its files and labels, its unreadable-file flags, and its loaders."""
 
-    def __init__(self, root: str | Path, classes: list[str] | None = None):
+    def __init__(self, root: str | Path, classes: list[str] | None = None, mapped: bool = False):
+        """classes: the labels (the train split's, or data.class_map's); None: every class folder, sorted.
+        mapped: the classes are a class map's, and the folders of other classes are left out."""
         self.root = Path(root)
         self.classes = classes or find_classes(self.root)
-        self.samples = list_images(self.root, self.classes)
+        self.samples = list_images(self.root, self.classes, leave_out=mapped)
         if not self.samples:
             raise UsageError(f"image folder {self.root} has no images with extensions {', '.join(IMAGE_EXTENSIONS)}")
-        if classes is None:  # the split that defines the classes must have each of them
-            counts = torch.bincount(torch.tensor(self.targets), minlength=len(self.classes))
-            empty = [self.classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
-            if empty:
-                raise UsageError(f"class folder {self.root / empty[0]} has no images ({len(empty)} empty classes)")
+        if classes is None:
+            self.require_every_class()
         # One byte per file, shared with loader workers: 1 once the file turned out unreadable.
         self.bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+
+    def require_every_class(self) -> None:
+        """The split that defines the classes must have images of each of them."""
+        empty = [self.classes[i] for i in self.missing_classes()]
+        if empty:
+            raise UsageError(f"class folder {self.root / empty[0]} has no images ({len(empty)} empty classes)")
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -53,6 +53,10 @@ def validate(recipe: Recipe) -> None:
         raise UsageError(f"run.resume={resume!r} must be never, auto or an existing checkpoint file")
     check_minival(recipe.data)
     check_optimizer(recipe.optim.name)
+    check_optimizer_args(recipe.optim)
+    if recipe.data.class_map is not None and recipe.data.format == "shards":
+        raise UsageError("data.class_map works on image folders (data.format=folder): shards carry their labels; "
+                         "write shards of those classes with usi shards from a folder holding only them")
     reserved = {"pretrained": "model.pretrained", "num_classes": "the data (its class folders)",
                 "pretrained_cfg_overlay": "model.weights", "checkpoint_path": "model.weights"}
     for key in reserved.keys() & recipe.model.kwargs.keys():
@@ -130,6 +134,47 @@ def check_optimizer(name: str) -> None:
     parts = name.lower().split("_")  # timm's own parsing: an optional lookahead_ prefix, then the name
     if parts[-1] not in names or (len(parts) > 1 and parts[0] != "lookahead"):
         raise UsageError(f"optim.name={name!r} is not a timm optimizer{suggest(name, names)}")
+
+
+# create_optimizer_v2 keywords a recipe cannot pass in optim.kwargs, and arguments other keys set
+FACTORY_OWN = {"model_or_params", "opt", "param_group_fn", "kwargs"}
+OPTIM_KEYS = {"lr": "optim.lr", "weight_decay": "optim.weight_decay", "eps": "optim.eps", "betas": "optim.betas",
+              "momentum": "optim.momentum", "layer_decay": "optim.layer_decay"}
+
+
+def check_optimizer_args(optim) -> None:
+    """optim.betas, momentum and kwargs against the optimizer class's own signature and create_optimizer_v2's
+    keywords: timm silently drops betas and momentum an optimizer does not take, and a typo would fail late."""
+    import inspect
+
+    from timm.optim import create_optimizer_v2, get_optimizer_class
+
+    for key in OPTIM_KEYS.keys() & optim.kwargs.keys():
+        raise UsageError(f"optim.kwargs sets {key}, which usi sets from {OPTIM_KEYS[key]}; set that instead")
+    try:
+        cls = get_optimizer_class(optim.name.lower().split("_")[-1], bind_defaults=False)
+        params = inspect.signature(cls).parameters
+    except Exception:  # apex / bitsandbytes (CUDA and their package): create_optimizer_v2 says what is missing
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return  # takes any keyword: nothing to check against
+    own = [p for p in params if p != "params"]
+    for key in ("betas", "momentum"):
+        if getattr(optim, key) is not None and key not in own:
+            raise UsageError(f"optim.{key}: {optim.name} ({cls.__name__}) takes no {key}; its arguments: "
+                             f"{', '.join(own)}")
+    factory = [p for p in inspect.signature(create_optimizer_v2).parameters if p not in FACTORY_OWN | OPTIM_KEYS.keys()]
+    valid = list(dict.fromkeys([p for p in own if p not in OPTIM_KEYS] + factory))
+    for key in optim.kwargs:
+        if key not in valid:
+            raise UsageError(f"optim.kwargs.{key} is not an argument of {optim.name} ({cls.__name__}) or of timm's "
+                             f"create_optimizer_v2; valid: {', '.join(valid)}{suggest(key, valid)}")
+    default = params["betas"].default if "betas" in params else None
+    betas = optim.betas
+    if betas is not None and isinstance(default, tuple) and (len(betas) != len(default) or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise UsageError(f"optim.betas={betas} must be {len(default)} numbers in [0, 1) for {optim.name} "
+                         f"(its default: {list(default)})")
 
 
 def check_model_name(key: str, name: str) -> None:

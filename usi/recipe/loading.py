@@ -173,7 +173,15 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     if optional:
         if value is None or value == "null":
             return None
-        hint = next(a for a in args if a is not type(None))
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) > 1:  # e.g. data.class_map: a file or a list
+            for kind in kinds:
+                try:
+                    return coerce(key, value, kind)
+                except UsageError:
+                    pass
+            raise UsageError(f"{key} must be {' or '.join(k.__name__ for k in kinds)} or null, got {value!r}")
+        hint = kinds[0]
     base = typing.get_origin(hint) or hint
     if base is bool:
         if isinstance(value, bool):

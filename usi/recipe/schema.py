@@ -47,6 +47,9 @@ class ModelSection:
     drop_path_rate: Optional[float] = setting(None, low=0.0, high=1.0, high_open=True,
                                               help="stochastic depth; null keeps the model's own")
     kwargs: dict = setting(factory=dict, help="extra timm.create_model arguments, e.g. {img_size: 384}")
+    grad_checkpointing: bool = setting(False, resume_free=True,  # the same gradients: only memory and time differ
+                                       help="recompute activations in the backward pass (timm's "
+                                            "set_grad_checkpointing): less memory, slower steps")
 
 
 @dataclass
@@ -98,6 +101,11 @@ class DataSection:
                                    help="unreadable images skipped per run before it stops")
     minival: float = setting(0.0, low=0.0, help="train images held out to select best.safetensors on: a "
                              "fraction < 1 or a count, per class, the same for every seed; 0: select on val")
+    # may change on resume: a resume refuses other class names anyway (the checkpoint stores them)
+    class_map: Optional[str | list] = setting(None, resume_free=True,
+                                              help="train on these classes in this order: a list of class folder "
+                                                   "names, or a file of them, one per line (timm's class map); "
+                                                   "other folders are left out of train and val; null: all")
 
 
 @dataclass
@@ -159,6 +167,11 @@ class OptimSection:
     clip_grad: Optional[float] = setting(None, low=0.0, low_open=True, help="gradient norm clip; null: none")
     layer_decay: Optional[float] = setting(None, low=0.0, high=1.0, low_open=True,
                                            help="layer-wise lr decay for fine-tuning (timm's); null: none")
+    betas: Optional[list] = setting(None, help="the optimizer's betas, e.g. [0.9, 0.999]; null: its own")
+    momentum: Optional[float] = setting(None, low=0.0, high=1.0, high_open=True,
+                                        help="momentum (sgd, momentum, rmsprop, ...); null: timm's 0.9")
+    kwargs: dict = setting(factory=dict, help="more arguments of the optimizer class or of timm's "
+                                              "create_optimizer_v2, e.g. {nesterov: false, amsgrad: true}")
 
 
 @dataclass
@@ -192,6 +205,8 @@ class RunSection:
     channels_last: str = setting("auto", choices=("auto", "true", "false"),
                                  help="channels_last memory format; auto: on CUDA only (some CPU kernels crash in it)")
     compile: bool = setting(False, help="torch.compile the student and the teacher")
+    sync_bn: bool = setting(False, help="DDP: BatchNorm statistics over all processes (timm's --sync-bn); "
+                                        "GPUs only; one process: no change")
     cudnn_benchmark: bool = setting(True, resume_free=True,
                                     help="GPU: let cuDNN pick the fastest kernels (not bit-exact across runs)")
     tf32: bool = setting(True, resume_free=True, help="GPU: TF32 matmuls and convolutions (not bit-exact vs fp32)")

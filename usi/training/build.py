@@ -59,18 +59,65 @@ def create_optimizer(recipe: Recipe, student: torch.nn.Module, lr: float,
                      extra: torch.nn.Module | None = None) -> torch.optim.Optimizer:
     """timm's optimizer for the student; `extra` (feature KD's projection) joins it as groups of its own,
     at the full lr with the same weight decay (none on biases), so layer decay sees the student alone."""
-    fused = recipe.optim.name in ("adamw", "adam") and all(p.dtype == torch.float32 for p in student.parameters())
+    o = recipe.optim
+    fused = (o.name in ("adamw", "adam") and not o.kwargs.keys() & {"fused", "foreach"}
+             and all(p.dtype == torch.float32 for p in student.parameters()))
+    args = {"fused": True} if fused else {}
+    if o.betas is not None:
+        args["betas"] = tuple(o.betas)
+    if o.momentum is not None:
+        args["momentum"] = o.momentum
     try:
-        optimizer = create_optimizer_v2(student, opt=recipe.optim.name, lr=lr,
-                                        weight_decay=recipe.optim.weight_decay, eps=recipe.optim.eps,
-                                        layer_decay=recipe.optim.layer_decay, **({"fused": True} if fused else {}))
-    except (ValueError, AssertionError) as e:
-        raise UsageError(f"optim.name={recipe.optim.name!r}: {e}") from None
+        optimizer = create_optimizer_v2(student, opt=o.name, lr=lr, weight_decay=o.weight_decay, eps=o.eps,
+                                        layer_decay=o.layer_decay, **args, **o.kwargs)
+    except (ValueError, AssertionError, TypeError) as e:  # e.g. nesterov without momentum
+        given = f" with optim.kwargs {o.kwargs}" if o.kwargs else ""
+        raise UsageError(f"optim.name={o.name!r}{given}: {e}") from None
     if extra is not None:
         for group in param_groups_weight_decay(extra, recipe.optim.weight_decay):
             if group["params"]:
                 optimizer.add_param_group(group)
     return optimizer
+
+
+def layer_lrs(optimizer, student: torch.nn.Module, lr: float, decay: float) -> str:
+    """Layer decay's peak learning rates in one line: group count, range, and each level's first parameter
+    (the first three and the last two levels)."""
+    names = {id(p): n for n, p in student.named_parameters()}
+    levels = {}
+    for g in optimizer.param_groups:
+        first = next((names[id(p)] for p in g["params"] if id(p) in names), None)
+        if first is not None:
+            levels.setdefault(g.get("lr_scale", 1.0), first)
+    shown = [f"{lr * scale:.3g} {name}" for scale, name in sorted(levels.items())]
+    if len(shown) > 5:
+        shown = shown[:3] + ["..."] + shown[-2:]
+    return (f"layer decay {decay:g}: {len(optimizer.param_groups)} param groups at {len(levels)} peak learning "
+            f"rates, {lr * min(levels):.3g} .. {lr * max(levels):.3g}: {', '.join(shown)}")
+
+
+def grad_checkpointing(student: torch.nn.Module, name: str) -> None:
+    """model.grad_checkpointing: timm's own switch; the models without it assert or lack the method."""
+    try:
+        student.set_grad_checkpointing(True)
+    except (AssertionError, AttributeError, NotImplementedError):
+        raise UsageError(f"model.grad_checkpointing=true: {name} does not support gradient checkpointing in timm; "
+                         f"set it to false") from None
+
+
+def sync_batchnorm(student: torch.nn.Module, dist: distributed.Dist) -> torch.nn.Module:
+    """run.sync_bn: timm's convert_sync_batchnorm (torch's BatchNorm and timm's BatchNormAct) under DDP, as
+    timm's train.py does; the state_dict keys stay, so checkpoints, EMA and exports do not change. One
+    process: nothing to synchronize. torch 2.14's SyncBatchNorm refuses CPU tensors once a process group
+    exists (and aten::batch_norm_stats has no CPU kernel), so several CPU processes are refused here."""
+    if not dist.distributed:
+        return student
+    if dist.device.type == "cpu":
+        raise UsageError(f"run.sync_bn=true needs GPUs: torch's SyncBatchNorm refuses CPU tensors ({dist.world} "
+                         f"CPU processes); set run.sync_bn=false")
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(student)
 
 
 def feature_kd(recipe: Recipe, student: torch.nn.Module, teacher, size: int):
@@ -79,8 +126,14 @@ def feature_kd(recipe: Recipe, student: torch.nn.Module, teacher, size: int):
     from usi.distill.teacher import primary
 
     first = primary(teacher)
-    wrapper, kd = features.build(recipe.features, student, first.model, size=size, teacher_size=first.input_size,
-                                 device=next(student.parameters()).device)
+    try:
+        wrapper, kd = features.build(recipe.features, student, first.model, size=size,
+                                     teacher_size=first.input_size, device=next(student.parameters()).device)
+    except UsageError as e:
+        if not (recipe.model.grad_checkpointing and str(e).startswith("features.student=") and "not run" in str(e)):
+            raise
+        raise UsageError(f"{e}: with model.grad_checkpointing=true timm calls a stage's blocks one by one, so a "
+                         f"stage never runs as a whole; name its last block (e.g. layer3.1 for layer3)") from None
     log.info(features.describe(wrapper, recipe.features))
     return wrapper, kd
 
@@ -168,12 +221,16 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
     student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=fresh and not dry)
     if recipe.loss.distill_token:
         log.info(train_distillation_token(student, recipe.model.name, recipe.loss.distill_token))
+    if recipe.model.grad_checkpointing:
+        grad_checkpointing(student, recipe.model.name)
     spec = input_spec(student, recipe.data.input_size)
     check_input_size(recipe.model, num_classes, spec.size)
     compute = compute_for(recipe, dist.device)
     environment.set_backend_flags(recipe.run, dist.device)
     teacher = teacher_for(recipe, num_classes, spec, compute)
     place(student, compute)
+    if recipe.run.sync_bn and not dry:  # as DDP: a dry run joins no process group
+        student = sync_batchnorm(student, dist)
 
     train_loader = data.train_loader(train_split, recipe.data, recipe.aug, spec, seed=recipe.run.seed, dist=dist)
     val_loader = data.val_loader(val_split, recipe.data, recipe.aug, spec, dist=dist)
@@ -195,6 +252,8 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
     if recipe.features.student:
         wrapped, features = feature_kd(recipe, student, teacher, spec.size)
     optimizer = create_optimizer(recipe, student, batch.lr, extra=features.projector if features else None)
+    if recipe.optim.layer_decay is not None:
+        log.info(layer_lrs(optimizer, student, batch.lr, recipe.optim.layer_decay))
     scheduler, epochs = create_scheduler(recipe, optimizer, steps // batch.accum)
     if dist.distributed and not dry:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
