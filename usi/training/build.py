@@ -204,6 +204,9 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
     t = Training(recipe=recipe, dist=dist, batch=batch, state=state,
                  cfg=step_config(recipe, compute, num_classes, batch.accum), train_split=train_split,
                  val_split=val_split, train_loader=train_loader, val_loader=val_loader, steps=steps, epochs=epochs)
+    if recipe.teacher.soft_labels:  # the store answers for the teacher in the steps; checked before any is made
+        from usi.training.soft_label_pass import attach
+        attach(t, check=not dry)
     log.info(f"student {recipe.model.name}: {t.params / 1e6:.2f}M params, input {spec.size}, {num_classes} classes, "
              f"{len(train_split)} train / {len(val_split)} val images, {steps} steps x {epochs} epochs"
              + (f", teacher {' + '.join(c.name for c in recipe.teachers())}" if teacher is not None
