@@ -157,3 +157,9 @@ class Spy(torch.nn.Module):
         out = self.fc(x.mean((2, 3)))
         return out * float("nan") if self.poison else out
 
+
+
+def soft_label_store(root, out, teacher, *extra, flags=("--steps-per-chunk", "3")):
+    """`usi soft-labels` on the tiny recipe (teacher: its teacher.* overrides)."""
+    return usi_main("soft-labels", "quickstart", *TINY, f"data.root={root}", *teacher, *extra, "--out", str(out),
+                    *flags)

@@ -57,3 +57,15 @@ def test_device_randaugment_batches_are_normalized_augmented_and_seeded(image_ro
     assert not torch.equal(first[0], other[0])
     pixels = torch.cat(first) * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5  # normalized from 0..255 with the student's mean/std
+
+
+def test_randaugment_fill_is_a_recipe_fact_not_the_students_mean():
+    from types import SimpleNamespace
+
+    from usi.data.loader import InputSpec, device_randaugment, fill_mean
+
+    spec = InputSpec(24, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    aug = SimpleNamespace(auto_augment="rand-m7-mstd0.5-inc1", interpolation="bicubic", randaugment_fill=[124, 116, 104])
+    assert device_randaugment(aug, spec).fill == (124, 116, 104)
+    assert tuple(round(255 * v) for v in fill_mean(aug, spec)) == (124, 116, 104)  # timm's img_mean from it
+    assert device_randaugment(SimpleNamespace(**{**vars(aug), "randaugment_fill": None}), spec).fill == (128,) * 3

@@ -58,6 +58,18 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_soft_labels(args) -> int:
+    from usi import recipe as recipe_mod
+    from usi.training.soft_label_pass import write_store
+
+    recipe = recipe_mod.load(recipe_mod.recipe_path(args.recipe), args.overrides)
+    manifest = write_store(recipe, Path(args.out), top_k=args.top_k, steps_per_chunk=args.steps_per_chunk)
+    if manifest.get("complete"):
+        print(f"{args.out}: top-{manifest['top_k']} soft labels of {len(manifest['chunks'])} chunks, "
+              f"{manifest['bytes'] / 2**20:.1f} MiB; train with teacher.soft_labels={args.out}")
+    return 0
+
+
 def cmd_tool(name: str, argv: list[str]) -> int:
     """`usi shards ...`, `usi table ...`, `usi fidelity ...`: tools with arguments of their own (see --help)."""
     if name == "shards":
@@ -99,6 +111,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=42)
     q.add_argument("--rerun", action="store_true", help="train again even where a finished run exists")
     q.set_defaults(run=cmd_quickstart)
+    s = sub.add_parser("soft-labels", help="store the teacher's outputs on every training batch, for "
+                                           "teacher.soft_labels (run under torchrun as the students will)")
+    s.add_argument("recipe", help="the training recipe (a YAML file or a built-in name)")
+    s.add_argument("overrides", nargs="*", help="section.key=value, as for usi train")
+    s.add_argument("--out", required=True, help="the store's folder (resumed where a killed writer stopped)")
+    s.add_argument("--top-k", type=int, help="logits kept per sample; default: all classes (exact)")
+    s.add_argument("--steps-per-chunk", type=int, default=50, help="training steps per file")
+    s.set_defaults(run=cmd_soft_labels)
     # parsed by the tools themselves (main() hands them their arguments); listed here for --help
     sub.add_parser("shards", help="write image folders as webdataset shards (usi shards --help)")
     sub.add_parser("table", help="one recipe, many backbones: the benchmark table (usi table --help)")

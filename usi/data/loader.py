@@ -69,14 +69,21 @@ def train_transform(aug, spec: InputSpec, on_device: bool = False):
     return Decoded(create_transform(
         spec.size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
         color_jitter=aug.color_jitter or None, auto_augment=aug.auto_augment or None,
-        interpolation=aug.interpolation, mean=spec.mean, std=spec.std, re_prob=0.0, use_prefetcher=True))
+        interpolation=aug.interpolation, mean=fill_mean(aug, spec), std=spec.std, re_prob=0.0, use_prefetcher=True))
+
+
+def fill_mean(aug, spec: InputSpec) -> tuple:
+    """The mean timm's RandAugment fills with (its only use in a prefetcher transform without erasing):
+    aug.randaugment_fill when set, so students of other normalizations see the same pixels; else the student's."""
+    fill = getattr(aug, "randaugment_fill", None)
+    return tuple(v / 255 for v in fill) if fill is not None else tuple(spec.mean)
 
 
 def device_randaugment(aug, spec: InputSpec) -> DeviceRandAugment | None:
     """timm's RandAugment with create_transform's hparams (translate, fill = the mean), batched."""
     if not aug.auto_augment:
         return None
-    return DeviceRandAugment(aug.auto_augment, img_size=spec.size, mean=spec.mean,
+    return DeviceRandAugment(aug.auto_augment, img_size=spec.size, mean=fill_mean(aug, spec),
                              interpolation=None if aug.interpolation == "random" else aug.interpolation)
 
 

@@ -80,6 +80,24 @@ def check_teachers(recipe: Recipe) -> None:
         check_model_name(f"{key}.name", t.name)
         if t.weights and not Path(t.weights).is_file():
             raise UsageError(f"{key}.weights={t.weights!r} does not exist")
+    check_soft_labels(recipe)
+
+
+def check_soft_labels(recipe: Recipe) -> None:
+    fill = recipe.aug.randaugment_fill
+    if fill is not None and not (isinstance(fill, list) and len(fill) == 3
+                                 and all(type(v) is int and 0 <= v <= 255 for v in fill)):
+        raise UsageError(f"aug.randaugment_fill={fill!r}: expected 3 integers 0..255 (e.g. [124, 116, 104]) or null")
+    store = recipe.teacher.soft_labels
+    if store is None:
+        return
+    if not recipe.kd:
+        raise UsageError(f"teacher.soft_labels={store!r} needs the teacher that wrote it (teacher.name is null)")
+    if recipe.features.student:
+        raise UsageError("teacher.soft_labels stores logits; feature KD (features.student) needs the live teacher")
+    if not (Path(store) / "manifest.json").is_file():
+        raise UsageError(f"teacher.soft_labels={store!r} is not a soft-label store (no manifest.json); write one "
+                         f"with usi soft-labels")
 
 
 def check_features(recipe: Recipe) -> None:

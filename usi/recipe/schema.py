@@ -66,6 +66,8 @@ class TeacherSection:
     combine: str = setting("probs", choices=("probs", "logits"),
                            help="an ensemble's soft labels: the mean of its teachers' probabilities, or of "
                                 "their logits")
+    soft_labels: Optional[str] = setting(None, help="a store written by usi soft-labels: training steps read the "
+                                                    "teacher's stored logits instead of running it; null: live")
 
 
 # The keys a member of teacher.extra may have: a teacher's own settings, not the ensemble's.
@@ -119,6 +121,8 @@ class AugSection:
     randaugment_on: str = setting("auto", choices=("auto", "workers", "device"), resume_free=True,
                                   help="where RandAugment runs: in the loader workers (timm's PIL ops) or "
                                        "batched on the device after the copy; auto: on the device with CUDA")
+    randaugment_fill: Optional[list] = setting(None, help="the fill colour of RandAugment's geometric ops, 3 "
+                                                          "values 0..255; null: the student's mean (timm's)")
     color_jitter: float = setting(0.0, low=0.0, help="color jitter strength; 0: none")
     re_prob: float = setting(0.0, low=0.0, high=1.0, help="random erasing probability")
     mixup_alpha: float = setting(0.8, low=0.0, help="mixup Beta(alpha, alpha); 0: off")

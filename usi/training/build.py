@@ -26,7 +26,7 @@ from usi.errors import UsageError
 from usi.models import Compute, check_input_size, compute_for, create_student, input_spec, place, teacher_for
 from usi.recipe import Recipe, mixes
 from usi.runtime import distributed, environment
-from usi.training import tracking
+from usi.training import stored_teacher, tracking
 from usi.training.engine import StepConfig, TrainState
 
 log = logging.getLogger("usi")
@@ -274,6 +274,8 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
                  cfg=step_config(recipe, compute, num_classes, batch.accum), train_split=train_split,
                  val_split=val_split, train_loader=train_loader, val_loader=val_loader, steps=steps, epochs=epochs,
                  minival_split=minival_split, minival_loader=minival_loader)
+    if recipe.teacher.soft_labels:  # the store answers for the teacher in the steps; checked before any is made
+        stored_teacher.attach(t, check=not dry)
     log.info(f"student {recipe.model.name}: {t.params / 1e6:.2f}M params, input {spec.size}, {num_classes} classes, "
              f"{len(train_split)} train / {len(val_split)} val images, {steps} steps x {epochs} epochs, best "
              f"weights selected on {t.selection}"

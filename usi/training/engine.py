@@ -48,6 +48,7 @@ class TrainState:
     scaler: torch.amp.GradScaler | None = None
     mixup: Mixup | None = None
     features: FeatureKD | None = None  # feature KD: the teacher's tap and the loss (wrapped returns features)
+    soft_labels: Callable | None = None  # teacher.soft_labels: answers for the teacher in the step (a StoredLabels)
 
     @property
     def projector(self) -> nn.Module | None:
@@ -90,7 +91,8 @@ def forward_backward(state: TrainState, cfg: StepConfig, x: torch.Tensor, y: tor
         with cfg.compute.autocast():
             if state.features is not None:
                 state.features.tap.clear()  # what the teacher records now, not what evaluation left
-            teacher_logits = state.teacher(x) if state.teacher is not None else None
+            teacher = state.soft_labels if state.soft_labels is not None else state.teacher
+            teacher_logits = teacher(x) if teacher is not None else None
             out = state.wrapped(x)
         # feature KD's wrapper returns (logits, features); a DeiT student with loss.distill_token returns its
         # two heads as a tuple too, which the loss takes apart

@@ -1,0 +1,64 @@
+"""usi/training/soft_label_pass.py: `usi soft-labels`: the store is complete and checksummed, a killed or
+damaged one is finished where it broke, top-K stores less, bad values are one line."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from usi.distill import soft_labels as store
+
+from conftest import usi_main
+from helpers import one_error, soft_label_store, teacher_file, train, train_args
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    torch.manual_seed(7)
+    path = teacher_file(tmp_path_factory.mktemp("teacher") / "teacher.safetensors")
+    return ["teacher.name=test_resnet", f"teacher.weights={path}"]
+
+
+@pytest.fixture(scope="module")
+def full_store(image_root, teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "s"
+    done = soft_label_store(image_root, out, teacher)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_the_writer_resumes_at_missing_or_damaged_chunks(image_root, teacher, full_store, tmp_path):
+    out = tmp_path / "s"
+    for f in full_store.iterdir():
+        (out / f.name).parent.mkdir(exist_ok=True)
+        (out / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((out / "manifest.json").read_text())
+    store.write_manifest(out, {**manifest, "complete": False})  # as a writer killed before it finished
+    (out / store.chunk_name(1, 0, 3)).unlink()
+    damaged = out / store.chunk_name(0, 0, 6)
+    damaged.write_bytes(damaged.read_bytes()[:-4] + b"\0\0\0\0")
+    again = soft_label_store(image_root, out, teacher)
+    assert again.returncode == 0, again.stderr
+    assert "(2 written now)" in again.stderr
+    assert json.loads((out / "manifest.json").read_text())["chunks"] == manifest["chunks"]  # the same bytes
+
+
+def test_top_k_stores_less_and_trains(image_root, teacher, tmp_path):
+    out = tmp_path / "k2"
+    assert soft_label_store(image_root, out, teacher, flags=("--top-k", "2")).returncode == 0
+    values = store.read_chunk(out, store.chunk_name(0, 0, 0), json.loads((out / "manifest.json").read_text())
+                              ["chunks"][store.chunk_name(0, 0, 0)])
+    assert values["values"].shape[1] == 2 and values["indices"].dtype == torch.int16
+    run = train(image_root, tmp_path / "r", *teacher, f"teacher.soft_labels={out}", "sched.epochs=2")
+    assert run.returncode == 0, run.stderr
+
+
+def test_bad_values_are_one_line(image_root, teacher, tmp_path):
+    one_error(soft_label_store(image_root, tmp_path / "a", teacher, flags=("--top-k", "9")), "--top-k 9: expected 1..4")
+    one_error(soft_label_store(image_root, tmp_path / "b", ["teacher.name=null"]), "teacher.name is null")
+    one_error(usi_main(*train_args(image_root, tmp_path / "r", *teacher, f"teacher.soft_labels={tmp_path}")),
+              "is not a soft-label store")
+    one_error(usi_main(*train_args(image_root, tmp_path / "r", "aug.randaugment_fill=[1, 2]")),
+              "aug.randaugment_fill=[1, 2]: expected 3 integers 0..255")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "f.safetensors"))
+    one_error(soft_label_store(image_root, tmp_path / "f.safetensors", teacher), "is a file, not a folder")

@@ -1,0 +1,140 @@
+"""`usi soft-labels`: the training data pipeline, exactly as training runs it, through the teacher, for every
+epoch, into a store (usi/distill/soft_labels.py). A training run's side of it is usi/training/stored_teacher.py.
+
+The writer builds the very objects `usi train` builds (build_training), so the batches, their mixing and the
+teacher are the training run's own: one code path, not a copy of it. Each rank writes its own chunks (run it
+under torchrun with the world size the students will use); rank 0 writes the manifest.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from usi.data.loader import next_batch
+from usi.distill import soft_labels as store
+from usi.errors import UsageError
+from usi.recipe import Recipe
+from usi.runtime import distributed
+from usi.runtime.progress import Progress, setup_logging, step_line
+from usi.training.build import Training, build_training
+from usi.training.engine import prepare_batch
+from usi.training.stored_teacher import run_facts
+
+log = logging.getLogger("usi")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_store(recipe: Recipe, out: Path, *, top_k: int | None = None, steps_per_chunk: int = 50) -> dict:
+    """Writes (or finishes) the store in `out`; returns its manifest."""
+    if not recipe.kd:
+        raise UsageError("usi soft-labels stores a teacher's outputs: teacher.name is null")
+    if recipe.teacher.soft_labels:
+        raise UsageError(f"teacher.soft_labels={recipe.teacher.soft_labels!r} reads a store; leave it null to "
+                         f"write one")
+    if steps_per_chunk < 1:
+        raise UsageError(f"--steps-per-chunk={steps_per_chunk}: expected 1 or more")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    dist = distributed.setup(recipe.run.device)
+    try:
+        setup_logging(None, dist.main)
+        t = build_training(recipe, dist, fresh=True, dry=True)  # no DDP, no compile: the teacher only
+        classes = len(t.classes)
+        k = classes if top_k is None else top_k
+        if not 1 <= k <= classes:
+            raise UsageError(f"--top-k {top_k}: expected 1..{classes} (the class count)")
+        manifest = {"format": store.FORMAT, "facts": run_facts(t), "classes": classes, "top_k": k,
+                    "steps_per_chunk": steps_per_chunk, "complete": False}
+        if dist.main:
+            prepare(out, manifest)
+        distributed.barrier()
+        if store.read_manifest(out) is None:
+            raise UsageError(f"--out {out}: rank {dist.rank} cannot read the manifest rank 0 wrote (a folder every "
+                             f"rank shares is needed)")
+        written = write_epochs(t, out, k=k, per_chunk=steps_per_chunk)
+        distributed.barrier()
+        if dist.main:
+            manifest = finish(out, manifest, t)
+            log.info(f"soft labels: {out}: {len(manifest['chunks'])} chunks ({written} written now), top-{k} of "
+                     f"{classes} classes, {manifest['bytes'] / 2**20:.1f} MiB")
+        return manifest
+    finally:
+        distributed.cleanup()
+
+
+def prepare(out: Path, manifest: dict) -> None:
+    """A new store's manifest, or the same store's (resumed); refuses a folder of anything else."""
+    existing = store.read_manifest(out)
+    if existing is None and out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is a non-empty folder that holds no soft-label store; give a new folder")
+    if existing is not None:
+        for key in ("classes", "top_k", "steps_per_chunk"):
+            if existing[key] != manifest[key]:
+                raise UsageError(f"--out {out} holds a store with {key}={existing[key]}, not {manifest[key]}; give "
+                                 f"a new folder")
+        differ = store.first_difference(existing["facts"], manifest["facts"], fill_fixed=False)
+        if differ:
+            raise UsageError(f"--out {out} holds a store of other facts ({differ}); give a new folder")
+        return  # resumed: chunks already written stay
+    out.mkdir(parents=True, exist_ok=True)
+    store.write_manifest(out, manifest)
+
+
+def write_epochs(t: Training, out: Path, *, k: int, per_chunk: int) -> int:
+    """Every epoch's chunks of this rank that are missing or damaged. An epoch with one to write runs its
+    batches from step 0 (mixing each, so every draw is training's), the teacher only where needed."""
+    rank, steps, written = t.dist.rank, t.steps, 0
+    progress, t0, done_steps = Progress(t.dist.main), time.perf_counter(), 0
+    t.state.wrapped.train()  # as in training: its dropout draws (workers=0) are training's
+    for epoch in range(t.epochs):
+        todo = {s for s in store.chunk_starts(steps, per_chunk)
+                if store.chunk_done(out, store.chunk_name(epoch, rank, s)) is None}
+        if not todo:
+            continue
+        batches, pending = t.train_loader.epoch(epoch, 0), []
+        for step in range(max(todo) + min(per_chunk, steps - max(todo))):
+            batch, error = next_batch(batches)
+            if error is not None:
+                raise error
+            if batch is None:
+                raise RuntimeError(f"the training loader ended at epoch {epoch + 1}, step {step} of {steps}")
+            x, _ = prepare_batch(t.state, t.cfg, *batch)
+            if t.recipe.data.workers == 0:  # the student's draws (dropout, drop path) move the RNG that the next
+                with torch.no_grad(), t.cfg.compute.autocast():  # batch's transforms use: make them, as training
+                    t.state.wrapped(x)
+            first = step - step % per_chunk
+            if first not in todo:
+                continue
+            with t.cfg.compute.autocast():
+                pending.append(store.top_k(t.state.teacher(x), k))
+            if step + 1 == min(first + per_chunk, steps):
+                store.write_chunk(out, store.chunk_name(epoch, rank, first), pending)
+                pending, written = [], written + 1
+            done_steps += 1
+            if done_steps % t.recipe.run.log_interval == 0:
+                pace = (time.perf_counter() - t0) / done_steps
+                progress.show(step_line({"chunks": written}, epoch=epoch, epochs=t.epochs, step=step + 1,
+                                        steps=steps, seconds_per_step=pace))
+    progress.done()
+    return written
+
+
+def finish(out: Path, manifest: dict, t: Training) -> dict:
+    """Rank 0, after every rank is done: every chunk's checksum into the manifest, marked complete."""
+    chunks, size = {}, 0
+    for epoch in range(t.epochs):
+        for rank in range(t.dist.world):
+            for first in store.chunk_starts(t.steps, manifest["steps_per_chunk"]):
+                name = store.chunk_name(epoch, rank, first)
+                digest = store.chunk_done(out, name)
+                if digest is None:
+                    raise RuntimeError(f"soft labels: {out / name} is missing or damaged after every rank finished")
+                chunks[name], size = digest, size + (out / name).stat().st_size
+    manifest = {**manifest, "chunks": chunks, "bytes": size, "complete": True}
+    store.write_manifest(out, manifest)
+    return manifest
