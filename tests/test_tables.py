@@ -61,7 +61,8 @@ def test_bench_table_composes_with_an_ensemble_and_feature_kd(image_root, tmp_pa
                    "--nproc", "1", "--out", str(tmp_path / "table"), "--device", "cpu")
     assert out.returncode == 0, out.stderr[-2000:]
     with open(tmp_path / "table" / "table.csv") as f:
-        (row,) = csv.DictReader(f)
+        teacher, row = csv.DictReader(f)
+    assert teacher["model"] == "teacher (test_resnet)" and float(teacher["top1_nokd"]) >= 0
     assert float(row["top1_nokd"]) >= 0 and not row["note"]  # the baseline row drops teacher and features
     report = json.loads((tmp_path / "table" / "seed0" / "test_resnet-kd.eval.json").read_text())["report"]
     (metrics,) = report["students"].values()
