@@ -1,14 +1,16 @@
 """usi/data/folder.py: image folders: classes, odd and unreadable images flagged, skipped and counted, each
 loader's own view."""
 import itertools
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from usi.data.folder import FolderSplit
+from usi.data.folder import FolderDataset, FolderSplit
 from usi.errors import UsageError
 
 from conftest import read_jsonl, usi_cmd, usi_main
@@ -141,3 +143,23 @@ def test_unreadable_images_are_skipped_counted_and_stop_past_the_limit(image_roo
     assert "skipped unreadable image" in ok.stderr
     stop = usi_main(*train_args(data, tmp_path / "stop", "data.max_bad_samples=2"))
     assert stop.returncode == 2 and "3 unreadable images so far exceeds data.max_bad_samples=2" in stop.stderr
+
+
+@pytest.mark.parametrize("decode", ["pillow", "transform"])
+def test_images_that_are_not_regular_files_are_counted_with_their_reason_and_never_block(tmp_path, caplog, decode):
+    image(tmp_path / "a" / "x.jpg")
+    image(tmp_path / "b" / "y.jpg")
+    (tmp_path / "a" / "zero.jpg").symlink_to("/dev/zero")  # read whole, it never ends
+    os.mkfifo(tmp_path / "b" / "pipe.jpg")  # opened for reading, it waits for a writer forever
+    (tmp_path / "b" / "folder.jpg").mkdir()  # a folder named like an image is no image at all
+    split = FolderSplit(tmp_path)
+    assert len(split) == 4  # before: the pipe was not even listed (silently dropped)
+    view = FolderDataset(split, None if decode == "pillow" else len, replace_bad=False)
+    signal.alarm(30)  # a blocking open fails the test instead of hanging it
+    try:
+        read = [view[i] for i in range(len(view))]
+    finally:
+        signal.alarm(0)
+    assert sum(item is None for item in read) == 2 and split.bad_count(torch.device("cpu")) == 2
+    assert "pipe.jpg: OSError: is not a regular file (a named pipe)" in caplog.text
+    assert "zero.jpg: OSError: is not a regular file (a character device)" in caplog.text
