@@ -155,12 +155,13 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
     train_split, val_split = data.open_splits(recipe.data)
     num_classes = len(train_split.classes)
     seed_everything(recipe.run.seed)
-    student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=fresh and not dry)
+    student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=fresh and not dry,
+                             classes=train_split.classes)
     spec = input_spec(student, recipe.data.input_size)
     check_input_size(recipe.model, num_classes, spec.size)
     compute = compute_for(recipe, dist.device)
     environment.set_backend_flags(recipe.run, dist.device)
-    teacher = teacher_for(recipe, num_classes, spec, compute)
+    teacher = teacher_for(recipe, train_split.classes, spec, compute)
     place(student, compute)
 
     train_loader = data.train_loader(train_split, recipe.data, recipe.aug, spec, seed=recipe.run.seed, dist=dist)
