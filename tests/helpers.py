@@ -163,3 +163,23 @@ def soft_label_store(root, out, teacher, *extra, flags=("--steps-per-chunk", "3"
     """`usi soft-labels` on the tiny recipe (teacher: its teacher.* overrides)."""
     return usi_main("soft-labels", "quickstart", *TINY, f"data.root={root}", *teacher, *extra, "--out", str(out),
                     *flags)
+
+
+DATA_CLASSES = ["circle", "frame", "ring", "square"]  # image_root's classes, in label order
+
+
+def usi_weights(path, classes, form="best.safetensors", name="test_resnet"):
+    """Weights that carry their class list, as usi writes them: a run's best.safetensors (metadata), its
+    last.pt (`classes`), or an export folder (config.json's label_names); returns the weights file."""
+    state = timm.create_model(name, num_classes=len(classes)).state_dict()
+    if form == "best.safetensors":
+        save_file(state, str(path), metadata={"classes": json.dumps(classes), "recipe": "model: {}"})
+    elif form == "last.pt":
+        torch.save({"format": 1, "student": state, "classes": classes, "recipe": "model: {}"}, path)
+    else:
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"architecture": name, "label_names": classes}))
+        (path / "usi-export.json").write_text("{}")
+        path = path / "model.safetensors"
+        save_file(state, str(path))
+    return path

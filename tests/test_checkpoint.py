@@ -10,8 +10,8 @@ from usi.errors import UsageError
 from usi.runtime import files
 from usi.training import checkpoint
 
-from conftest import REPO, Payload
-from helpers import teacher_files, train
+from conftest import REPO, Payload, read_jsonl, usi_main
+from helpers import one_error, teacher_files, train, train_args
 
 
 def state():
@@ -107,3 +107,21 @@ def test_a_feature_checkpoint_does_not_resume_a_plain_run(image_root, tmp_path):
     assert train(image_root, tmp_path / "run", *teacher, *feature, "run.stop_after=1").returncode == 0
     out = train(image_root, tmp_path / "other", *teacher, f"run.resume={tmp_path / 'run' / 'last.pt'}")
     assert out.returncode == 2 and "was trained with feature KD" in out.stderr.splitlines()[-1]
+
+
+def test_a_full_disk_while_training_says_so_in_one_line_and_the_run_resumes(image_root, tmp_path, monkeypatch):
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "run.stop_after=1")).returncode == 0  # epoch 1's last.pt
+
+    def full(obj, f):  # what torch.save raises when the disk fills up (measured on a full tmpfs)
+        open(f, "wb").write(b"half a checkp")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 0)
+    out = usi_main(*train_args(image_root, run, "run.resume=auto"))
+    one_error(out, f"disk full while writing {run / 'last.pt'}; the previous last.pt is intact")  # not "unexpected pos"
+    monkeypatch.undo()
+    assert checkpoint.load(run / "last.pt")["epoch"] == 1
+    out = usi_main(*train_args(image_root, run, "run.resume=auto"))
+    assert out.returncode == 0 and [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2], out.stderr

@@ -1,5 +1,7 @@
-"""usi/errors.py: UsageError's one-line form, cut long lines, "did you mean"."""
-from usi.errors import UsageError, one_line, shorten, suggest
+"""usi/errors.py: UsageError's one-line form, cut long lines, "did you mean", what a path is."""
+import os
+
+from usi.errors import UsageError, file_problem, one_line, shorten, suggest
 
 from conftest import usi_main
 
@@ -30,3 +32,17 @@ def test_suggest_names_the_closest_choice_or_nothing():
     assert suggest("lrr", ["lr", "weight_decay", "eps"]) == "; did you mean 'lr'?"
     assert suggest("resnet5O", ["resnet50", "resnet18"]) == "; did you mean 'resnet50'?"
     assert suggest("zzzz", ["lr", "eps"]) == ""
+
+
+def test_file_problem_names_what_a_path_is_without_opening_it(tmp_path):
+    regular, fifo, zero, dangling = (tmp_path / n for n in ("w.pt", "pipe.pt", "zero.pt", "gone.pt"))
+    regular.write_bytes(b"x")
+    os.mkfifo(fifo)
+    zero.symlink_to("/dev/zero")
+    dangling.symlink_to(tmp_path / "nothing")
+    assert file_problem(regular) is None
+    assert file_problem(tmp_path) == "is a directory, not a file"
+    assert file_problem(fifo) == "is not a regular file (a named pipe)"  # not opened: opening would block
+    assert file_problem(zero) == "is not a regular file (a character device)"
+    assert file_problem(tmp_path / "none") == "does not exist"
+    assert file_problem(dangling) == "is a link to a file that does not exist"

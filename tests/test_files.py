@@ -1,13 +1,20 @@
 """usi/runtime/files.py: weight files: not-a-checkpoint, damaged bytes and metadata, hostile pickles, atomic writes
-and their leftovers, permissions."""
+and their leftovers, permissions; inputs that are not regular files, sizes a file declares past what it holds, a
+full disk."""
+import errno
+import json
 import os
 import shutil
+import signal
 import stat
+import struct
+import zipfile
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from usi.errors import UsageError
 from usi.runtime import files
 from usi.training import checkpoint
 
@@ -148,3 +155,111 @@ def evil(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": 1, "student": {}, "x": Payload()}, path)
     return path
+
+
+@pytest.fixture()
+def no_blocking():
+    """A read that blocks (a named pipe) fails the test instead of hanging it."""
+    def hung(signum, frame):
+        raise TimeoutError("usi blocked on a file")
+    before = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, before)
+
+
+@pytest.mark.parametrize("kind, reason", [("dir", "is a directory, not a file"),
+                                          ("pipe", "is not a regular file (a named pipe)"),
+                                          ("zero", "is not a regular file (a character device)")])
+@pytest.mark.parametrize("use", ["teacher.weights", "model.weights", "run.resume", "usi eval", "recipe"])
+def test_inputs_that_are_not_regular_files_are_refused_at_once_with_their_reason(image_root, tmp_path, no_blocking,
+                                                                                 kind, reason, use):
+    path = tmp_path / "input.pt"
+    {"dir": path.mkdir, "pipe": lambda: os.mkfifo(path), "zero": lambda: path.symlink_to("/dev/zero")}[kind]()
+    if use == "usi eval":
+        out = usi_main("eval", str(path), f"data.root={image_root}")
+    elif use == "recipe":
+        out = usi_main("train", str(path.rename(tmp_path / "input.yaml")), f"data.root={image_root}")
+    else:
+        extra = ["teacher.name=test_resnet"] if use == "teacher.weights" else []
+        out = usi_main(*train_args(image_root, tmp_path / "r", *extra, f"{use}={path}"))
+    one_error(out, reason)  # before: "does not exist", or a read of /dev/zero without end, or a pipe's wait
+    assert not (tmp_path / "r").exists()
+
+
+def deflated(plain, path):
+    """The zip checkpoint `plain` with its parts compressed (torch.save stores them as they are)."""
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for part in src.infolist():
+            dst.writestr(part.filename, src.read(part))
+    return path
+
+
+def test_a_compressed_checkpoint_that_inflates_past_its_bound_is_refused_before_loading(image_root, tmp_path,
+                                                                                         monkeypatch):
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(2_000_000)}, plain)  # 8 MB of zeros
+    bomb = deflated(plain, tmp_path / "bomb.pt")
+    assert bomb.stat().st_size < 20_000
+    with pytest.raises(UsageError, match=r"refused to load .*bomb.pt: .* declare 80\d{5} bytes once inflated"):
+        files.check_zip(bomb, limit=1 << 20)
+    files.check_zip(plain, limit=1 << 20)  # stored parts hold what they declare: the file itself bounds them
+    assert files.load_state_file(bomb)["w"].shape == (2_000_000,)  # under the default bound: a compressed file loads
+    monkeypatch.setattr(files, "MIN_INFLATED", 1 << 20)
+    out = usi_main(*train_args(image_root, tmp_path / "r", "teacher.name=test_resnet", f"teacher.weights={bomb}"))
+    one_error(out, f"refused to load {bomb}")
+    assert not (tmp_path / "r").exists()
+
+
+def test_declared_sizes_past_what_the_file_holds_are_refused_before_anything_is_allocated(image_root, tmp_path):
+    old = tmp_path / "old.pt"  # torch < 1.6's format: torch.load allocates each storage at its declared size
+    torch.save({"w": torch.zeros(123)}, old, _use_new_zipfile_serialization=False)
+    assert files.load_state_file(old)["w"].shape == (123,)
+    data = old.read_bytes()
+    old.write_bytes(data.replace(b"K\x7b", b"J" + struct.pack("<i", 2**31 - 1), 1))  # the storage's element count
+    with pytest.raises(UsageError, match=r"old.pt: its \d+-byte file declares storages of 2147483647 elements"):
+        files.load_state_file(old)
+    strided = tmp_path / "strided.pt"  # a small storage under a huge shape (stride 0): any use allocates the shape
+    torch.save({"fc.weight": torch.zeros(4).expand(10**11, 4)}, strided)
+    assert strided.stat().st_size < 10_000
+    out = usi_main(*train_args(image_root, tmp_path / "r", "teacher.name=test_resnet", f"teacher.weights={strided}"))
+    one_error(out, f"{strided} is not a usable checkpoint: its tensor fc.weight (100000000000, 4) declares more")
+    lying = tmp_path / "lying.safetensors"  # a header whose offsets reach past the file
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10**9], "data_offsets": [0, 4 * 10**9]}}).encode()
+    lying.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    with pytest.raises(UsageError, match=r"lying.safetensors is not a readable safetensors file"):
+        files.load_state_file(lying)
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    OSError(errno.EDQUOT, "Disk quota exceeded"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),  # torch.save, measured
+    RuntimeError("basic_ios::clear: iostream error"),  # torch.save when the disk was full from its first byte
+    Exception("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+])
+def test_a_full_disk_says_so_and_that_the_previous_file_is_intact(tmp_path, monkeypatch, failure):
+    path = tmp_path / "last.pt"
+    checkpoint.save({"student": {"w": torch.zeros(3)}, "epoch": 3}, path)
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 0)  # torch's errors carry no errno: the space left tells
+
+    def full(tmp):
+        tmp.write_bytes(b"half a checkp")
+        raise failure
+
+    with pytest.raises(UsageError, match=rf"^disk full while writing {path}; the previous last.pt is intact"):
+        files.atomic_write(path, full)
+    assert checkpoint.load(path)["epoch"] == 3 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    with pytest.raises(UsageError, match="no earlier best.safetensors was there"):
+        files.atomic_write(tmp_path / "best.safetensors", full)
+
+
+def test_a_torch_write_failure_with_space_left_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "free_bytes", lambda folder: 10 << 30)
+
+    def failing(tmp):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        files.atomic_write(tmp_path / "last.pt", failing)

@@ -1,7 +1,9 @@
 """usi/data/folder.py: image folders: classes, odd and unreadable images flagged, skipped and counted, each
 loader's own view."""
 import itertools
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from usi.data.folder import FolderSplit, held_out_counts
+from usi.data.folder import FolderDataset, FolderSplit, held_out_counts
 from usi.errors import UsageError
 
 from conftest import read_jsonl, usi_cmd, usi_main
@@ -204,3 +206,23 @@ def test_class_map_mistakes_are_one_line_before_any_run_directory(image_root, tm
     if "rign" in value:
         assert "did you mean 'ring'?" in out.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("decode", ["pillow", "transform"])
+def test_images_that_are_not_regular_files_are_counted_with_their_reason_and_never_block(tmp_path, caplog, decode):
+    image(tmp_path / "a" / "x.jpg")
+    image(tmp_path / "b" / "y.jpg")
+    (tmp_path / "a" / "zero.jpg").symlink_to("/dev/zero")  # read whole, it never ends
+    os.mkfifo(tmp_path / "b" / "pipe.jpg")  # opened for reading, it waits for a writer forever
+    (tmp_path / "b" / "folder.jpg").mkdir()  # a folder named like an image is no image at all
+    split = FolderSplit(tmp_path)
+    assert len(split) == 4  # before: the pipe was not even listed (silently dropped)
+    view = FolderDataset(split, None if decode == "pillow" else len, replace_bad=False)
+    signal.alarm(30)  # a blocking open fails the test instead of hanging it
+    try:
+        read = [view[i] for i in range(len(view))]
+    finally:
+        signal.alarm(0)
+    assert sum(item is None for item in read) == 2 and split.bad_count(torch.device("cpu")) == 2
+    assert "pipe.jpg: OSError: is not a regular file (a named pipe)" in caplog.text
+    assert "zero.jpg: OSError: is not a regular file (a character device)" in caplog.text

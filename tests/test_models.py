@@ -13,10 +13,11 @@ from usi import recipe as R
 from usi.distill.loss import DistillLoss
 from usi.errors import UsageError
 from usi.models import Compute, amp_dtype, channels_last
+from usi.runtime import files
 from usi.training.engine import StepConfig, TrainState, forward_backward
 
 from conftest import REPO, TINY, read_jsonl, usi_cmd, usi_main
-from helpers import teacher_file, train_args
+from helpers import DATA_CLASSES, one_error, teacher_file, train_args, usi_weights
 
 GPU_OPTIONS = ["run.compile=true", "run.amp=bf16", "run.amp_on_cpu=true", "run.channels_last=true"]
 
@@ -156,3 +157,22 @@ def test_forward_macs_counts_one_image_and_leaves_the_mode_as_it_was():
                                 torch.nn.Flatten(), torch.nn.Linear(4, 2, bias=False))
     assert forward_macs(model, 8) == 3 * 4 * 8 * 8 + 4 * 2  # the 1x1 convolution at 8 x 8, then the linear
     assert model.training
+
+
+def test_starting_weights_of_classes_in_another_order_are_refused_and_of_other_classes_get_a_fresh_head(
+        image_root, tmp_path):
+    def student_from(classes):
+        path = usi_weights(tmp_path / f"{'-'.join(classes)}.safetensors", classes)
+        recipe = R.load(None, ["model.name=test_resnet", f"model.weights={path}"])
+        return path, models.create_student(recipe.model, 4, None, starting_weights=True, classes=DATA_CLASSES)
+
+    def head_kept(path, student):
+        return torch.equal(student.fc.weight, files.load_state_file(path)["fc.weight"])
+
+    assert head_kept(*student_from(DATA_CLASSES))  # the same classes in the same order: the whole file
+    assert not head_kept(*student_from(["circle", "frame", "ring", "zebra"]))  # another dataset's head: fresh
+    permuted = usi_weights(tmp_path / "permuted.safetensors", ["frame", "circle", "ring", "square"])
+    out = usi_main(*train_args(image_root, tmp_path / "r", f"model.weights={permuted}"))
+    one_error(out, f"model.weights={permuted} were trained on the same 4 classes in another order (label 0 is "
+                   f"'frame' there and 'circle' here)")  # before: its head kept, every label's logit another's
+    assert not (tmp_path / "r").exists()

@@ -5,7 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from usi import models
 from usi import recipe as R
 from usi.runtime import files
 from usi.training import checkpoint
@@ -177,3 +180,21 @@ def test_eval_of_a_feature_kd_or_ensemble_run_needs_no_teacher(image_root, tmp_p
             report = usi_main("eval", str(tmp_path / "run" / ckpt), f"data.root={image_root}", *extra, "--json")
             assert report.returncode == 0, report.stderr
             assert "teacher" not in json.loads(report.stdout)
+
+
+def test_eval_refuses_a_teacher_of_classes_in_another_order_and_sizes_weights_before_building(kd_run, tmp_path,
+                                                                                             monkeypatch):
+    teacher, student = kd_run / "teacher" / "best.safetensors", kd_run / "student" / "best.safetensors"
+    meta, state = files.read_metadata(teacher), files.load_state_file(teacher)
+    permuted = tmp_path / "permuted.safetensors"
+    save_file(state, str(permuted), metadata={**meta, "classes": json.dumps(json.loads(meta["classes"])[::-1])})
+    out = usi_main("eval", str(student), KD_RUN_PATHS[0], "teacher.name=test_resnet", f"teacher.weights={permuted}")
+    one_error(out, f"teacher.weights={permuted} were trained on the same 5 classes in another order (label 0 is "
+                   f"'triangle' there and 'circle' here)")  # before: agreement and KL against shuffled labels
+    many = tmp_path / "many.safetensors"  # a class list far longer than the classifier it comes with
+    save_file(state, str(many), metadata={**meta, "classes": json.dumps([f"c{i}" for i in range(200_000)])})
+    built, create = [], models.create_student
+    monkeypatch.setattr(models, "create_student", lambda cfg, n, *a, **k: built.append(
+        (n, torch.empty(0).device.type)) or create(cfg, n, *a, **k))
+    one_error(usi_main("eval", str(many), KD_RUN_PATHS[0]), "does not fit test_resnet: shapes differ (file vs model)")
+    assert (200_000, "meta") in built and (200_000, "cpu") not in built  # compared on the meta device only

@@ -3,18 +3,23 @@ import collections
 import hashlib
 import io
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from usi.data import shards as shards_module
 from usi.data.folder import FolderSplit
 from usi.data.images import Decoded
 from usi.data.loader import InputSpec
-from usi.data.shards import ShardSplit, ShardStream, ShardTrainLoader, read_index
+from usi.data.shards import ShardSplit, ShardStream, ShardTrainLoader, read_index, tar_members
 from usi.errors import UsageError
 from usi.runtime.distributed import Dist
 
@@ -212,3 +217,36 @@ def test_a_shard_index_that_undercounts_its_shard_is_reported(image_root, tmp_pa
     assert usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0")).returncode == 0
     out = usi_main("eval", str(run / "best.safetensors"), "data.format=shards", f"data.root={shards}")
     assert out.returncode == 0 and "holds 2 more samples than index.json says" in out.stderr, out.stderr
+
+
+def test_shards_indexes_and_images_that_are_not_regular_files_never_block(image_root, shards, tmp_path):
+    signal.alarm(120)  # a blocking open fails the test instead of hanging it
+    try:
+        pipe, zero, folder = tmp_path / "pipe.tar", tmp_path / "zero.tar", tmp_path / "folder.tar"
+        os.mkfifo(pipe)
+        zero.symlink_to("/dev/zero")
+        folder.mkdir()
+        urls, _, _ = read_index(shards / "val")
+        stream = ShardStream([str(pipe), str(zero), str(folder), urls[0]], None, rank=0, world=1, train=False)
+        assert len(list(stream)) == 5 and stream.bad_count() == 3  # each refused at once, counted; the real one read
+        (tmp_path / "split").mkdir()
+        os.mkfifo(tmp_path / "split" / "index.json")
+        with pytest.raises(UsageError, match=r"index.json is not a regular file \(a named pipe\)"):
+            read_index(tmp_path / "split")
+        src = tmp_path / "src"
+        shutil.copytree(image_root / "train", src)
+        os.mkfifo(src / "circle" / "pipe.jpg")
+        out = make_shards(src, tmp_path / "out", "--shard-size", "64", "--skip-bad")
+        assert out.returncode == 0 and "pipe.jpg: OSError: is not a regular file (a named pipe)" in out.stderr
+    finally:
+        signal.alarm(0)
+
+
+def test_a_tar_member_declaring_more_than_a_sane_size_is_refused_before_it_is_read(monkeypatch):
+    member = tarfile.TarInfo("a.jpg")
+    member.size = 10
+    data = io.BytesIO(member.tobuf(format=tarfile.USTAR_FORMAT) + b"0123456789" + b"\0" * 1526)
+    assert list(tar_members(data)) == [("a.jpg", b"0123456789")]
+    monkeypatch.setattr(shards_module, "MAX_MEMBER_BYTES", 9)
+    with pytest.raises(ValueError, match="a tar member declares 10 bytes"):
+        list(tar_members(io.BytesIO(data.getvalue())))

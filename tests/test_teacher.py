@@ -12,7 +12,7 @@ from usi.errors import UsageError
 from usi.recipe import TeacherSection as TeacherCfg
 
 from conftest import Payload, usi_main
-from helpers import teacher_files, train, train_args
+from helpers import DATA_CLASSES, one_error, teacher_files, train, train_args, usi_weights
 
 SAME = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, teacher_mean=(0.5,) * 3, teacher_std=(0.5,) * 3)
 HALF = dict(student_mean=(0.5,) * 3, student_std=(0.5,) * 3, student_size=24, device=torch.device("cpu"))
@@ -118,7 +118,8 @@ def test_teacher_from_a_local_file_is_folded_and_matches_the_original(tmp_path):
     save_file(model.state_dict(), str(tmp_path / "t.safetensors"))
     cfg = TeacherCfg(name="test_resnet", weights=str(tmp_path / "t.safetensors"))
     mean, std = model.pretrained_cfg["mean"], model.pretrained_cfg["std"]
-    teacher = build_teacher(cfg, 4, student_mean=mean, student_std=std, student_size=24, device=torch.device("cpu"))
+    teacher = build_teacher(cfg, list("abcd"), student_mean=mean, student_std=std, student_size=24,
+                            device=torch.device("cpu"))
     x = torch.randn(3, 3, 24, 24)
     with torch.no_grad():
         assert torch.allclose(teacher(x), model(x), atol=1e-4)
@@ -128,14 +129,14 @@ def test_teacher_class_count_mismatch_is_a_clear_error(tmp_path):
     write_teacher(tmp_path / "t.safetensors", 1000)
     cfg = TeacherCfg(name="test_resnet", weights=str(tmp_path / "t.safetensors"))
     with pytest.raises(UsageError, match="teacher test_resnet predicts 1000 classes but the dataset has 10"):
-        build_teacher(cfg, 10, **HALF)
+        build_teacher(cfg, list("abcdefghij"), **HALF)
 
 
 def test_teacher_weights_that_do_not_fit_the_architecture(tmp_path):
     save_file(timm.create_model("test_efficientnet", num_classes=4).state_dict(), str(tmp_path / "t.safetensors"))
     cfg = TeacherCfg(name="test_resnet", weights=str(tmp_path / "t.safetensors"))
     with pytest.raises(UsageError, match="do not fit test_resnet"):
-        build_teacher(cfg, 4, **HALF)
+        build_teacher(cfg, list("abcd"), **HALF)
 
 
 def test_teacher_file_with_a_pickle_payload_is_refused_without_running_it(tmp_path, monkeypatch):
@@ -144,7 +145,7 @@ def test_teacher_file_with_a_pickle_payload_is_refused_without_running_it(tmp_pa
     torch.save({"model": Payload()}, tmp_path / "evil.pth")
     cfg = TeacherCfg(name="test_resnet", weights=str(tmp_path / "evil.pth"))
     with pytest.raises(UsageError, match="refused to load"):
-        build_teacher(cfg, 4, **HALF)
+        build_teacher(cfg, list("abcd"), **HALF)
     assert not marker.exists()
 
 
@@ -154,7 +155,7 @@ def test_missing_pretrained_weights_say_what_to_do(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(UsageError, match="set teacher.weights to a local"):
-        build_teacher(TeacherCfg(name="resnet50"), 1000, **HALF)
+        build_teacher(TeacherCfg(name="resnet50"), [str(i) for i in range(1000)], **HALF)
 
 
 def test_folding_falls_back_when_one_batchnorm_follows_two_convolutions():
@@ -255,3 +256,27 @@ def test_self_distillation_from_a_previous_run_with_the_student_started_from_the
         teacher = json.loads((tmp_path / init / "summary.json").read_text())["teacher_metrics"]
         assert teacher["top1"] == best["value"] and teacher["count"] == 12  # the earlier run's best, measured anew
         assert ("student weights from" in out.stderr) == (init == "teacher-init")
+
+
+SAME_IN_ANOTHER_ORDER = ["frame", "circle", "ring", "square"]
+OTHER_NAMES = ["circle", "frame", "ring", "zebra"]
+
+
+@pytest.mark.parametrize("form", ["best.safetensors", "last.pt", "export"])
+@pytest.mark.parametrize("classes, message", [
+    (SAME_IN_ANOTHER_ORDER, "were trained on the same 4 classes in another order (label 0 is 'frame' there and "
+                            "'circle' here)"),
+    (OTHER_NAMES, "were trained on other classes (4 there, 4 here; label 3 is 'zebra' there and 'square' here)"),
+])
+def test_teacher_weights_of_classes_in_another_order_or_other_classes_are_refused(image_root, tmp_path, form,
+                                                                                   classes, message):
+    good = usi_weights(tmp_path / "good", DATA_CLASSES, form)
+    teacher = ["teacher.name=test_resnet", f"teacher.weights={good}"]
+    assert usi_main(*train_args(image_root, tmp_path / "r", *teacher), "--dry-run").returncode == 0  # same order
+    wrong = usi_weights(tmp_path / "wrong", classes, form)
+    out = usi_main(*train_args(image_root, tmp_path / "r", "teacher.name=test_resnet", f"teacher.weights={wrong}"),
+                   "--dry-run")
+    one_error(out, f"teacher.weights={wrong} {message}")  # before: accepted (4 = 4), soft labels silently wrong
+    member = f"teacher.extra=[{{name: test_resnet, weights: {wrong}}}]"  # an ensemble member alike
+    one_error(usi_main(*train_args(image_root, tmp_path / "r", *teacher, member), "--dry-run"),
+              f"teacher.extra[0].weights={wrong} {message}")

@@ -16,10 +16,11 @@ import torch
 from timm.data import resolve_model_data_config
 
 from usi.data import InputSpec
-from usi.distill.teacher import Ensemble, Teacher, build_teachers, read_weights
+from usi.distill.teacher import Ensemble, Teacher, build_teachers, weights_and_classes
 from usi.errors import UsageError
 from usi.recipe import Recipe
 from usi.runtime import files
+from usi.runtime.files import class_difference
 
 log = logging.getLogger("usi")
 
@@ -73,10 +74,10 @@ def replaced_arguments(name: str, replace: dict):
         module.build_model_with_cfg = original
 
 
-def create_student(model_cfg, num_classes: int, input_size: int | None, starting_weights: bool = False
-                   ) -> torch.nn.Module:
+def create_student(model_cfg, num_classes: int, input_size: int | None, starting_weights: bool = False,
+                   classes: list[str] | None = None) -> torch.nn.Module:
     """The student, built for `input_size` when its constructor takes img_size (ViTs, MLP-Mixers); from
-    model.pretrained or model.weights when `starting_weights` (training; evaluation loads its own)."""
+    model.pretrained or model.weights when `starting_weights` (training, on `classes`; evaluation loads its own)."""
     pretrained = starting_weights and model_cfg.pretrained
     kwargs = dict(model_cfg.kwargs)
     if model_cfg.drop_path_rate is not None:
@@ -99,19 +100,25 @@ def create_student(model_cfg, num_classes: int, input_size: int | None, starting
         # e.g. a dropout rate of 2 (ValueError), act_layer: nosuch (KeyError), an unknown argument (TypeError)
         raise UsageError(f"model.kwargs {kwargs} do not fit {model_cfg.name}: {type(e).__name__}: {first}") from None
     if starting_weights and model_cfg.weights:
-        log.info(load_starting_weights(model, Path(model_cfg.weights)))
+        log.info(load_starting_weights(model, Path(model_cfg.weights), classes))
     return model
 
 
-def load_starting_weights(model: torch.nn.Module, path: Path) -> str:
-    """Weights from a local file (checked, weights_only); a classifier of another shape is left freshly
-    initialized, as timm does for pretrained weights. Returns a line saying what was loaded."""
-    state = read_weights(path)
+def load_starting_weights(model: torch.nn.Module, path: Path, classes: list[str] | None = None) -> str:
+    """Weights from a local file (checked, weights_only); a classifier of another shape, or one trained
+    on other classes (weights that carry their class list), is left freshly initialized, as timm does for
+    pretrained weights; one trained on the same classes in another order is refused. Returns a line
+    saying what was loaded."""
+    state, stored = weights_and_classes(path)
+    other = bool(stored) and classes is not None and len(stored) == len(classes) and stored != classes
+    if other and sorted(stored) == sorted(classes):
+        raise UsageError(f"model.weights={path} {class_difference(stored, classes)}: its classifier would "
+                         f"predict the wrong labels")
     own = model.state_dict()
     classifier = model.pretrained_cfg.get("classifier")
     heads = [classifier] if isinstance(classifier, str) else list(classifier or [])
     dropped = [k for k in list(state) if any(k.startswith(h + ".") for h in heads)
-               and k in own and state[k].shape != own[k].shape]
+               and k in own and (other or state[k].shape != own[k].shape)]
     for key in dropped:
         del state[key]
     try:  # strict=False still raises on a shape mismatch (another architecture's file)
@@ -121,8 +128,28 @@ def load_starting_weights(model: torch.nn.Module, path: Path) -> str:
     if result is None or result.unexpected_keys or set(result.missing_keys) - set(dropped):
         raise UsageError(f"model.weights={path} do not fit {type(model).__name__}: "
                          f"{files.mismatch(model, state)}")
-    reinit = f"; classifier re-initialized ({len(dropped)} tensors of another class count)" if dropped else ""
+    why = "trained on other classes" if other else "of another class count"
+    reinit = f"; classifier re-initialized ({len(dropped)} tensors {why})" if dropped else ""
     return f"student weights from {path}{reinit}"
+
+
+def student_with_weights(model_cfg, classes: list[str], input_size: int | None, *, state: dict, path: Path
+                         ) -> torch.nn.Module:
+    """The student of a checkpoint, with its weights: every shape is compared on the meta device first, so
+    weights (or a class list) of another size are refused before a model of their size is allocated."""
+    with torch.device("meta"):
+        probe = create_student(model_cfg, len(classes), input_size)
+    problem = files.mismatch(probe, state) if not fits(probe, state) else None
+    if problem:
+        raise UsageError(f"{path} does not fit {model_cfg.name}: {problem}")
+    model = create_student(model_cfg, len(classes), input_size)
+    model.load_state_dict(state)
+    return model
+
+
+def fits(model: torch.nn.Module, state: dict) -> bool:
+    own = model.state_dict()
+    return own.keys() == state.keys() and all(tuple(own[k].shape) == tuple(state[k].shape) for k in own)
 
 
 def check_input_size(model_cfg, num_classes: int, size: int) -> None:
@@ -191,11 +218,12 @@ def place(model: torch.nn.Module, compute: Compute) -> torch.nn.Module:
     return model
 
 
-def teacher_for(recipe: Recipe, num_classes: int, spec: InputSpec, compute: Compute) -> Teacher | Ensemble | None:
-    """The frozen teacher, or the ensemble of teacher and teacher.extra; None without distillation."""
+def teacher_for(recipe: Recipe, classes: list[str], spec: InputSpec, compute: Compute) -> Teacher | Ensemble | None:
+    """The frozen teacher, or the ensemble of teacher and teacher.extra, for data labelled by `classes`;
+    None without distillation."""
     if not recipe.kd:
         return None
-    return build_teachers(recipe.teachers(), recipe.teacher.combine, num_classes,
+    return build_teachers(recipe.teachers(), recipe.teacher.combine, classes,
                           temperature=recipe.loss.temperature, student_mean=spec.mean,
                           student_std=spec.std, student_size=spec.size, device=compute.device,
                           channels_last=compute.channels_last)

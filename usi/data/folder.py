@@ -22,6 +22,7 @@ from usi.data.images import IMAGE_EXTENSIONS, load_rgb
 from usi.data.loader import InputSpec, TrainLoader, eval_loader
 from usi.errors import UsageError, suggest
 from usi.runtime import distributed
+from usi.runtime.files import open_regular
 
 log = logging.getLogger("usi")
 
@@ -82,9 +83,9 @@ def list_images(root: Path, classes: list[str], leave_out: bool = False) -> list
                          f"({len(unknown)} such folders)")
     samples = []
     for name in found:
-        # a dangling link named like an image stays in: reading it fails, and it is counted as unreadable
-        files = sorted(p for p in (root / name).rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink()))
+        # a dangling link, a named pipe or a device named like an image stays in: reading it is refused at
+        # once (usi/runtime/files.py open_regular), and it is counted as unreadable, with its reason
+        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
         samples += [(str(p), index[name]) for p in files]
     return samples
 
@@ -239,10 +240,9 @@ class FolderDataset(Dataset):
             return None
         path = self.split.samples[i][0]
         try:
-            if self.transform is None:
-                return load_rgb(path)
-            with open(path, "rb") as f:  # the transform decodes (see usi/data/images.py)
-                return self.transform(f.read())
+            with open_regular(path) as f:  # never blocks on a pipe, never reads a device without end
+                # the transform decodes (see usi/data/images.py)
+                return load_rgb(f) if self.transform is None else self.transform(f.read())
         except Exception as e:  # truncated, zero bytes, not an image, ...: skip, never crash a worker
             self.split.bad[i] = 1
             log.warning(f"skipped unreadable image {path}: {type(e).__name__}: {str(e)[:120]}")

@@ -32,7 +32,7 @@ import webdataset as wds
 from usi.data.folder import find_classes, list_images
 from usi.data.images import load_rgb
 from usi.errors import UsageError, one_line
-from usi.runtime.files import atomic_write
+from usi.runtime.files import atomic_write, open_regular
 
 MANIFEST = ".make_shards.json"  # the settings and source the shards here were written from
 
@@ -53,8 +53,9 @@ def write_shard(job) -> tuple[str, int, list[str]]:
     try:
         with wds.TarWriter(str(tmp)) as sink:
             for key, file, label in samples:
-                data = Path(file).read_bytes()
                 try:
+                    with open_regular(file) as f:  # a pipe or a device named like an image is refused at once
+                        data = f.read()
                     check_image(data)
                 except Exception as e:
                     bad.append(f"{file}: {type(e).__name__}: {str(e)[:80]}")

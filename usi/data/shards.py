@@ -27,12 +27,15 @@ from webdataset import tariterators
 
 from usi.data.images import IMAGE_EXTENSIONS, load_rgb
 from usi.data.loader import EpochLoader, InputSpec, epoch_seed, eval_collate, to_device
-from usi.errors import UsageError
+from usi.errors import UsageError, file_problem
 from usi.runtime import distributed
+from usi.runtime.files import open_regular
 from usi.runtime.preempt import ignore_interrupts
 
 log = logging.getLogger("usi")
 SLOTS = 256  # bad-sample counter slots, one per loader worker
+MAX_INDEX_BYTES = 256 << 20
+MAX_MEMBER_BYTES = 1 << 30  # a tar member (one image, one label) past this is a damaged or hostile header
 
 
 class ShardSplit:
@@ -68,8 +71,11 @@ class ShardSplit:
 def read_index(split_dir: Path, pattern: str | None = None) -> tuple[list[str], list[int], list[str]]:
     """(shard URLs, samples per shard, class names)."""
     path = split_dir / "index.json"
-    if not path.is_file():
-        raise UsageError(f"{path} not found: shards need the index.json written by usi shards")
+    problem = file_problem(path)
+    if problem:
+        raise UsageError(f"{path} {problem}: shards need the index.json written by usi shards")
+    if path.stat().st_size > MAX_INDEX_BYTES:  # not read: an index of a million shards is 100 MB
+        raise UsageError(f"{path} is {path.stat().st_size} bytes: not an index written by usi shards")
     try:
         index = json.loads(path.read_text())
         names = [str(s["name"]) for s in index["shards"]]
@@ -88,6 +94,22 @@ def read_index(split_dir: Path, pattern: str | None = None) -> tuple[list[str], 
     if len(urls) != len(names):
         raise UsageError(f"shard pattern {pattern!r} gives {len(urls)} shards but {path} lists {len(names)}")
     return urls, counts, classes
+
+
+def open_shards(urls: list[str], handler):
+    """webdataset's url_opener, except that a local shard must be a regular file: a named pipe, a device
+    or a folder in its place is an error for `handler` at once (never a read that blocks or never ends)."""
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            yield from tariterators.url_opener([{"url": url}], handler=handler)
+            continue
+        try:
+            stream = open_regular(url.removeprefix("file:"))
+        except Exception as e:
+            if handler(RuntimeError(f"{url}: {e}")):
+                continue
+            raise
+        yield {"url": url, "stream": stream}
 
 
 def tar_file_expander(sources, handler):
@@ -119,6 +141,8 @@ def tar_members(stream):
         if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
             raise ValueError("corrupt tar header (checksum)")
         size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        if size > MAX_MEMBER_BYTES:  # read() would allocate the declared size first
+            raise ValueError(f"a tar member declares {size} bytes")
         data = stream.read(size)
         if len(data) < size:
             raise ValueError("truncated tar member")
@@ -201,7 +225,7 @@ class ShardStream(IterableDataset):
         the position unique within this rank's pass and the same in every pass."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        stream = tariterators.url_opener([{"url": u} for u in self.my_shards()], handler=self.handler)
+        stream = open_shards(self.my_shards(), handler=self.handler)
         stream = tar_file_expander(stream, handler=self.handler)
         count, seen = 0, {}
         for sample in tariterators.group_by_keys(stream, handler=self.handler):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import json
 import logging
 import math
 import re
@@ -25,7 +26,7 @@ from timm.layers._fx import get_notrace_functions, get_notrace_modules
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from usi.errors import UsageError
-from usi.runtime.files import load_state_file, mismatch, non_finite
+from usi.runtime.files import class_difference, file_kind, load_state_file, mismatch, non_finite, read_metadata
 
 log = logging.getLogger("usi")
 
@@ -119,13 +120,13 @@ def combine_logits(logits: list[torch.Tensor], how: str) -> torch.Tensor:
     return torch.logsumexp(stacked.log_softmax(dim=-1), dim=0) - math.log(len(logits))
 
 
-def build_teachers(cfgs: list, combine: str, num_classes: int, temperature: float = 1.0,
+def build_teachers(cfgs: list, combine: str, classes: list[str], temperature: float = 1.0,
                    **kwargs) -> Teacher | Ensemble:
     """The recipe's teacher, or an Ensemble when teacher.extra names more (each built as build_teacher)."""
     teachers = []
     for i, cfg in enumerate(cfgs):
         try:
-            teachers.append(build_teacher(cfg, num_classes, **kwargs))
+            teachers.append(build_teacher(cfg, classes, **kwargs))
         except UsageError as e:
             raise UsageError(member_message(str(e), i)) from None
     return teachers[0] if len(teachers) == 1 else Ensemble(teachers, combine, temperature)
@@ -145,15 +146,15 @@ def primary(teacher: Teacher | Ensemble) -> Teacher:
     return teacher.members[0] if isinstance(teacher, Ensemble) else teacher
 
 
-def build_teacher(cfg, num_classes: int, *, student_mean, student_std, student_size: int, device: torch.device,
+def build_teacher(cfg, classes: list[str], *, student_mean, student_std, student_size: int, device: torch.device,
                   channels_last: bool = False) -> Teacher:
-    """cfg is the recipe's teacher section; the teacher sees the student's batches (student_size px) or,
-    with teacher.input_size, those batches resized."""
-    model = create_teacher_model(cfg)
+    """cfg is the recipe's teacher section; `classes` the dataset's, in label order (weights that carry
+    their own list, a usi run's, must have the same); the teacher sees the student's batches
+    (student_size px) or, with teacher.input_size, those batches resized."""
+    model = create_teacher_model(cfg, classes)
     teacher_classes = getattr(model, "num_classes", None)
-    if teacher_classes != num_classes:
-        raise UsageError(f"teacher {cfg.name} predicts {teacher_classes} classes but the dataset has "
-                         f"{num_classes}; give teacher.weights trained on this dataset's classes")
+    if teacher_classes != len(classes):
+        raise class_count_error(cfg.name, teacher_classes, len(classes))
     model.eval().requires_grad_(False)
     timm_cfg = timm.data.resolve_model_data_config(model)
     size = cfg.input_size
@@ -180,7 +181,12 @@ def check_input(model: nn.Module, name: str, size: int) -> None:
                          f"{str(e).strip().splitlines()[0][:160]}") from None
 
 
-def create_teacher_model(cfg) -> nn.Module:
+def class_count_error(name: str, teacher_classes, num_classes: int) -> UsageError:
+    return UsageError(f"teacher {name} predicts {teacher_classes} classes but the dataset has {num_classes}; "
+                      f"give teacher.weights trained on this dataset's classes")
+
+
+def create_teacher_model(cfg, classes: list[str]) -> nn.Module:
     if not cfg.weights:
         try:
             return timm.create_model(cfg.name, pretrained=True, **cfg.kwargs)
@@ -190,10 +196,12 @@ def create_teacher_model(cfg) -> nn.Module:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UsageError(f"could not get pretrained weights for teacher {cfg.name} from timm ({first}); "
                              f"set teacher.weights to a local .pth or .safetensors file") from None
-    state = read_weights(Path(cfg.weights))
+    state = read_weights(Path(cfg.weights), classes, key="teacher.weights")
+    found = classifier_classes(cfg.name, state)
+    if found is not None and found != len(classes):  # before a model of that many classes is allocated
+        raise class_count_error(cfg.name, found, len(classes))
     try:
-        model = timm.create_model(cfg.name, pretrained=False, num_classes=classifier_classes(cfg.name, state),
-                                  **cfg.kwargs)
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=found, **cfg.kwargs)
     except Exception as e:  # TypeError, ValueError, KeyError (act_layer: nosuch), AssertionError, ...
         raise UsageError(f"teacher.kwargs {cfg.kwargs} do not fit {cfg.name}: {type(e).__name__}: "
                          f"{str(e)[:200]}") from None
@@ -204,10 +212,21 @@ def create_teacher_model(cfg) -> nn.Module:
     return model
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors, or .pth/.pt loaded with weights_only (no code can run)."""
+def read_weights(path: Path, classes: list[str] | None = None, key: str = "teacher.weights") -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or .pth/.pt loaded with weights_only (no code can run). Weights
+    that carry their class list (a usi run's best.safetensors or last.pt, a usi export) must carry
+    `classes`, in the same order: refused otherwise, in one line naming `key`."""
+    tensors, stored = weights_and_classes(path)
+    problem = class_difference(stored, classes) if stored is not None and classes is not None else None
+    if problem:
+        raise UsageError(f"{key}={path} {problem}: label i must mean the same class for the weights and the data")
+    return tensors
 
+
+def weights_and_classes(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """The tensors of a weights file (checked: some, all finite) and the class list it carries, if any."""
     state = load_state_file(path)
+    stored = stored_classes(path, state)
     for key in ("model", "state_dict", "student"):  # usi / common checkpoint layouts
         if key in state and isinstance(state[key], dict):
             state = state[key]
@@ -220,7 +239,23 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if broken:
         raise UsageError(f"{path} holds non-finite (NaN or infinite) weights in {len(broken)} tensors, e.g. "
                          f"{broken[0]}: weights of a diverged run")
-    return tensors
+    return tensors, stored
+
+
+def stored_classes(path: Path, state: dict) -> list[str] | None:
+    """The class names, in label order, that weights carry: the metadata of a usi best.safetensors, the
+    `classes` of a usi last.pt, the label_names of a usi export's config.json; None for other weights."""
+    config = path.parent / "config.json"
+    try:
+        if (path.parent / "usi-export.json").is_file() and config.is_file() and config.stat().st_size < 1 << 24:
+            found = json.loads(config.read_text()).get("label_names")
+        elif file_kind(path) == "safetensors":
+            found = json.loads(read_metadata(path).get("classes", "null"))
+        else:
+            found = state.get("classes")
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not a mapping: no list to compare
+        return None
+    return found if isinstance(found, list) and found and all(isinstance(c, str) for c in found) else None
 
 
 def classifier_classes(name: str, state: dict) -> int | None:

@@ -41,12 +41,8 @@ def export(path: Path, out: Path, weights: str | None = None, onnx: bool = False
     if broken:
         raise UsageError(f"{path}: the {name} weights hold NaN or infinite values ({len(broken)} tensors, e.g. "
                          f"{broken[0]}): a diverged run; nothing worth exporting")
-    model = models.create_student(recipe.model, len(saved.classes), recipe.data.input_size)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        raise UsageError(f"{path} does not fit {recipe.model.name}: {files.mismatch(model, state)}") from None
-    model.eval()
+    model = models.student_with_weights(recipe.model, saved.classes, recipe.data.input_size, state=state,
+                                        path=path).eval()
     spec = models.input_spec(model, recipe.data.input_size)
     x = torch.randn(2, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

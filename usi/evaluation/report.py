@@ -129,12 +129,7 @@ def load_students(recipe, saved: Saved, trained_size: int | None, dist) -> dict:
     """{variant: student with its weights, at recipe.data.input_size}."""
     students = {}
     for name, state in saved.variants.items():
-        model = models.create_student(recipe.model, len(saved.classes), trained_size)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError:
-            raise UsageError(f"{saved.path} does not fit {recipe.model.name}: "
-                             f"{files.mismatch(model, state)}") from None
+        model = models.student_with_weights(recipe.model, saved.classes, trained_size, state=state, path=saved.path)
         size = recipe.data.input_size
         if size and size != trained_size and hasattr(model, "set_input_size"):
             model.set_input_size(img_size=size)  # ViTs: resample position embeddings
@@ -153,7 +148,7 @@ def run_eval(recipe, saved: Saved, trained_size: int | None, dist) -> dict | Non
     report = {"checkpoint": str(path), "model": recipe.model.name, "input_size": spec.size,
               "crop_pct": recipe.aug.eval_crop_pct}
     logits = None
-    teacher = models.teacher_for(recipe, len(classes), spec, compute)
+    teacher = models.teacher_for(recipe, classes, spec, compute)  # trained on these classes, in this order
     if teacher is not None:
         t0 = time.time()
         report["teacher"], logits, hit = teacher_val_logits(teacher, recipe, val, loader, compute=compute,

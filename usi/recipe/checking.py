@@ -5,9 +5,9 @@ the checks that span fields, and the names looked up in timm's registries (no mo
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-from usi.errors import UsageError, suggest
+from usi.errors import UsageError, file_problem, suggest
 from usi.recipe.schema import SECTIONS, LossSection, Recipe, check_field, fields_of, mixes
 
 
@@ -49,8 +49,9 @@ def validate(recipe: Recipe) -> None:
     if recipe.run.amp_on_cpu and recipe.run.amp == "fp16":  # with run.amp=none it is simply fp32
         raise UsageError("run.amp_on_cpu=true needs run.amp=bf16 (CPU autocast is bf16 only), got fp16")
     resume = recipe.run.resume
-    if resume not in ("never", "auto") and not Path(resume).is_file():
-        raise UsageError(f"run.resume={resume!r} must be never, auto or an existing checkpoint file")
+    if resume not in ("never", "auto") and file_problem(resume):
+        raise UsageError(f"run.resume={resume!r} must be never, auto or an existing checkpoint file: it "
+                         f"{file_problem(resume)}")
     check_minival(recipe.data)
     check_optimizer(recipe.optim.name)
     check_optimizer_args(recipe.optim)
@@ -63,8 +64,8 @@ def validate(recipe: Recipe) -> None:
         raise UsageError(f"model.kwargs sets {key}, which usi sets from {reserved[key]}; remove it from model.kwargs")
     if recipe.model.pretrained and recipe.model.weights:
         raise UsageError("model.pretrained=true and model.weights both choose starting weights; keep one")
-    if recipe.model.weights and not Path(recipe.model.weights).is_file():
-        raise UsageError(f"model.weights={recipe.model.weights!r} does not exist")
+    if recipe.model.weights and file_problem(recipe.model.weights):
+        raise UsageError(f"model.weights={recipe.model.weights!r} {file_problem(recipe.model.weights)}")
     check_model_name("model.name", recipe.model.name)
     check_teachers(recipe)
     check_features(recipe)
@@ -78,8 +79,8 @@ def check_teachers(recipe: Recipe) -> None:
     for i, t in enumerate(recipe.teachers()):
         key = "teacher" if i == 0 else f"teacher.extra[{i - 1}]"
         check_model_name(f"{key}.name", t.name)
-        if t.weights and not Path(t.weights).is_file():
-            raise UsageError(f"{key}.weights={t.weights!r} does not exist")
+        if t.weights and file_problem(t.weights):
+            raise UsageError(f"{key}.weights={t.weights!r} {file_problem(t.weights)}")
     check_soft_labels(recipe)
 
 
@@ -95,7 +96,7 @@ def check_soft_labels(recipe: Recipe) -> None:
         raise UsageError(f"teacher.soft_labels={store!r} needs the teacher that wrote it (teacher.name is null)")
     if recipe.features.student:
         raise UsageError("teacher.soft_labels stores logits; feature KD (features.student) needs the live teacher")
-    if not (Path(store) / "manifest.json").is_file():
+    if file_problem(os.path.join(store, "manifest.json")):
         raise UsageError(f"teacher.soft_labels={store!r} is not a soft-label store (no manifest.json); write one "
                          f"with usi soft-labels")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from usi.errors import UsageError, suggest
+from usi.errors import UsageError, file_problem, suggest
 from usi.recipe.checking import validate
 from usi.recipe.schema import MEMBER_KEYS, SECTIONS, Recipe, TeacherSection, check_field, fields_of
 
@@ -26,7 +26,7 @@ RECIPES = PACKAGE / "recipes" if (PACKAGE / "recipes").is_dir() else PACKAGE.par
 def recipe_path(name: str) -> Path:
     """A recipe file, or the name of a built-in one (`usi`, `quickstart`)."""
     path = Path(name)
-    if path.is_file() or path.suffix in (".yaml", ".yml"):
+    if path.is_file() or path.suffix in (".yaml", ".yml") or (path.exists() and not path.is_dir()):
         return path
     builtin = RECIPES / f"{name}.yaml"
     if builtin.is_file():
@@ -76,8 +76,11 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: Path, kind: str = "recipe") -> dict:
     """A recipe file (or another usi YAML file: kind names it in the errors) as its tree."""
-    if not path.is_file():
-        raise UsageError(f"{kind} file {path} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
+    problem = file_problem(path)
+    if problem:
+        raise UsageError(f"{kind} file {path} {problem}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:  # not read: a recipe is a few kB
+        raise UsageError(f"{kind} {path} is {path.stat().st_size} bytes; a recipe is a few kB")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:

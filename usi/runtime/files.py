@@ -8,18 +8,24 @@ the teacher's weights, evaluation and export alike.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
 import pickle
+import pickletools
+import stat
 import zipfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from usi.errors import UsageError
+from usi.errors import NOT_REGULAR, UsageError, file_problem
 from usi.recipe import parse_yaml
+
+MAX_INFLATION = 16  # a compressed member may hold this many times the whole file's size (weights barely compress)
+MIN_INFLATED = 256 << 20  # ... or this many bytes, whichever is more
 
 
 def atomic_write(path: Path, write) -> None:
@@ -27,7 +33,10 @@ def atomic_write(path: Path, write) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as e:
+            raise write_failure(e, path, tmp) or e
         # safetensors >= 0.8 writes through a private temporary file (mode 0600): give the file the
         # permissions of any other file this user writes, so colleagues can load shared weights.
         os.chmod(tmp, 0o666 & ~current_umask())
@@ -41,6 +50,49 @@ def atomic_write(path: Path, write) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_failure(error: Exception, path: Path, tmp: Path) -> UsageError | None:
+    """A full disk (or quota) while writing `path`, in one line; None for another failure. safetensors says
+    "No space left on device (os error 28)"; torch.save reports a short write as a RuntimeError without
+    the errno ("unexpected pos N vs M" from its zip writer, "file write failed", "iostream error"): then
+    the space left beside the half-written file tells."""
+    message = str(error)
+    full = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        s in message for s in ("No space left on device", "Disk quota exceeded"))
+    if not full and any(s in message for s in TORCH_WRITE_FAILURES):
+        full = free_bytes(tmp.parent) < (1 << 20)
+    if not full:
+        return None
+    before = f"the previous {path.name} is intact" if path.exists() else f"no earlier {path.name} was there"
+    return UsageError(f"disk full while writing {path}; {before}; free some space and run again (a run resumes)")
+
+
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter", "iostream error")
+
+
+def free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def open_regular(path):
+    """`path` opened for reading as a binary file, only if it is a regular file: a named pipe is opened
+    without blocking and refused, a device (/dev/zero, behind a link or not) or a folder refused, all with
+    their reason (OSError)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(next((reason for test, reason in NOT_REGULAR if test(mode)), "is not a regular file"))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def current_umask() -> int:
@@ -72,6 +124,18 @@ def metadata_problem(recipe_text, classes) -> str | None:
     return None
 
 
+def class_difference(theirs: list[str], ours: list[str]) -> str | None:
+    """How a class list stored with weights differs from the one they are used with, or None if they are
+    the same names in the same order: label i must mean the same class on both sides."""
+    if theirs == ours:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+    at = f"label {first} is {(theirs + ['-'])[first]!r} there and {(ours + ['-'])[first]!r} here"
+    if sorted(theirs) == sorted(ours):
+        return f"were trained on the same {len(ours)} classes in another order ({at})"
+    return f"were trained on other classes ({len(theirs)} there, {len(ours)} here; {at})"
+
+
 def non_finite(state: dict) -> list[str]:
     """Names of the floating-point tensors holding NaN or infinity (the weights of a diverged run)."""
     return [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -85,14 +149,17 @@ def load_state_file(path: Path) -> dict:
     rather than resumed from. Exported safetensors carry a digest of their tensors, checked likewise.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} {'is a directory, not a file' if path.is_dir() else 'does not exist'}")
+    problem = file_problem(path)
+    if problem:
+        raise UsageError(f"checkpoint {path} {problem}")
     kind = file_kind(path)
     if kind == "safetensors":
         return load_safetensors(path)
     if kind == "zip":
         check_zip(path)
-    elif kind != "pickle":
+    elif kind == "pickle":
+        check_legacy_storages(path)
+    else:
         what = "a readable safetensors file" if path.suffix == ".safetensors" else "a checkpoint"
         raise UsageError(f"{path} is not {what}: neither a torch file nor safetensors")
     try:
@@ -105,7 +172,25 @@ def load_state_file(path: Path) -> dict:
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: {first[:160]})") from None
     if not isinstance(state, dict):
         raise UsageError(f"{path} does not hold a dict of weights")
+    oversized = next(oversized_tensors(state), None)
+    if oversized:
+        raise UsageError(f"{path} is not a usable checkpoint: its tensor {oversized} declares more elements than "
+                         f"the bytes stored for it")
     return state
+
+
+def oversized_tensors(value, name: str = ""):
+    """Names of the tensors whose shape covers more bytes than their storage holds (zero strides): any
+    operation on one (a NaN check, a copy into a model) would allocate its declared size."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() * value.element_size() > value.untyped_storage().nbytes():
+            yield f"{name or 'tensor'} {tuple(value.shape)}"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from oversized_tensors(item, f"{name}.{key}" if name else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from oversized_tensors(item, f"{name}[{i}]")
 
 
 def file_kind(path: Path) -> str:
@@ -122,14 +207,77 @@ def file_kind(path: Path) -> str:
     return "other"
 
 
-def check_zip(path: Path) -> None:
+def check_zip(path: Path, limit: int | None = None) -> None:
+    """Each part's checksum, after its declared size: torch.save stores parts as they are, so a part can
+    declare more bytes than the file holds only compressed, and is refused past `limit` (default:
+    MAX_INFLATION times the file, at least MIN_INFLATED) before anything is inflated."""
+    size = path.stat().st_size
+    limit = max(MAX_INFLATION * size, MIN_INFLATED) if limit is None else limit
     try:
         with zipfile.ZipFile(path) as archive:
+            parts = archive.infolist()
+            total = sum(p.file_size for p in parts if p.compress_type != zipfile.ZIP_STORED)
+            lying = next((p for p in parts if p.compress_type == zipfile.ZIP_STORED and p.file_size > p.compress_size),
+                         None)
+            if lying is not None:
+                raise UsageError(f"{path} is damaged: its part {lying.filename!r} declares {lying.file_size} bytes "
+                                 f"but stores {lying.compress_size}")
+            if total > limit:
+                raise UsageError(f"refused to load {path}: the compressed parts of its {size}-byte file declare "
+                                 f"{total} bytes once inflated (more than {limit}); re-save it with torch.save")
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: {e})") from None
     if bad is not None:
         raise UsageError(f"{path} is damaged: its part {bad!r} fails its checksum; use an earlier copy")
+
+
+def check_legacy_storages(path: Path) -> None:
+    """A file of torch < 1.6 (pickles, then the storages' bytes): torch.load allocates every storage at
+    the size its pickle declares before reading its bytes. Each declared element takes at least one
+    byte of the file, so declarations past the file's size are refused before torch.load."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            for _ in range(3):  # magic number, protocol version, system info
+                for _ in pickletools.genops(f):
+                    pass
+            declared = sum(persistent_storages(f).values())
+    except Exception as e:  # not a pickle at all, cut short, ...
+        raise UsageError(f"{path} is not a readable checkpoint (truncated or corrupt: {str(e)[:120]})") from None
+    if declared > size:
+        raise UsageError(f"refused to load {path}: its {size}-byte file declares storages of {declared} elements")
+
+
+def persistent_storages(f) -> dict:
+    """{storage key: declared element count} of one pickle's ('storage', type, key, location, numel, ...)
+    persistent ids, read by following its opcodes' effect on the stack (nothing is run or built)."""
+    stack, memo, storages = [], {}, {}
+    for op, arg, _ in pickletools.genops(f):
+        before, after = op.stack_before, op.stack_after
+        if op.name == "MARK":
+            stack.append(pickletools.markobject)
+            continue
+        if pickletools.markobject in before:  # TUPLE, DICT, APPENDS, ...: everything above the mark, and below it
+            mark = len(stack) - 1 - stack[::-1].index(pickletools.markobject)
+            items, below = stack[mark + 1:], before.index(pickletools.markobject)
+            del stack[mark - below:]
+            stack += [tuple(items) if op.name == "TUPLE" else None] * len(after)
+            continue
+        popped = stack[len(stack) - len(before):] if before else []
+        del stack[len(stack) - len(before):]
+        if op.name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            stack.append(tuple(popped))
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            memo[len(memo) if op.name == "MEMOIZE" else arg] = stack[-1] if stack else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg))
+        else:
+            pid = popped[0] if op.name == "BINPERSID" and popped else None
+            if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
+                storages[pid[2]] = max(pid[4], 0)
+            stack += [arg if op.arg is not None and len(after) == 1 else None] * len(after)
+    return storages
 
 
 def unpickling_reason(error: Exception) -> str:

@@ -218,7 +218,8 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
     train_split, minival_split = data.hold_out(train_split, recipe.data)
     num_classes = len(train_split.classes)
     seed_everything(recipe.run.seed)
-    student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=fresh and not dry)
+    student = create_student(recipe.model, num_classes, recipe.data.input_size, starting_weights=fresh and not dry,
+                             classes=train_split.classes)
     if recipe.loss.distill_token:
         log.info(train_distillation_token(student, recipe.model.name, recipe.loss.distill_token))
     if recipe.model.grad_checkpointing:
@@ -227,7 +228,7 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
     check_input_size(recipe.model, num_classes, spec.size)
     compute = compute_for(recipe, dist.device)
     environment.set_backend_flags(recipe.run, dist.device)
-    teacher = teacher_for(recipe, num_classes, spec, compute)
+    teacher = teacher_for(recipe, train_split.classes, spec, compute)
     place(student, compute)
     if recipe.run.sync_bn and not dry:  # as DDP: a dry run joins no process group
         student = sync_batchnorm(student, dist)
