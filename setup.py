@@ -15,8 +15,10 @@ class BuildWithRecipes(build_py):
         super().run()
         target = Path(self.build_lib) / "usi" / "recipes"
         target.mkdir(parents=True, exist_ok=True)
-        for recipe in sorted(Path(__file__).resolve().parent.joinpath("recipes").glob("*.yaml")):
-            (target / recipe.name).write_bytes(recipe.read_bytes())
+        recipes = Path(__file__).resolve().parent / "recipes"
+        for recipe in sorted(recipes.glob("*.yaml")) + sorted(recipes.glob("tables/*.yaml")):
+            (target / recipe.relative_to(recipes)).parent.mkdir(parents=True, exist_ok=True)
+            (target / recipe.relative_to(recipes)).write_bytes(recipe.read_bytes())
 
 
 setup(cmdclass={"build_py": BuildWithRecipes})

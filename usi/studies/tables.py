@@ -26,6 +26,7 @@ import torch
 
 from usi import recipe as recipe_mod
 from usi.errors import UsageError
+from usi.recipe.loading import RECIPES
 from usi.studies import aggregate, jobs, table, table_plan, table_spec
 from usi.studies.launch import Children, launcher, slot_envs
 from usi.studies.table_spec import KINDS, Row, TableSpec
@@ -41,18 +42,23 @@ CSV_EXTRA = ["timm_name", "top1_nokd_se", "top1_kd_se", "gain_se", "paired_seeds
              "input_size"]
 
 
-def is_table_file(source: str) -> bool:
+def table_file(source: str) -> Path | None:
+    """The table file `source` names (a path, or a built-in table such as `imagenette`), None for a recipe."""
+    builtin = RECIPES / "tables" / f"{source}.yaml"
+    if not Path(source).exists() and "/" not in source and builtin.is_file():
+        return builtin
     path = Path(source)
     if path.suffix not in (".yaml", ".yml") or not path.is_file():
-        return False
-    tree = recipe_mod.read_yaml(path)
-    return isinstance(tree, dict) and "models" in tree
+        return None
+    tree = recipe_mod.read_yaml(path, "table file")
+    return path if isinstance(tree, dict) and "models" in tree else None
 
 
 def spec_from(args: argparse.Namespace) -> TableSpec:
     """The table file, or the shorthand RECIPE --models ...; flags given on the command line win."""
-    if is_table_file(args.source):
-        spec = table_spec.load(Path(args.source))
+    path = table_file(args.source)
+    if path is not None:
+        spec = table_spec.load(path)
         if args.models:
             raise UsageError("--models is for the shorthand `usi table RECIPE --models ...`; a table file lists "
                              "its models under models:")
@@ -226,7 +232,8 @@ def old_rows(path: Path) -> list[dict]:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="usi table", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="a table file (YAML with models:), or a recipe (a built-in name or a path)")
+    p.add_argument("source", help="a table file (YAML with models:, or a built-in table: imagenette), or a recipe "
+                                  "(a built-in name or a path)")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run (not model.name / run.dir)")
     p.add_argument("--models", nargs="+", help="with a recipe: the timm models (default: the paper's seven)")
     p.add_argument("--kd", choices=sorted(KINDS))
