@@ -194,17 +194,10 @@ def val_teacher(t: Training) -> tuple[dict, torch.Tensor | None]:
     if t.state.teacher is None:
         return {}, None
     t0 = time.time()
-    metrics, logits, hit = teacher_val_logits(t.state.teacher, t.recipe, t.val_split, t.val_loader,
-                                              compute=t.cfg.compute, n_bins=t.recipe.run.ece_bins, dist=t.dist)
-    log.info(f"teacher val top-1 {metrics.get('top1', float('nan')):.2f} "
-             f"({cache_note(hit, t.val_split)}, {time.time() - t0:.1f} s)")
+    metrics, logits, cached = teacher_val_logits(t.state.teacher, t.recipe, t.val_split, t.val_loader,
+                                                 compute=t.cfg.compute, n_bins=t.recipe.run.ece_bins, dist=t.dist)
+    log.info(f"teacher val top-1 {metrics.get('top1', float('nan')):.2f} ({cached.note}, {time.time() - t0:.1f} s)")
     return metrics, logits
-
-
-def cache_note(hit: bool, split) -> str:
-    if hit:
-        return "cached"
-    return "computed and cached" if split.cache_identity() is not None else "computed; shards are not cached"
 
 
 def check_bad_images(t: Training, record: dict) -> None:
