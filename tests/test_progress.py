@@ -44,3 +44,18 @@ def test_the_progress_line_tells_the_time_left_in_the_epoch_and_the_run():
     assert line == "epoch 2/3  step 8/10  task 1.5  eta 0:04 epoch, 0:24 run"
     assert "1:00:00 run" in step_line({}, epoch=0, epochs=1, step=0, steps=3600, seconds_per_step=1.0)
 
+
+
+def test_log_txt_is_never_appended_through_a_link(tmp_path):
+    from usi.errors import UsageError
+    from usi.runtime.progress import setup_logging
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.txt").symlink_to(victim)  # planted after the run directory's checks
+    try:
+        with pytest.raises(UsageError, match="log.txt is a symbolic link"):
+            setup_logging(tmp_path / "run", main=True)
+    finally:
+        setup_logging(None, main=True)
+    assert victim.read_text() == "precious\n"

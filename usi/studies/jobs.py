@@ -36,6 +36,7 @@ from usi import recipe as recipe_mod
 from usi.data.synthetic import make_dataset
 from usi.errors import UsageError
 from usi.recipe import Recipe
+from usi.runtime import files
 from usi.training.rundir import RECIPE_FILE, check_same_recipe, check_writable, read_summary
 
 
@@ -130,7 +131,7 @@ def run_here(job: Job, run_dir: Path, rerun: bool) -> dict:
 def train_in_worker(recipe: Recipe, log: Path) -> dict:
     """One run in a pool worker process: one thread, its output appended to its log."""
     torch.set_num_threads(1)
-    with open(log, "a") as out:
+    with files.open_own(log) as out:  # never through a link planted at the log's name
         os.dup2(out.fileno(), sys.stderr.fileno())
         os.dup2(out.fileno(), sys.stdout.fileno())
         from usi.training.loop import train  # in the worker only

@@ -26,6 +26,7 @@ import torch
 
 from usi import recipe as recipe_mod
 from usi.recipe import Recipe
+from usi.runtime import files
 from usi.studies import jobs, table
 from usi.studies.jobs import Job, RunFailed, settings
 from usi.training.checkpoint import BEST
@@ -57,7 +58,7 @@ def train_with(nproc: int, recipe: Recipe, log: Path) -> dict:
         recipe.save(path)
         out = subprocess.run(launcher(nproc) + ["train", str(path)], check=False, capture_output=True, text=True)
     log.parent.mkdir(parents=True, exist_ok=True)  # a run that failed at start made no folder
-    log.write_text(out.stdout + out.stderr)
+    files.atomic_write(log, lambda tmp: Path(tmp).write_text(out.stdout + out.stderr))  # a link is replaced
     if out.returncode != 0:
         raise RunFailed(last_error(out.stderr))
     return read_summary(Path(recipe.run.dir)) or {}
@@ -93,7 +94,7 @@ def evaluate(run_dir: Path, eval_overrides: list[str], overrides: list[str], npr
     if out.returncode != 0:
         return None
     (metrics,) = json.loads(out.stdout)["students"].values()
-    saved.write_text(json.dumps({"key": key, "metrics": metrics}))
+    files.atomic_write(saved, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "metrics": metrics})))
     return metrics
 
 
