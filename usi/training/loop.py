@@ -49,13 +49,15 @@ def train(recipe: Recipe) -> dict:
                 ledger.resume(resume_from)
             ledger.started = started
             rundir.create(recipe, run_dir, dist, ledger.versions)
+            setup_logging(run_dir, dist.main)
+            return run(training, ledger)
         except BaseException:
-            if lock is not None:
-                lock.release(failed=True)  # a failed start leaves no directory behind
-                lock = None
+            # a start that fails before its first checkpoint (a tracker, the teacher's pass, data found bad
+            # late, ...) leaves nothing that blocks the corrected command: the lock removes what it wrote
+            if lock is not None and lock.release(failed=True):
+                setup_logging(None, dist.main)  # its log.txt is gone: the error line goes to the console only
+            lock = None
             raise
-        setup_logging(run_dir, dist.main)
-        return run(training, ledger)
     finally:
         if lock is not None:
             lock.release()
