@@ -30,9 +30,7 @@ def atomic_write(path: Path, write) -> None:
     file is made here (a new name, O_EXCL): write never goes through a link planted at a guessable name; a
     link at `path` itself is replaced, never followed."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = temporary_beside(path)
     try:
         write(tmp)
         # safetensors >= 0.8 writes through a private temporary file (mode 0600): give the file the
@@ -48,6 +46,14 @@ def atomic_write(path: Path, write) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def temporary_beside(path: Path) -> Path:
+    """A new empty file beside `path` (.NAME.tmp-XXXX, which remove_stale_temporaries knows), made with O_EXCL
+    under a name no one can guess: a writer never follows a link planted at a temporary name."""
+    fd, name = tempfile.mkstemp(prefix=f".{Path(path).name}.tmp-", dir=Path(path).parent)
+    os.close(fd)
+    return Path(name)
 
 
 def not_own(path: Path, folder: bool = False, in_place: bool = False) -> str | None:
