@@ -83,8 +83,9 @@ def open_own(path: Path, mode: str = "a"):
     try:
         fd = os.open(path, flags, 0o666)
     except OSError as e:
-        problem = not_own(path) or (f"cannot be opened ({e.strerror})" if e.errno != errno.ELOOP else
-                                    "is a symbolic link")
+        problem = "is a symbolic link" if e.errno == errno.ELOOP else not_own(path)  # a FIFO: ENXIO
+        if problem is None:  # a plain file or none: the caller's own message (permissions, a full disk, ...)
+            raise
         raise UsageError(f"{path} {problem}; usi writes only its own plain files, never through a link") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
