@@ -263,3 +263,36 @@ def test_a_torch_write_failure_with_space_left_is_not_called_a_full_disk(tmp_pat
 
     with pytest.raises(RuntimeError, match="unexpected pos"):
         files.atomic_write(tmp_path / "last.pt", failing)
+
+
+def test_an_atomic_write_never_goes_through_a_link_planted_at_its_temporary_or_final_name(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / f".out.json.tmp-{os.getpid()}").symlink_to(victim)  # the temporary name a writer could guess
+    (folder / "final.json").symlink_to(victim)
+    files.atomic_write(folder / "out.json", lambda tmp: open(tmp, "w").write("new"))
+    files.atomic_write(folder / "final.json", lambda tmp: open(tmp, "w").write("new"))
+    assert victim.read_text() == "precious"
+    assert (folder / "out.json").read_text() == "new"
+    assert not (folder / "final.json").is_symlink() and (folder / "final.json").read_text() == "new"
+
+
+def test_open_own_appends_to_a_plain_file_and_refuses_every_kind_of_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "soft").symlink_to(victim)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    os.link(victim, tmp_path / "hard")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "folder").mkdir()
+    for name, why in (("soft", "is a symbolic link"), ("dangling", "is a symbolic link"),
+                      ("hard", "is a hard link"), ("fifo", "is not a plain file"), ("folder", "is not a plain file")):
+        with pytest.raises(UsageError, match=why):
+            files.open_own(tmp_path / name)
+    assert victim.read_text() == "precious" and not (tmp_path / "nowhere").exists()
+    for _ in range(2):
+        with files.open_own(tmp_path / "log.txt") as f:
+            f.write("line\n")
+    assert (tmp_path / "log.txt").read_text() == "line\nline\n"

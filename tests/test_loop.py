@@ -2,12 +2,13 @@
 import json
 import shutil
 
+import pytest
 from safetensors import safe_open
 
 from usi.training import loop
 
 from conftest import read_jsonl, usi_main
-from helpers import one_error, train_args
+from helpers import one_error, teacher_file, train_args
 
 
 def test_a_run_whose_every_update_is_skipped_does_not_exit_0(image_root, tmp_path):
@@ -19,12 +20,40 @@ def test_a_run_whose_every_update_is_skipped_does_not_exit_0(image_root, tmp_pat
     assert not (tmp_path / "r" / "summary.json").exists()
 
 
-def test_val_data_that_is_all_unreadable_ends_in_one_line(image_root, tmp_path):
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_val_data_found_all_unreadable_after_an_epoch_is_one_line_and_blocks_no_rerun(image_root, tmp_path,
+                                                                                       checkpointed):
     data = tmp_path / "data"
     shutil.copytree(image_root, data)
     for path in (data / "val").rglob("*.jpg"):
         path.write_bytes(b"not an image")
-    one_error(usi_main(*train_args(data, tmp_path / "r")), "no val image could be read (12 unreadable")
+    every = ["run.ckpt_every_steps=2"] if checkpointed else []
+    one_error(usi_main(*train_args(data, tmp_path / "r", *every)), "no val image could be read (12 unreadable")
+    if not checkpointed:  # nothing recorded yet: the start leaves nothing behind, the same command runs
+        assert not (tmp_path / "r").exists()
+        out = usi_main(*train_args(image_root, tmp_path / "r"))
+    else:  # a mid-epoch checkpoint was written: the run is kept, and resumes
+        assert (tmp_path / "r" / "last.pt").is_file()
+        out = usi_main(*train_args(image_root, tmp_path / "r", *every, "run.resume=auto"))
+        assert "resumed from" in out.stderr
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_a_teacher_pass_that_fails_after_the_directory_is_made_leaves_nothing(image_root, tmp_path, monkeypatch):
+    from usi.training import loop
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(loop, "teacher_val_logits", broken)
+    teacher = teacher_file(tmp_path / "t.safetensors")
+    args = train_args(image_root, tmp_path / "runs" / "r", "teacher.name=test_resnet", f"teacher.weights={teacher}",
+                      "sched.epochs=1", "sched.warmup_epochs=0")
+    out = usi_main(*args)
+    assert out.returncode == 1 and "usi: error: RuntimeError: CUDA error" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.undo()
+    out = usi_main(*args)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_a_diverging_run_stops_naming_the_update_lr_and_checkpoint(image_root, tmp_path):

@@ -47,3 +47,18 @@ def test_the_progress_line_tells_the_time_left_in_the_epoch_and_the_run():
     with_eval = step_line({}, epoch=1, epochs=3, step=8, steps=10, seconds_per_step=2.0, eval_left_s=(30.0, 60.0))
     assert with_eval.endswith("eta 0:34 epoch, 1:24 run")
 
+
+
+def test_log_txt_is_never_appended_through_a_link(tmp_path):
+    from usi.errors import UsageError
+    from usi.runtime.progress import setup_logging
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.txt").symlink_to(victim)  # planted after the run directory's checks
+    try:
+        with pytest.raises(UsageError, match="log.txt is a symbolic link"):
+            setup_logging(tmp_path / "run", main=True)
+    finally:
+        setup_logging(None, main=True)
+    assert victim.read_text() == "precious\n"

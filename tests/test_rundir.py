@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from usi.training import rundir
+
 from conftest import REPO, read_jsonl, usi_main
 from helpers import one_error, train, train_args
 
@@ -118,3 +120,67 @@ def test_a_failed_start_removes_every_folder_it_made(image_root, tmp_path):
     out = usi_main(*train_args("/no/such/data", tmp_path / "a" / "b" / "c"))
     one_error(out, "does not exist")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.fixture(scope="module")
+def linked_run(image_root, tmp_path_factory):
+    """A run stopped after epoch 1, made through a parent folder that is a link (another disk): allowed."""
+    base = tmp_path_factory.mktemp("links")
+    (base / "disk").mkdir()
+    (base / "runs").symlink_to(base / "disk")
+    out = usi_main(*train_args(image_root, base / "runs" / "r", "run.stop_after=1", "run.loggers=[tensorboard]"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    return base / "disk" / "r"
+
+
+def test_a_run_directory_or_its_parent_given_as_a_link_is_the_user_s_choice(image_root, linked_run, tmp_path):
+    assert (linked_run / "last.pt").is_file() and not linked_run.is_symlink()
+    assert {p.name for p in linked_run.iterdir()} <= set(rundir.OWN)  # every name a run writes is guarded
+    run = tmp_path / "copy"
+    shutil.copytree(linked_run, tmp_path / "elsewhere")
+    run.symlink_to(tmp_path / "elsewhere")  # the run directory itself a link
+    out = usi_main(*train_args(image_root, run, "run.resume=auto", "run.loggers=[tensorboard]"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "elsewhere" / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("name, kind", [(name, "symlink") for name in rundir.OWN] + [
+    (".lock", "hard link"), ("log.txt", "hard link"), ("last.pt", "folder"), ("tensorboard", "file")])
+def test_a_link_where_usi_writes_is_refused_and_nothing_outside_the_run_changes(image_root, linked_run, tmp_path,
+                                                                               name, kind):
+    run = tmp_path / "r"
+    shutil.copytree(linked_run, run)
+    outside = tmp_path / "user"
+    outside.mkdir()
+    victim = outside / "victim"
+    folder = rundir.OWN[name] == "folder"
+    if folder:
+        victim.mkdir()
+    elif (run / name).is_file():
+        shutil.copy(run / name, victim)  # a user's copy of the very file: a resume would take it as its own
+    else:
+        victim.write_text("precious\n")
+    shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
+    if kind == "symlink":
+        (run / name).symlink_to(victim)
+    elif kind == "hard link":
+        os.link(victim, run / name)
+    elif kind == "folder":
+        (run / name).mkdir()
+    else:
+        (run / name).write_text("a file where a folder goes")
+    before = {p.name: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    for resume in ("auto", "never"):
+        out = usi_main(*train_args(image_root, run, f"run.resume={resume}", "run.loggers=[tensorboard]"))
+        one_error(out, f"run directory {run}: {name} is")
+    assert {p.name: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+    assert not folder or not any(victim.iterdir())
+
+
+def test_a_lone_planted_lock_link_in_an_empty_folder_is_refused(image_root, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / ".lock").symlink_to(victim)  # a folder with only a .lock holds no run: a fresh start
+    one_error(usi_main(*train_args(image_root, tmp_path / "r")), ".lock is a symbolic link")
+    assert victim.read_text() == "precious\n"

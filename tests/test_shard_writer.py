@@ -1,10 +1,14 @@
 """usi/data/shard_writer.py: `usi shards`: what it writes, what it refuses."""
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 from PIL import Image
+
+from usi.data.shard_writer import claim, write_shard
+from usi.errors import UsageError
 
 from conftest import REPO, usi_main
 from helpers import train_args
@@ -72,3 +76,18 @@ def test_make_shards_writes_what_training_reads_and_refuses_to_mix(image_root, t
     assert make_shards(src, out / "train", "--shard-size", "8").returncode == 0
     assert not stale.exists() and (out / "train" / "index.json").read_text() == index
     assert not list((out / "train").glob(".*tmp*"))
+
+
+def test_the_shard_writer_never_writes_through_a_planted_link(image_root, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / f".s-000000.tar.tmp-{os.getpid()}").symlink_to(victim)  # the temporary name a writer could guess
+    image = next((image_root / "train").rglob("*.jpg"))
+    name, written, bad = write_shard((str(out / "s-000000.tar"), [("k0", str(image), 0)], False))
+    assert (name, written, bad) == ("s-000000.tar", 1, []) and victim.read_text() == "precious"
+    (out / ".make_shards.lock").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UsageError, match="is a symbolic link"):
+        claim(out, {})
+    assert not (tmp_path / "nowhere").exists()

@@ -30,14 +30,41 @@ def test_teacher_logit_cache_key_depends_on_the_precision_of_the_pass():
     assert len(ensembles) == 4 and not ensembles & keys
 
 
-def test_a_cache_path_that_is_a_file_costs_a_warning_not_the_run(image_root, tmp_path):
+def test_an_empty_usi_cache_is_the_default_never_the_current_directory(monkeypatch, tmp_path):
+    from usi.evaluation.teacher_logits import cache_dir
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("USI_CACHE", "")
+    assert cache_dir() == tmp_path / "home" / ".cache" / "usi" / "teacher-logits"
+    monkeypatch.setenv("USI_CACHE", "~/elsewhere")  # quoted in a script: still the home folder, not a "~" folder
+    assert cache_dir() == tmp_path / "home" / "elsewhere" / "teacher-logits"
+
+
+def test_the_teacher_line_says_what_the_cache_did(image_root, tmp_path, monkeypatch):
+    from usi.runtime import files
     blocker = tmp_path / "cache-file"
     blocker.write_text("not a folder")
     teacher = teacher_file(tmp_path / "t.safetensors")
     out = usi_main(*train_args(image_root, tmp_path / "r", "teacher.name=test_resnet", f"teacher.weights={teacher}",
                                "sched.epochs=1", "sched.warmup_epochs=0"), env={"USI_CACHE": str(blocker)})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert len([x for x in out.stderr.splitlines() if "teacher logits not cached" in x]) == 1
+    (line,) = [x for x in out.stderr.splitlines() if "teacher val top-1" in x]  # a cache that cannot be, one line
+    assert f"computed; not cached: {blocker / 'teacher-logits'} is not writable (" in line, line
+    evaluate = ("eval", str(tmp_path / "r" / "best.safetensors"), f"data.root={image_root}",
+                f"teacher.weights={teacher}")
+    cache = {"USI_CACHE": str(tmp_path / "cache")}
+
+    def read_only(path, write):
+        raise PermissionError(13, "Permission denied", str(path))
+    with monkeypatch.context() as m:  # a folder this user may not write (root ignores chmod: simulated)
+        m.setattr(files, "atomic_write", read_only)
+        report = usi_main(*evaluate, env=cache)
+    assert (f"logits computed; not cached: {tmp_path / 'cache' / 'teacher-logits'} is not writable "
+            f"(Permission denied)") in report.stdout, report.stdout + report.stderr
+    assert "from the cache" not in report.stdout and "computed and cached" not in report.stdout
+    for note in ("computed and cached", "from the cache"):  # a writable folder: stored, then read back
+        report = json.loads(usi_main(*evaluate, "--json", env=cache).stdout)
+        assert report["teacher_cache"] == note and report["teacher_cached"] is (note == "from the cache")
 
 
 def test_a_changed_member_is_a_new_cache_entry(image_root, tmp_path):

@@ -1,4 +1,5 @@
 """usi/training/tracking.py: TensorBoard and Weights & Biases beside metrics.jsonl."""
+import importlib.util
 import json
 
 import pytest
@@ -6,7 +7,9 @@ import pytest
 from usi.training.tracking import check_available, flatten
 
 from conftest import read_jsonl, usi_cmd, usi_main
-from helpers import train_args
+from helpers import one_error, train_args
+
+real_spec = importlib.util.find_spec
 
 
 def test_tensorboard_gets_interval_losses_and_epoch_metrics(image_root, tmp_path):
@@ -147,3 +150,74 @@ def test_a_tracker_whose_package_exists_is_accepted(monkeypatch):
     check_available([])  # none asked for: nothing to find
     with pytest.raises(UsageError, match=r"pip install 'usi\[wandb\]'"):
         check_available(["wandb"])
+
+
+class Fake:
+    def __init__(self, fail: bool):
+        if fail:
+            raise PermissionError(13, "Permission denied", "tensorboard")
+        self.closed = False
+
+    def log(self, scalars, step):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_tracker_that_fails_to_start_is_one_line_and_closes_those_already_started(monkeypatch, tmp_path):
+    from usi.errors import UsageError
+    from usi.training import tracking
+
+    started = []
+    monkeypatch.setattr(tracking, "OPEN", {"good": lambda *a: started.append(Fake(False)) or started[-1],
+                                           "bad": lambda *a: Fake(True)})
+    with pytest.raises(UsageError, match=r"run.loggers: bad failed to start \(\[Errno 13\] Permission denied"):
+        tracking.Trackers(["good", "bad"], tmp_path, {}, enabled=True)
+    assert len(started) == 1 and started[0].closed
+
+
+def failing_wandb(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("wandb")
+
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else real_spec(name))
+
+
+@pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
+def test_a_tracker_failing_at_start_leaves_nothing_that_blocks_the_corrected_command(image_root, tmp_path, monkeypatch,
+                                                                                    logger):
+    if logger == "wandb":
+        failing_wandb(monkeypatch)
+    else:  # its log folder cannot be made
+        import torch.utils.tensorboard as tb
+
+        def refuse(logdir, *a, **k):
+            raise PermissionError(13, "Permission denied", logdir)
+        monkeypatch.setattr(tb, "SummaryWriter", refuse)
+    run = tmp_path / "runs" / "r"
+    one_error(usi_main(*train_args(image_root, run, f"run.loggers=[{logger}]")), f"run.loggers: {logger} failed")
+    assert not (tmp_path / "runs").exists()  # every folder and file this start made is gone
+    monkeypatch.undo()
+    out = usi_main(*train_args(image_root, run, "sched.epochs=1", "sched.warmup_epochs=0"))  # the corrected command
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_a_resumed_run_whose_tracker_fails_is_left_as_it_was_and_resumes_later(image_root, tmp_path, monkeypatch):
+    run = tmp_path / "r"
+    assert usi_main(*train_args(image_root, run, "run.stop_after=1")).returncode == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name in ("last.pt", "metrics.jsonl", "best.safetensors")}
+    failing_wandb(monkeypatch)
+    one_error(usi_main(*train_args(image_root, run, "run.resume=auto", "run.loggers=[wandb]")), "wandb failed")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name in before} == before
+    monkeypatch.undo()
+    out = usi_main(*train_args(image_root, run, "run.resume=auto"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]

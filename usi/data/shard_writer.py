@@ -32,7 +32,7 @@ import webdataset as wds
 from usi.data.folder import find_classes, list_images
 from usi.data.images import load_rgb
 from usi.errors import UsageError, one_line
-from usi.runtime.files import atomic_write, open_regular
+from usi.runtime.files import atomic_write, open_own, open_regular, temporary_beside
 
 MANIFEST = ".make_shards.json"  # the settings and source the shards here were written from
 
@@ -48,7 +48,7 @@ def write_shard(job) -> tuple[str, int, list[str]]:
     if path.is_file():  # finished by an earlier run (complete: it was renamed into place)
         with tarfile.open(path) as tar:
             return path.name, sum(m.name.endswith(".cls") for m in tar.getmembers()), []
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(path)  # a new file: never a link planted at a temporary name
     bad, written = [], 0
     try:
         with wds.TarWriter(str(tmp)) as sink:
@@ -85,7 +85,7 @@ def claim(out: Path, settings: dict):
     temporary files that a killed writer left behind."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".make_shards.lock", "a")
+        lock = open_own(out / ".make_shards.lock")  # never through a link
     except OSError as e:
         raise UsageError(f"the output folder {out} cannot be created or written ({e.strerror})") from None
     try:

@@ -151,10 +151,11 @@ def run_eval(recipe, saved: Saved, trained_size: int | None, dist) -> dict | Non
     teacher = models.teacher_for(recipe, classes, spec, compute)  # trained on these classes, in this order
     if teacher is not None:
         t0 = time.time()
-        report["teacher"], logits, hit = teacher_val_logits(teacher, recipe, val, loader, compute=compute,
-                                                            n_bins=recipe.run.ece_bins, dist=dist)
-        report["teacher_time_s"], report["teacher_cached"] = time.time() - t0, hit
+        report["teacher"], logits, cached = teacher_val_logits(teacher, recipe, val, loader, compute=compute,
+                                                               n_bins=recipe.run.ece_bins, dist=dist)
+        report["teacher_time_s"], report["teacher_cached"] = time.time() - t0, cached.hit
         report["teacher_cacheable"] = val.cache_identity() is not None
+        report["teacher_cache"] = cached.note  # what the cache did: hit, stored, or not stored and why
     t0 = time.time()
     results, _ = evaluate(students, loader, compute, n_bins=recipe.run.ece_bins, teacher_logits=logits)
     report["eval_time_s"] = time.time() - t0
@@ -193,10 +194,8 @@ def format_report(report: dict, as_json: bool = False) -> str:
         lines.append(f"{name:10s} " + " ".join(cells))
     lines += member_lines(report)
     if "teacher" in report:
-        how = ("from cache" if report["teacher_cached"] else
-               "computed and cached" if report["teacher_cacheable"] else "computed (shards are not cached)")
-        lines += ["", f"teacher {report['teacher']['name']}: logits {how} "
-                      f"in {report['teacher_time_s']:.1f} s; students evaluated in {report['eval_time_s']:.1f} s"]
+        lines += ["", f"teacher {report['teacher']['name']}: logits {report['teacher_cache']} "
+                      f"({report['teacher_time_s']:.1f} s); students evaluated in {report['eval_time_s']:.1f} s"]
     return "\n".join(lines)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,11 +20,10 @@ from usi.evaluation.evaluate import evaluate
 from usi.models import Compute
 from usi.runtime import distributed, files
 
-log = logging.getLogger("usi")
-
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("USI_CACHE", Path.home() / ".cache" / "usi")) / "teacher-logits"
+    # an empty USI_CACHE is unset (the default), never the current directory; "~" is the home folder
+    return Path(os.environ.get("USI_CACHE") or Path.home() / ".cache" / "usi").expanduser() / "teacher-logits"
 
 
 def is_file(path: Path) -> bool:
@@ -59,30 +58,37 @@ def cache_key(teacher_cfgs: list, combine: str, *, split_identity: str, teacher,
     return h.hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class Cached:
+    """What the cache did, truthfully: hit, or computed and then stored or not (and why not)."""
+    hit: bool
+    note: str  # "from the cache", "computed and cached", "computed; not cached: <why>"
+
+
 def teacher_val_logits(teacher, recipe, split, loader, *, compute: Compute, n_bins: int,
-                       dist: distributed.Dist) -> tuple[dict, torch.Tensor, bool]:
-    """(the teacher's val metrics, this rank's logits in loader order, whether the cache was hit).
+                       dist: distributed.Dist) -> tuple[dict, torch.Tensor, Cached]:
+    """(the teacher's val metrics, this rank's logits in loader order, what the cache did).
 
     `split` is the val split that `loader` reads; a view (`loader.dataset`) without a cache identity is not
     cached. An
     ensemble is cached as one entry: its combined logits and each member's ([N, 1 + M, C]). The metrics
     carry the teacher's name, and each member's ("a + b" for an ensemble).
     """
-    metrics, logits, hit = cached_or_computed(teacher, recipe, split, loader, compute=compute, n_bins=n_bins,
-                                              dist=dist)
+    metrics, logits, cached = cached_or_computed(teacher, recipe, split, loader, compute=compute, n_bins=n_bins,
+                                                 dist=dist)
     names = [t.name for t in recipe.teachers()]
     metrics["name"] = " + ".join(names)
     for member, name in zip(metrics.get("members", []), names):
         member["name"] = name
-    return metrics, logits, hit
+    return metrics, logits, cached
 
 
 def cached_or_computed(teacher, recipe, split, loader, *, compute: Compute, n_bins: int,
-                       dist: distributed.Dist) -> tuple[dict, torch.Tensor, bool]:
+                       dist: distributed.Dist) -> tuple[dict, torch.Tensor, Cached]:
     identity = loader.dataset.cache_identity()  # the view the loader reads: its files and transform
     if identity is None:
         results, mine = evaluate({}, loader, compute, n_bins=n_bins, teacher=teacher, keep_teacher_logits=True)
-        return results["teacher"], mine, False
+        return results["teacher"], mine, Cached(False, "computed; shards are not cached")
     key = cache_key(recipe.teachers(), recipe.teacher.combine, split_identity=identity, teacher=teacher,
                     compute=compute)
     path = cache_dir() / f"{key}.pt"
@@ -91,25 +97,25 @@ def cached_or_computed(teacher, recipe, split, loader, *, compute: Compute, n_bi
             state = files.load_state_file(path)
             full = state["logits"]
             if full.shape[0] == len(split):
-                return state_metrics(state), full[dist.rank::dist.world].clone(), True
+                return state_metrics(state), full[dist.rank::dist.world].clone(), Cached(True, "from the cache")
         except Exception:  # a damaged cache entry is recomputed, never trusted
             pass
     results, mine = evaluate({}, loader, compute, n_bins=n_bins, teacher=teacher, keep_teacher_logits=True)
     if distributed.max_across(torch.tensor([int(mine is None)], device=dist.device)).item():
-        return results["teacher"], mine, False  # a rank read no image at all: nothing worth caching
+        return results["teacher"], mine, Cached(False, "computed; not cached: a process read no val image")
     # Assemble the full [N, C] tensor: each rank fills its rows (rank::world), a sum joins them.
     full = torch.zeros(len(split), *mine.shape[1:], device=dist.device)
     full[dist.rank::dist.world] = mine.to(dist.device)
     full = distributed.sum_across(full).cpu()
+    note = "computed and cached"
     if dist.main:
         metrics = json.dumps(results["teacher"])  # a string: weights_only loads it back
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             files.atomic_write(path, lambda tmp: torch.save({"logits": full, "metrics": metrics}, tmp))
-        except OSError as e:  # the cache only saves time: a run never fails for it
-            log.warning(f"teacher logits not cached: {path.parent} is not a writable directory ({e.strerror}); "
-                        f"set USI_CACHE to one")
-    return results["teacher"], mine, False
+        except OSError as e:  # the cache only saves time: a run never fails for it (the note says so)
+            note = f"computed; not cached: {path.parent} is not writable ({e.strerror}); set USI_CACHE to one that is"
+    return results["teacher"], mine, Cached(False, note)
 
 
 def state_metrics(state: dict) -> dict:

@@ -15,6 +15,7 @@ import os
 import pickle
 import pickletools
 import stat
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -29,9 +30,11 @@ MIN_INFLATED = 256 << 20  # ... or this many bytes, whichever is more
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp over path, flushing file and directory to disk."""
+    """Call write(tmp_path), then rename tmp over path, flushing file and directory to disk. The temporary
+    file is made here (a new name, O_EXCL): write never goes through a link planted at a guessable name; a
+    link at `path` itself is replaced, never followed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_beside(path)
     try:
         try:
             write(tmp)
@@ -93,6 +96,53 @@ def open_regular(path):
     except BaseException:
         os.close(fd)
         raise
+
+
+def temporary_beside(path: Path) -> Path:
+    """A new empty file beside `path` (.NAME.tmp-XXXX, which remove_stale_temporaries knows), made with O_EXCL
+    under a name no one can guess: a writer never follows a link planted at a temporary name."""
+    fd, name = tempfile.mkstemp(prefix=f".{Path(path).name}.tmp-", dir=Path(path).parent)
+    os.close(fd)
+    return Path(name)
+
+
+def not_own(path: Path, folder: bool = False, in_place: bool = False) -> str | None:
+    """Why usi must not write at `path` (None: absent, or a plain file / folder as asked): a symbolic link,
+    the wrong kind of thing, or, for a file written in place (`in_place`: appended, not replaced), a hard
+    link: writing would reach a file that is not usi's own."""
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):  # absent (or under a file: refused elsewhere)
+        return None
+    except OSError as e:
+        return f"cannot be examined ({e.strerror})"
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if folder != stat.S_ISDIR(info.st_mode) or not (folder or stat.S_ISREG(info.st_mode)):
+        return "is not a folder" if folder else "is not a plain file"
+    if in_place and info.st_nlink > 1:
+        return f"is a hard link (one of {info.st_nlink} names of one file)"
+    return None
+
+
+def open_own(path: Path, mode: str = "a"):
+    """`path` opened to append ("a"), or to read and append ("a+"), created if missing, never through a link
+    (O_NOFOLLOW; a hard link is refused too): appended lines stay in usi's own file."""
+    flags = os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO never hangs
+    flags |= os.O_RDWR if "+" in mode else os.O_WRONLY
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        problem = "is a symbolic link" if e.errno == errno.ELOOP else not_own(path)  # a FIFO: ENXIO
+        if problem is None:  # a plain file or none: the caller's own message (permissions, a full disk, ...)
+            raise
+        raise UsageError(f"{path} {problem}; usi writes only its own plain files, never through a link") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise UsageError(f"{path} {not_own(path, in_place=True) or 'is not a plain file'}; usi writes only its "
+                         f"own plain files, never through a link")
+    return os.fdopen(fd, mode)
 
 
 def current_umask() -> int:

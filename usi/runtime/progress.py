@@ -11,10 +11,20 @@ import sys
 import time
 from pathlib import Path
 
+from usi.runtime import files
+
 log = logging.getLogger("usi")
 
 
 FORMAT = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+LOG_FILE = "log.txt"
+
+
+class OwnFileHandler(logging.FileHandler):
+    """Appends to log.txt, never through a link planted there (usi/runtime/files.py's open_own)."""
+
+    def _open(self):
+        return files.open_own(Path(self.baseFilename))
 
 
 def setup_logging(run_dir: Path | None, main: bool) -> None:
@@ -36,7 +46,7 @@ def setup_logging(run_dir: Path | None, main: bool) -> None:
     if run_dir is None:
         log.addHandler(logging.handlers.BufferingHandler(capacity=100_000))
         return
-    file = logging.FileHandler(run_dir / "log.txt")
+    file = OwnFileHandler(run_dir / LOG_FILE)
     file.setFormatter(FORMAT)
     for record in early.buffer if early is not None else []:
         file.handle(record)

@@ -20,6 +20,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from usi.runtime import files
 from usi.runtime.preempt import SIGNALS, Interrupted
 
 
@@ -66,7 +67,8 @@ class Children:
         env = self.slots.get()
         try:
             log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "a") as err, open(stdout or os.devnull, "w") as out, self.lock:
+            # never through a link planted at the log's name (usi.runtime.files.open_own)
+            with files.open_own(log) as err, open(stdout or os.devnull, "w") as out, self.lock:
                 if self.stopping:
                     return -1
                 child = subprocess.Popen(command, stdout=out if stdout else err, stderr=err, stdin=subprocess.DEVNULL,

@@ -27,6 +27,7 @@ import torch
 from usi import recipe as recipe_mod
 from usi.errors import UsageError
 from usi.recipe.loading import RECIPES
+from usi.runtime import files
 from usi.studies import aggregate, jobs, table, table_plan, table_spec
 from usi.studies.launch import Children, launcher, slot_envs
 from usi.studies.table_spec import KINDS, Row, TableSpec
@@ -120,7 +121,7 @@ def evaluate(children: Children, nproc: int, run_dir: Path, overrides: list[str]
         return None
     report = json.loads(out.read_text())
     out.unlink()
-    saved.write_text(json.dumps({"key": key, "report": report}))
+    files.atomic_write(saved, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "report": report})))
     return report
 
 

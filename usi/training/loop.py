@@ -50,13 +50,15 @@ def train(recipe: Recipe) -> dict:
                 ledger.resume(resume_from)
             ledger.started = started
             rundir.create(recipe, run_dir, dist, ledger.versions)
+            setup_logging(run_dir, dist.main)
+            return run(training, ledger)
         except BaseException:
-            if lock is not None:
-                lock.release(failed=True)  # a failed start leaves no directory behind
-                lock = None
+            # a start that fails before its first checkpoint (a tracker, the teacher's pass, data found bad
+            # late, ...) leaves nothing that blocks the corrected command: the lock removes what it wrote
+            if lock is not None and lock.release(failed=True):
+                setup_logging(None, dist.main)  # its log.txt is gone: the error line goes to the console only
+            lock = None
             raise
-        setup_logging(run_dir, dist.main)
-        return run(training, ledger)
     finally:
         if lock is not None:
             lock.release()
@@ -213,17 +215,10 @@ def val_teacher(t: Training, name: str = "val") -> tuple[dict, torch.Tensor | No
         return {}, None
     t0 = time.time()
     split = getattr(t, f"{name}_split")
-    metrics, logits, hit = teacher_val_logits(t.state.teacher, t.recipe, split, getattr(t, f"{name}_loader"),
-                                              compute=t.cfg.compute, n_bins=t.recipe.run.ece_bins, dist=t.dist)
-    log.info(f"teacher {name} top-1 {metrics.get('top1', float('nan')):.2f} "
-             f"({cache_note(hit, split)}, {time.time() - t0:.1f} s)")
+    metrics, logits, cached = teacher_val_logits(t.state.teacher, t.recipe, split, getattr(t, f"{name}_loader"),
+                                                 compute=t.cfg.compute, n_bins=t.recipe.run.ece_bins, dist=t.dist)
+    log.info(f"teacher {name} top-1 {metrics.get('top1', float('nan')):.2f} ({cached.note}, {time.time() - t0:.1f} s)")
     return metrics, logits
-
-
-def cache_note(hit: bool, split) -> str:
-    if hit:
-        return "cached"
-    return "computed and cached" if split.cache_identity() is not None else "computed; shards are not cached"
 
 
 def check_bad_images(t: Training, record: dict) -> None:

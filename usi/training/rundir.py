@@ -4,23 +4,29 @@ Deciding how a run starts; the order is important:
   1. The directory is locked for this run (rank 0 holds an flock on a lock file inside it until it
      exits): a second usi process aimed at the same directory is refused while the first runs, so two
      runs never mix their files. If the start fails, the folders made only to hold the lock are removed.
-  2. run.resume=never: the directory must hold no run (it is refused, never overwritten); a fresh start.
-  3. run.resume=auto: a directory that holds files but no recipe.yaml is no usi run and is refused (a
+  2. No name usi writes in the directory (OWN) may be a link, or a folder where a file goes: usi writes
+     only plain files of its own, never through a link into someone else's file. (The directory itself,
+     or a folder above it, may be a link: a user's choice of disk.)
+  3. run.resume=never: the directory must hold no run (it is refused, never overwritten); a fresh start.
+  4. run.resume=auto: a directory that holds files but no recipe.yaml is no usi run and is refused (a
      run writes recipe.yaml first). If it holds a recipe.yaml, the recipe must be the same one, except
      for the fields marked resume_free in usi/recipe/schema.py and sched.epochs (a longer schedule); then it
      resumes from last.pt if there is one, else starts afresh (a run killed before its first checkpoint).
-  4. run.resume=<path>: the same checks as auto against the directory; then it resumes from that
+  5. run.resume=<path>: the same checks as auto against the directory; then it resumes from that
      checkpoint, writing to run.dir.
-  5. The nearest existing ancestor of the directory must be writable.
+  6. The nearest existing ancestor of the directory must be writable.
 Later, before anything is written (usi/training/loop.py), the checkpoint itself must hold the same recipe and
 the same class names as this run. The directory's files appear only after everything is built
-(`create`), so a failed start leaves nothing behind.
+(`create`); a start that fails before its first checkpoint removes what it wrote into a directory that held
+no run, so the corrected command starts there as if nothing had happened.
 """
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +34,7 @@ from usi import recipe as recipe_mod
 from usi.errors import UsageError
 from usi.recipe import Recipe
 from usi.runtime import distributed, files
+from usi.runtime.progress import LOG_FILE
 from usi.training import checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -35,6 +42,11 @@ SUMMARY_FILE = "summary.json"
 RECIPE_FILE = "recipe.yaml"
 VERSIONS_FILE = "versions.json"  # one entry per start: what each invocation ran on
 LOCK_FILE = ".lock"
+# every name usi writes in a run directory (the trackers' too: usi/training/tracking.py), and how: a link
+# there is refused; "in place": appended or rewritten, not replaced (a hard link is refused too)
+OWN = {LOCK_FILE: "in place", LOG_FILE: "in place", RECIPE_FILE: "file", VERSIONS_FILE: "file",
+       METRICS_FILE: "file", SUMMARY_FILE: "file", checkpoint.LAST: "file", checkpoint.BEST: "file",
+       "wandb-id": "file", "tensorboard": "folder", "wandb": "folder"}
 
 
 class RunLock:
@@ -42,6 +54,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.run_dir, self.file, self.made = run_dir, None, []
+        self.fresh = False  # the directory held no run when locked: what a failed start wrote there goes
 
     def acquire(self) -> "RunLock":
         if not self.run_dir.exists():
@@ -58,7 +71,8 @@ class RunLock:
             raise UsageError(f"run.dir {self.run_dir} is a file, not a directory")
         path = self.run_dir / LOCK_FILE
         try:
-            self.file = open(path, "a+")
+            check_own_names(self.run_dir, [LOCK_FILE])
+            self.file = files.open_own(path, "a+")  # never through a link: the lock line would overwrite its target
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
@@ -67,16 +81,26 @@ class RunLock:
             self.file = None
             raise UsageError(f"run directory {self.run_dir} is in use by {holder}; wait for it to end or choose "
                              f"another run.dir") from None
+        except UsageError:
+            self.release(failed=True)
+            raise
         except OSError as e:
             self.release(failed=True)
             raise UsageError(f"run directory {self.run_dir} cannot be locked ({e.strerror})") from None
         self.file.truncate(0)
         self.file.write(f"usi pid {os.getpid()}\n")
         self.file.flush()
+        self.fresh = not holds_run(self.run_dir)
         return self
 
-    def release(self, failed: bool = False) -> None:
-        """Unlock; after a failed start, also remove the directory if it was made for the lock alone."""
+    def release(self, failed: bool = False) -> bool:
+        """Unlock. After a failed start: if the directory held no run before it and nothing is recorded yet
+        (no checkpoint, no best weights), remove what the start wrote, then the folders made for the lock.
+        Whether files were removed."""
+        removed = failed and self.fresh and not any((self.run_dir / n).exists() for n in (checkpoint.LAST,
+                                                                                          checkpoint.BEST))
+        if removed:
+            remove_own(self.run_dir)
         if self.file is not None:
             (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
             self.file.close()
@@ -87,6 +111,30 @@ class RunLock:
                     folder.rmdir()
                 except OSError:
                     break
+        return removed
+
+
+def remove_own(run_dir: Path) -> None:
+    """usi's own files and folders (never a link's target: links were refused), and temporaries."""
+    for name, kind in OWN.items():
+        path = run_dir / name
+        if name == LOCK_FILE or files.not_own(path, folder=kind == "folder"):
+            continue  # the lock goes with release; anything else stays as found
+        if kind == "folder" and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    files.remove_stale_temporaries(run_dir)
+
+
+def check_own_names(run_dir: Path, names=OWN) -> None:
+    """No name usi writes in the run directory may be a link (or a folder where a file goes, ...)."""
+    for name in names:
+        kind = OWN[name]
+        problem = files.not_own(run_dir / name, folder=kind == "folder", in_place=kind == "in place")
+        if problem:
+            raise UsageError(f"run directory {run_dir}: {name} {problem}; usi writes only its own plain files "
+                             f"there, never through a link: remove it or choose another run.dir")
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -107,6 +155,7 @@ def plan(recipe: Recipe, lock: bool = True) -> tuple[Path, Path | None, RunLock 
 
 
 def resume_source(recipe: Recipe, run_dir: Path) -> Path | None:
+    check_own_names(run_dir)  # before anything in it is read
     existing = holds_run(run_dir)
     if recipe.run.resume == "never":
         if existing:
@@ -154,13 +203,12 @@ def create(recipe: Recipe, run_dir: Path, dist: distributed.Dist, versions: dict
     if dist.main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            with tempfile.TemporaryFile(dir=run_dir):  # a new file of no name a link could stand at
+                pass
         except OSError as e:
             raise UsageError(f"run directory {run_dir} is not writable ({e.strerror})") from None
         files.remove_stale_temporaries(run_dir)  # a writer killed mid-write; we hold the lock
-        recipe.save(run_dir / RECIPE_FILE)
+        files.atomic_write(run_dir / RECIPE_FILE, lambda tmp: recipe.save(tmp))
         path = run_dir / VERSIONS_FILE
         try:
             starts = json.loads(path.read_text()) if path.is_file() else []
@@ -174,7 +222,7 @@ def create(recipe: Recipe, run_dir: Path, dist: distributed.Dist, versions: dict
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / METRICS_FILE, "a") as f:
+    with files.open_own(run_dir / METRICS_FILE) as f:
         f.write(json.dumps(files.json_safe(record)) + "\n")
 
 

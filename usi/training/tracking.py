@@ -39,7 +39,14 @@ def flatten(record: dict, prefix: str = "") -> dict[str, float]:
 
 class Trackers:
     def __init__(self, names: list[str], run_dir: Path, config: dict, enabled: bool):
-        self.writers = [OPEN[name](run_dir, config) for name in names] if enabled else []
+        self.writers = []
+        for name in names if enabled else []:
+            try:
+                self.writers.append(OPEN[name](run_dir, config))
+            except Exception as e:  # no login, no network, a folder it cannot make: one line, the others closed
+                self.close()
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise UsageError(f"run.loggers: {name} failed to start ({first})") from None
 
     def interval(self, updates: int, scalars: dict) -> None:
         for writer in self.writers:
