@@ -13,12 +13,13 @@ knows its cache_identity()): building the val loader never changes the train loa
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from usi.data.folder import FolderSplit
 from usi.data.loader import InputSpec, device_randaugment, eval_transform, randaugment_on_device, train_transform
 from usi.data.shards import ShardSplit
-from usi.errors import UsageError
+from usi.errors import UsageError, quote, shorten
 from usi.runtime.distributed import Dist
 
 log = logging.getLogger("usi")
@@ -42,9 +43,10 @@ def open_split(cfg, name: str, classes: list[str] | None = None) -> Split:
 def open_splits(cfg) -> tuple[Split, Split]:
     """The train and val splits of a recipe's data section; val takes train's classes."""
     root = Path(cfg.root)
-    if not root.is_dir():
-        what = "is a file, not a folder" if root.exists() else "does not exist"
-        raise UsageError(f"data.root={cfg.root!r} {what} (expected {root}/train and {root}/val)")
+    if not os.path.isdir(root):  # os.path: False, not OSError, for a name too long
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise UsageError(f"data.root={quote(cfg.root)} {what} (expected the folders "
+                         f"{shorten(cfg.train_split, 80)}/ and {shorten(cfg.val_split, 80)}/ in it)")
     train = open_split(cfg, "train")
     val = open_split(cfg, "val", classes=train.classes)
     missing = val.missing_classes()

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from usi.errors import printable
+
 log = logging.getLogger("usi")
 
 
@@ -60,6 +62,7 @@ class Progress:
     def show(self, text: str) -> None:
         if not self.enabled:
             return
+        text = printable(text)  # a line break or \r inside would break the redraw or forge a line
         if self.tty:
             self.stream.write("\r" + text.ljust(self.width))
             self.width = len(text)

@@ -34,7 +34,7 @@ import torch
 
 from usi import recipe as recipe_mod
 from usi.data.synthetic import make_dataset
-from usi.errors import UsageError
+from usi.errors import UsageError, printable
 from usi.recipe import Recipe
 from usi.training.rundir import RECIPE_FILE, check_same_recipe, check_writable, read_summary
 
@@ -152,7 +152,7 @@ def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun:
     waiting, queued = {}, list(jobs)
 
     def say(text: str) -> None:
-        print(f"[{tag}] {time.time() - start:4.0f} s  {text}", flush=True)
+        print(f"[{tag}] {time.time() - start:4.0f} s  {printable(text)}", flush=True)
 
     def begin(job: Job) -> None:
         run_dir = runs / job.name

@@ -17,6 +17,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from usi.errors import printable
+
 # Published USI top-1 (ImageNet-1k) by timm model name, from the paper's table.
 PUBLISHED = {
     "resnet50": 81.0, "tresnet_m": 82.4, "convnext_small": 84.0, "regnety_032": 82.8, "efficientnet_b0": 79.3,
@@ -109,7 +111,8 @@ def filled(columns: list[str], rows: list[dict]) -> list[str]:
 
 def show(title: str, text: str, paths: dict[str, Path]) -> None:
     """A study's closing words on the console: its title, its table, the files written."""
-    print(f"\n{title}\n\n{text}\n\nwritten: {', '.join(str(p) for p in paths.values())}")
+    lines = [title, "", *text.split("\n"), "", f"written: {', '.join(str(p) for p in paths.values())}"]
+    print("\n" + "\n".join(printable(line) for line in lines))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

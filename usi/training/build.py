@@ -22,7 +22,7 @@ from usi import data
 from usi.data.loader import seed_everything
 from usi.distill.loss import DistillLoss
 from usi.distill.teacher import Ensemble
-from usi.errors import UsageError
+from usi.errors import UsageError, printable
 from usi.models import Compute, check_input_size, compute_for, create_student, input_spec, place, teacher_for
 from usi.recipe import Recipe, mixes
 from usi.runtime import distributed, environment
@@ -222,8 +222,9 @@ def dry_run(recipe: Recipe) -> str:
     resume_from = rundir.resume_source(recipe, run_dir)
     t = build_training(recipe, dist, fresh=resume_from is None, dry=True)
     start = f"resume from {resume_from}" if resume_from else "a fresh start"
+    plan = [f"run directory: {run_dir} ({start})", *plan_lines(t)]
     return "\n".join(["# the effective recipe", recipe.to_yaml().rstrip(), "",
-                      "# the plan (nothing was written)", f"run directory: {run_dir} ({start})", *plan_lines(t)])
+                      "# the plan (nothing was written)", *map(printable, plan)])  # names' line breaks escaped
 
 
 def plan_lines(t: Training) -> list[str]:
