@@ -55,6 +55,23 @@ def batch_plan(recipe: Recipe, world: int) -> BatchPlan:
                                     f"lr {lr:g} x {scale:.4g} ({rule}) = {lr * scale:g}")
 
 
+def check_updates(recipe: Recipe, *, steps: int, accum: int, world: int, samples: int) -> None:
+    """A run that would make no optimizer update, or never leave its warm-up, is refused with the numbers
+    that make it so (it would train nothing and save its random weights as the best)."""
+    per_epoch, s = steps // accum, recipe.sched
+    total, warmup = per_epoch * (s.epochs + s.cooldown_epochs), per_epoch * s.warmup_epochs
+    per_step = recipe.data.batch_size * world
+    capped = f" (run.max_steps={steps})" if recipe.run.max_steps == steps else ""
+    if total == 0:
+        raise UsageError(f"this recipe makes no optimizer update: an epoch of {samples} training samples is {steps} "
+                         f"steps{capped} of data.batch_size={recipe.data.batch_size} x {world} processes, fewer than the "
+                         f"{accum} accumulated steps of one update (optim.global_batch={recipe.optim.global_batch}); "
+                         f"set optim.global_batch to at most {steps * per_step}, or optim.batch_rule=linear")
+    if total <= warmup:
+        raise UsageError(f"this recipe never leaves its warm-up: {total} optimizer updates in all, "
+                         f"sched.warmup_epochs={s.warmup_epochs} x {per_epoch} updates per epoch = {warmup}")
+
+
 def create_optimizer(recipe: Recipe, student: torch.nn.Module, lr: float,
                      extra: torch.nn.Module | None = None) -> torch.optim.Optimizer:
     """timm's optimizer for the student; `extra` (feature KD's projection) joins it as groups of its own,
@@ -172,6 +189,7 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
         raise UsageError(f"data.batch_size={recipe.data.batch_size} x {dist.world} processes is larger than one "
                          f"epoch of {len(train_split)} training samples")
 
+    check_updates(recipe, steps=steps, accum=batch.accum, world=dist.world, samples=len(train_split))
     log.info(batch.line)
     if steps % batch.accum:
         log.warning(f"{steps} steps per epoch is not a multiple of {batch.accum} accumulation steps; "
