@@ -3,7 +3,11 @@ import collections
 
 import torch
 
+from usi.data import loader_workers, usable_cpus
 from usi.data.loader import EpochSampler, StridedSampler
+
+from conftest import usi_cmd
+from helpers import train_args
 
 
 def test_repeated_augmentation_repeats_each_sample_three_times_across_ranks():
@@ -57,3 +61,16 @@ def test_device_randaugment_batches_are_normalized_augmented_and_seeded(image_ro
     assert not torch.equal(first[0], other[0])
     pixels = torch.cat(first) * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5  # normalized from 0..255 with the student's mean/std
+
+
+def test_loader_workers_beyond_the_cpus_are_capped_with_a_line(image_root, tmp_path):
+    """data.workers=100000 would start 100000 processes; each loader starts one per usable CPU, and says so,
+    in the dry run as in a run."""
+    cpus = usable_cpus()
+    assert loader_workers(0, "train") == 0 and loader_workers(cpus, "train") == cpus
+    assert loader_workers(100_000, "train") == cpus
+    out = usi_cmd(*train_args(image_root, tmp_path / "r", "data.workers=100000"), "--dry-run")  # the real console
+    assert out.returncode == 0, out.stderr[-2000:]
+    for which in ("train", "val"):
+        assert (f"data.workers=100000 is more than the {cpus} CPUs this process may use: the {which} loader "
+                f"starts {cpus} workers") in out.stderr

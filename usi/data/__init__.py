@@ -65,11 +65,28 @@ def train_loader(split: Split, cfg, aug, spec: InputSpec, *, seed: int, dist: Di
     on the device (aug.randaugment_on)."""
     on_device = randaugment_on_device(aug, dist.device)
     return split.train_loader(train_transform(aug, spec, on_device), batch_size=cfg.batch_size,
-                              workers=cfg.workers, repeats=aug.repeats, seed=seed, spec=spec, dist=dist,
+                              workers=loader_workers(cfg.workers, "train"), repeats=aug.repeats, seed=seed,
+                              spec=spec, dist=dist,
                               augment=device_randaugment(aug, spec) if on_device else None)
 
 
 def val_loader(split: Split, cfg, aug, spec: InputSpec, *, dist: Dist):
     """The exact (every sample once across ranks) validation loader."""
     return split.eval_loader(eval_transform(aug, spec), batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                             workers=cfg.workers, spec=spec, dist=dist)
+                             workers=loader_workers(cfg.workers, "val"), spec=spec, dist=dist)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a Slurm or container limit), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_workers(requested: int, which: str) -> int:
+    """data.workers, at most one per CPU this process may use: each worker is a process of its own, more
+    cannot run at once (torch's DataLoader warns above it), and data.workers=100000 would start 100000."""
+    cpus = usable_cpus()
+    if requested <= cpus:
+        return requested
+    log.warning(f"data.workers={requested} is more than the {cpus} CPUs this process may use: the {which} loader "
+                f"starts {cpus} workers")
+    return cpus
