@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from usi.data.images import IMAGE_EXTENSIONS, load_rgb
 from usi.data.loader import InputSpec, TrainLoader, eval_loader
-from usi.errors import UsageError
+from usi.errors import UsageError, quote
 from usi.runtime import distributed
 
 log = logging.getLogger("usi")
@@ -44,7 +44,7 @@ def list_images(root: Path, classes: list[str]) -> list[tuple[str, int]]:
     found = find_classes(root)
     unknown = [c for c in found if c not in index]
     if unknown:
-        raise UsageError(f"{root} has class folder {unknown[0]!r} that the training split does not have "
+        raise UsageError(f"{root} has class folder {quote(unknown[0])} that the training split does not have "
                          f"({len(unknown)} such folders)")
     samples = []
     for name in found:

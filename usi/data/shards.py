@@ -84,10 +84,10 @@ def read_index(split_dir: Path, pattern: str | None = None) -> tuple[list[str], 
     try:
         urls = list(braceexpand.braceexpand(pattern)) if pattern else [str(split_dir / n) for n in names]
     except braceexpand.UnbalancedBracesError as e:
-        raise UsageError(f"shard pattern {pattern!r}: {e} (a brace pattern is like "
+        raise UsageError(f"shard pattern {quote(pattern)}: {e} (a brace pattern is like "
                          f"shard-{{000000..000099}}.tar)") from None
     if len(urls) != len(names):
-        raise UsageError(f"shard pattern {pattern!r} gives {len(urls)} shards but {path} lists {len(names)}")
+        raise UsageError(f"shard pattern {quote(pattern)} gives {len(urls)} shards but {path} lists {len(names)}")
     return urls, counts, classes
 
 

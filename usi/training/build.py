@@ -22,7 +22,7 @@ from usi import data
 from usi.data.loader import seed_everything
 from usi.distill.loss import DistillLoss
 from usi.distill.teacher import Ensemble
-from usi.errors import UsageError, printable
+from usi.errors import UsageError, printable, quote, shorten
 from usi.models import Compute, check_input_size, compute_for, create_student, input_spec, place, teacher_for
 from usi.recipe import Recipe, mixes
 from usi.runtime import distributed, environment
@@ -63,10 +63,11 @@ def check_updates(recipe: Recipe, *, steps: int, accum: int, world: int, samples
     per_step = recipe.data.batch_size * world
     capped = f" (run.max_steps={steps})" if recipe.run.max_steps == steps else ""
     if total == 0:
-        raise UsageError(f"this recipe makes no optimizer update: an epoch of {samples} training samples is {steps} "
-                         f"steps{capped} of data.batch_size={recipe.data.batch_size} x {world} processes, fewer than the "
-                         f"{accum} accumulated steps of one update (optim.global_batch={recipe.optim.global_batch}); "
-                         f"set optim.global_batch to at most {steps * per_step}, or optim.batch_rule=linear")
+        raise UsageError(f"this recipe makes no optimizer update: an epoch of {samples} training samples is "
+                         f"{steps} steps{capped} of data.batch_size={recipe.data.batch_size} x {world} processes, "
+                         f"fewer than the {accum} accumulated steps of one update "
+                         f"(optim.global_batch={recipe.optim.global_batch}); set optim.global_batch to at most "
+                         f"{steps * per_step}, or optim.batch_rule=linear")
     if total <= warmup:
         raise UsageError(f"this recipe never leaves its warm-up: {total} optimizer updates in all, "
                          f"sched.warmup_epochs={s.warmup_epochs} x {per_epoch} updates per epoch = {warmup}")
@@ -82,7 +83,7 @@ def create_optimizer(recipe: Recipe, student: torch.nn.Module, lr: float,
                                         weight_decay=recipe.optim.weight_decay, eps=recipe.optim.eps,
                                         layer_decay=recipe.optim.layer_decay, **({"fused": True} if fused else {}))
     except (ValueError, AssertionError) as e:
-        raise UsageError(f"optim.name={recipe.optim.name!r}: {e}") from None
+        raise UsageError(f"optim.name={quote(recipe.optim.name)}: {shorten(str(e), 200)}") from None
     if extra is not None:
         for group in param_groups_weight_decay(extra, recipe.optim.weight_decay):
             if group["params"]:
