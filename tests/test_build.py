@@ -1,4 +1,6 @@
 """usi/training/build.py: the batch plan, the optimizer, the dry run, what a run holds."""
+import shutil
+
 import pytest
 import timm
 import torch
@@ -102,3 +104,14 @@ def test_a_run_that_never_leaves_its_warm_up_is_refused():
     with pytest.raises(UsageError, match="never leaves its warm-up: 12 optimizer updates in all, "
                                          "sched.warmup_epochs=3 x 4 updates per epoch = 12"):
         build.check_updates(recipe, steps=8, accum=2, world=1, samples=64)
+
+
+def test_the_dry_run_plan_shows_names_from_outside_escaped(image_root, tmp_path):
+    """A folder name with a line break stays on its plan line: no line of the plan can be forged."""
+    root = tmp_path / "x\nusi: error: forged"
+    shutil.copytree(image_root, root)
+    out = usi_main(*train_args(root, tmp_path / "r"), "--dry-run")
+    assert out.returncode == 0, out.stderr[-2000:]
+    plan = out.stdout.split("# the plan (nothing was written)\n", 1)[1]
+    assert not any(line.startswith("usi: error") for line in plan.splitlines())
+    assert "x\\nusi: error: forged: 64 train / 12 val images" in plan
