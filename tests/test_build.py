@@ -1,4 +1,6 @@
 """usi/training/build.py: the batch plan, the optimizer, the dry run, what a run holds."""
+import shutil
+
 import pytest
 import timm
 import torch
@@ -9,7 +11,7 @@ from usi.errors import UsageError
 from usi.training import build
 
 from conftest import TINY, read_jsonl, usi_main
-from helpers import teacher_files, train, train_args
+from helpers import one_error, teacher_files, train, train_args
 
 
 def test_gradient_accumulation_reaches_the_global_batch(image_root, tmp_path):
@@ -214,3 +216,39 @@ def test_the_new_keys_train_and_survive_a_resume(image_root, tmp_path):
     report = usi_main("eval", str(run / "best.safetensors"), f"data.root={image_root}", "--json")
     assert report.returncode == 0, report.stderr[-2000:]
     assert json.loads(report.stdout)["students"]["raw"]["count"] == 2 * 3  # the other classes' images left out
+@pytest.mark.parametrize("extra, numbers", [
+    # 64 images, batch 8: 8 steps an epoch, short of the 100 steps one update of 800 accumulates
+    (["optim.global_batch=800"], "64 training samples is 8 steps of data.batch_size=8 x 1 processes, fewer than "
+                                 "the 100 accumulated steps of one update (optim.global_batch=800); set "
+                                 "optim.global_batch to at most 64"),
+    (["optim.global_batch=16", "run.max_steps=1"], "is 1 steps (run.max_steps=1) of data.batch_size=8"),  # a smoke test's cap too
+])
+@pytest.mark.parametrize("dry", [True, False])
+def test_a_recipe_that_makes_no_update_is_refused_before_any_run_directory(image_root, tmp_path, extra, numbers,
+                                                                           dry):
+    """It used to train nothing, print 'done', exit 0 and save its random weights as the best."""
+    out = usi_main(*train_args(image_root, tmp_path / "r", *extra), *(["--dry-run"] if dry else []))
+    one_error(out, "this recipe makes no optimizer update: an epoch of 64 training samples")
+    assert numbers in out.stderr and not (tmp_path / "r").exists()
+
+
+def test_a_run_that_never_leaves_its_warm_up_is_refused():
+    """The epoch rule of usi/recipe/checking.py keeps warm-up shorter than the run; counted in updates
+    here, the guard holds where a run is built whatever a recipe's check let through."""
+    recipe = R.load(None, ["sched.epochs=3", "sched.warmup_epochs=2"])
+    build.check_updates(recipe, steps=8, accum=2, world=1, samples=64)  # 12 updates, 8 of warm-up
+    recipe.sched.warmup_epochs = 3
+    with pytest.raises(UsageError, match="never leaves its warm-up: 12 optimizer updates in all, "
+                                         "sched.warmup_epochs=3 x 4 updates per epoch = 12"):
+        build.check_updates(recipe, steps=8, accum=2, world=1, samples=64)
+
+
+def test_the_dry_run_plan_shows_names_from_outside_escaped(image_root, tmp_path):
+    """A folder name with a line break stays on its plan line: no line of the plan can be forged."""
+    root = tmp_path / "x\nusi: error: forged"
+    shutil.copytree(image_root, root)
+    out = usi_main(*train_args(root, tmp_path / "r"), "--dry-run")
+    assert out.returncode == 0, out.stderr[-2000:]
+    plan = out.stdout.split("# the plan (nothing was written)\n", 1)[1]
+    assert not any(line.startswith("usi: error") for line in plan.splitlines())
+    assert "x\\nusi: error: forged: 64 train / 12 val images" in plan

@@ -172,3 +172,26 @@ def test_bad_ensemble_and_feature_settings_are_one_line(image_root, tmp_path, ex
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
     assert not (tmp_path / "run").exists()
+
+
+HUGE = "a" * 120_000  # a value pasted by mistake (a file's content, a runaway template)
+
+
+@pytest.mark.parametrize("override, tail", [
+    (f"model.name={HUGE}", "... (119922 more characters) is not a timm model"),
+    (f"teacher.name={HUGE}", "more characters) is not a timm model"),
+    (f"optim.name={HUGE}", "more characters) is not a timm optimizer"),
+    (f"sched.name={HUGE}", "more characters) is not one of cosine, step"),
+    (f"aug.auto_augment={HUGE}", "more characters) is not a timm augmentation string"),
+    (f"aug.scale=[1, {HUGE}]", "more characters) must be two numbers"),
+    (f"run.loggers=[{HUGE}]", "more characters) is not one of tensorboard, wandb"),
+    (f"run.resume={HUGE}", "more characters) must be never, auto or an existing checkpoint file"),  # was exit 1
+    (f"model.weights={HUGE}", "more characters) does not exist"),  # was OSError: File name too long
+    (f"data.root={HUGE}", "more characters) does not exist (expected the folders train/ and val/ in it)"),
+    (f"run.dir={HUGE}", "a folder name of 120000 bytes"),
+])
+def test_a_huge_value_is_cut_and_the_message_around_it_kept(image_root, override, tail):
+    """The value is quoted to a readable length; what is wrong with it, and what to do, still follow."""
+    out = usi_main(*train_args(image_root, "runs/x"), override, "--dry-run")
+    one_error(out, tail)
+    assert len(out.stderr) < 600, len(out.stderr)

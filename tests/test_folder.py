@@ -123,11 +123,16 @@ def test_odd_links_and_pixels_in_data_folders_are_refused_or_counted(image_root,
     shutil.copytree(image_root, odd)
     (odd / "val" / "circle" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
     Image.fromarray(np.full((20, 20), np.nan, np.float32)).save(odd / "val" / "circle" / "nan.tiff")
+    (odd / "val" / "circle" / "x\nusi: error: forged \x1b[2J.jpg").write_bytes(b"broken")  # names from outside
     out = usi_main(*train_args(odd, tmp_path / "r2", "sched.epochs=1", "sched.warmup_epochs=0"))
     assert out.returncode == 0, out.stderr
     (record,) = read_jsonl(tmp_path / "r2" / "metrics.jsonl")
-    assert record["raw"]["count"] == 12 and record["val_bad_images"] == 2  # both listed, both unreadable
+    assert record["raw"]["count"] == 12 and record["val_bad_images"] == 3  # all listed, all unreadable
     assert "RuntimeWarning" not in out.stderr
+    # the file's name is shown escaped: it forges no error line and sends the terminal no escape sequence
+    assert "x\\nusi: error: forged \\x1b[2J.jpg" in out.stderr and "\x1b" not in out.stderr
+    assert not any(line.startswith("usi: error") for line in out.stderr.splitlines())
+    assert "\\nusi: error: forged" in (tmp_path / "r2" / "log.txt").read_text()
 
 
 def test_unreadable_images_are_skipped_counted_and_stop_past_the_limit(image_root, tmp_path):

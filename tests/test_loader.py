@@ -3,7 +3,11 @@ import collections
 
 import torch
 
+from usi.data import loader_workers, usable_cpus
 from usi.data.loader import EpochSampler, StridedSampler
+
+from conftest import usi_cmd
+from helpers import train_args
 
 
 def test_repeated_augmentation_repeats_each_sample_three_times_across_ranks():
@@ -69,3 +73,16 @@ def test_randaugment_fill_is_a_recipe_fact_not_the_students_mean():
     assert device_randaugment(aug, spec).fill == (124, 116, 104)
     assert tuple(round(255 * v) for v in fill_mean(aug, spec)) == (124, 116, 104)  # timm's img_mean from it
     assert device_randaugment(SimpleNamespace(**{**vars(aug), "randaugment_fill": None}), spec).fill == (128,) * 3
+
+
+def test_loader_workers_beyond_the_cpus_are_capped_with_a_line(image_root, tmp_path):
+    """data.workers=100000 would start 100000 processes; each loader starts one per usable CPU, and says so,
+    in the dry run as in a run."""
+    cpus = usable_cpus()
+    assert loader_workers(0, "train") == 0 and loader_workers(cpus, "train") == cpus
+    assert loader_workers(100_000, "train") == cpus
+    out = usi_cmd(*train_args(image_root, tmp_path / "r", "data.workers=100000"), "--dry-run")  # the real console
+    assert out.returncode == 0, out.stderr[-2000:]
+    for which in ("train", "val"):
+        assert (f"data.workers=100000 is more than the {cpus} CPUs this process may use: the {which} loader "
+                f"starts {cpus} workers") in out.stderr

@@ -136,3 +136,20 @@ def test_a_member_with_its_defaults_spelled_out_is_the_same_ensemble(image_root,
     assert train(image_root, tmp_path / "run", *short, "run.stop_after=1").returncode == 0
     out = train(image_root, tmp_path / "run", *spelled, "run.resume=auto")
     assert out.returncode == 0, out.stderr
+
+
+HUGE = "a" * 120_000
+
+
+@pytest.mark.parametrize("override, tail", [
+    (f"model.{HUGE}=1", "unknown key model.aaaa"),
+    (f"data.workers={HUGE}", "more characters)"),
+    (f"model.kwargs={HUGE}", "more characters)"),
+    (f"{HUGE}=1", "more characters) must name a section and a key"),
+    (f"{HUGE}.lr=1", "unknown recipe section 'aaaa"),
+    (f"teacher.extra=[{HUGE}]", "more characters)"),
+])
+def test_a_huge_key_or_value_is_cut_to_a_readable_line(override, tail):
+    out = usi_main("train", "quickstart", override, "--dry-run")
+    one_error(out, tail)
+    assert len(out.stderr) < 600, len(out.stderr)

@@ -3,6 +3,7 @@ import collections
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -115,6 +116,44 @@ def test_corrupt_samples_and_truncated_shards_are_skipped_and_counted(shards, tm
     items = list(stream)
     assert stream.bad_count() >= 2  # the bad jpeg and the truncated shard, each with a warning
     assert 1 <= len(items) < 1 + 6
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_every_label_is_checked_against_the_index_where_it_is_read(tmp_path, caplog, train):
+    """A label outside index.json's classes, or not an integer, is a bad sample: skipped, counted, and the
+    warning names the shard, the sample's key and the range (it used to end in 'index 99 out of bounds'
+    in mixup, naming neither)."""
+    import webdataset as wds
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(jpeg, "JPEG")
+    labels = {"ok": b"3", "spaced": b" 2\n", "high": b"99", "four": b"4", "neg": b"-1", "word": b"abc",
+              "half": b"3.5", "empty": b"", "huge": b"9" * 500}
+    shard = tmp_path / "labels.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for key, cls in labels.items():
+            sink.write({"__key__": key, "jpg": jpeg.getvalue(), "cls": cls})
+        sink.write({"__key__": "nolabel", "jpg": jpeg.getvalue()})
+    log = logging.getLogger("usi")
+    log.addHandler(caplog.handler)
+    try:
+        stream = ShardStream([str(shard)], None, rank=0, world=1, train=train, shuffle_buffer=0, num_classes=4)
+        items = list(stream)
+    finally:
+        log.removeHandler(caplog.handler)
+    assert sorted(item[1] for item in items) == [2, 3] and stream.bad_count() == 8
+    warnings = {r.getMessage() for r in caplog.records if "skipped a bad sample" in r.getMessage()}  # once each
+    assert len(warnings) == 8 and all(str(shard) in w for w in warnings)
+    assert any("key high: label 99 is outside index.json's 4 classes (0..3)" in w for w in warnings)
+    assert any("key neg: label -1 is outside" in w for w in warnings)
+    assert any("key half: label '3.5' is not a class index" in w for w in warnings)
+    assert any("key nolabel: no .cls part" in w for w in warnings)
+    assert all(len(w) < 400 for w in warnings)
+
+
+def test_a_split_checks_labels_against_its_own_index(shards):
+    split = ShardSplit(shards / "train")
+    loader = split.train_loader(None, batch_size=4, workers=0, repeats=1, seed=0, spec=SPEC, dist=Dist())
+    assert loader.stream.num_classes == len(split.classes) == 4
 
 
 def test_shard_writer_reports_bad_images_and_never_leaves_half_shards(image_root, tmp_path):

@@ -8,7 +8,7 @@ from functools import partial
 from pathlib import Path
 
 from usi import __version__
-from usi.errors import UsageError, one_line
+from usi.errors import UsageError, one_line, printable
 
 
 def cmd_train(args) -> int:
@@ -28,10 +28,11 @@ def cmd_export(args) -> int:
     from usi.evaluation.export import export
 
     report = export(Path(args.checkpoint), Path(args.out), weights=args.weights, onnx=args.onnx)
-    print(f"{report['model']} ({report['weights']} weights) -> {report['out']}: timm loads it as "
-          f"timm.create_model('local-dir:{report['out']}', pretrained=True) (max |logit difference| "
-          f"{report['timm_max_abs_diff']:.2g})"
-          + (f"; model.onnx (max |logit difference| {report['onnx_max_abs_diff']:.2g})" if args.onnx else ""))
+    print(printable(f"{report['model']} ({report['weights']} weights) -> {report['out']}: timm loads it as "
+                    f"timm.create_model('local-dir:{report['out']}', pretrained=True) (max |logit difference| "
+                    f"{report['timm_max_abs_diff']:.2g})"
+                    + (f"; model.onnx (max |logit difference| {report['onnx_max_abs_diff']:.2g})" if args.onnx
+                       else "")))
     return 0
 
 

@@ -14,12 +14,13 @@ knows its cache_identity()): building the val loader never changes the train loa
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from usi.data.folder import FolderSplit, class_map
 from usi.data.loader import InputSpec, device_randaugment, eval_transform, randaugment_on_device, train_transform
 from usi.data.shards import ShardSplit
-from usi.errors import UsageError
+from usi.errors import UsageError, quote, shorten
 from usi.runtime.distributed import Dist
 
 log = logging.getLogger("usi")
@@ -49,9 +50,10 @@ def open_split(cfg, name: str, classes: list[str] | None = None) -> Split:
 def open_splits(cfg) -> tuple[Split, Split]:
     """The train and val splits of a recipe's data section; val takes train's classes."""
     root = Path(cfg.root)
-    if not root.is_dir():
-        what = "is a file, not a folder" if root.exists() else "does not exist"
-        raise UsageError(f"data.root={cfg.root!r} {what} (expected {root}/train and {root}/val)")
+    if not os.path.isdir(root):  # os.path: False, not OSError, for a name too long
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise UsageError(f"data.root={quote(cfg.root)} {what} (expected the folders "
+                         f"{shorten(cfg.train_split, 80)}/ and {shorten(cfg.val_split, 80)}/ in it)")
     train = open_split(cfg, "train")
     val = open_split(cfg, "val", classes=train.classes)
     missing = val.missing_classes()
@@ -78,11 +80,28 @@ def train_loader(split: Split, cfg, aug, spec: InputSpec, *, seed: int, dist: Di
     on the device (aug.randaugment_on)."""
     on_device = randaugment_on_device(aug, dist.device)
     return split.train_loader(train_transform(aug, spec, on_device), batch_size=cfg.batch_size,
-                              workers=cfg.workers, repeats=aug.repeats, seed=seed, spec=spec, dist=dist,
+                              workers=loader_workers(cfg.workers, "train"), repeats=aug.repeats, seed=seed,
+                              spec=spec, dist=dist,
                               augment=device_randaugment(aug, spec) if on_device else None)
 
 
 def val_loader(split: Split, cfg, aug, spec: InputSpec, *, dist: Dist):
     """The exact (every sample once across ranks) validation loader."""
     return split.eval_loader(eval_transform(aug, spec), batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
-                             workers=cfg.workers, spec=spec, dist=dist)
+                             workers=loader_workers(cfg.workers, "val"), spec=spec, dist=dist)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a Slurm or container limit), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_workers(requested: int, which: str) -> int:
+    """data.workers, at most one per CPU this process may use: each worker is a process of its own, more
+    cannot run at once (torch's DataLoader warns above it), and data.workers=100000 would start 100000."""
+    cpus = usable_cpus()
+    if requested <= cpus:
+        return requested
+    log.warning(f"data.workers={requested} is more than the {cpus} CPUs this process may use: the {which} loader "
+                f"starts {cpus} workers")
+    return cpus

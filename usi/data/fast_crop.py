@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from usi.data.images import to_8bit
+from usi.data.images import to_rgb
 
 try:
     import simplejpeg  # libjpeg-turbo in a wheel of its own; without it, Pillow's path does the same work
@@ -68,8 +68,8 @@ def reduced_box(crop: tuple[int, int, int, int], scale: float, size: tuple[int, 
 
 def rgb_or_gray(img: Image.Image) -> Image.Image:
     """RGB and L stay (L is widened to RGB after the resize, which is the same as before it); any other mode
-    (CMYK, P, RGBA, LA, I;16, ...) goes through convert('RGB'), as today's load_rgb does."""
-    return img if img.mode in ("RGB", "L") else img.convert("RGB")
+    (CMYK, P, RGBA, LA, I;16, ...) goes through to_rgb, as load_rgb's does (never clipped)."""
+    return img if img.mode in ("RGB", "L") else to_rgb(img)
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class FastRandomResizedCrop:
             except (ValueError, RuntimeError):
                 pass  # e.g. CMYK: Pillow converts it
         with Image.open(io.BytesIO(data)) as img:
-            return self(img if img.mode in ("RGB", "L") else to_8bit(img).convert("RGB"))
+            return self(rgb_or_gray(img))
 
     def from_jpeg(self, data: bytes) -> torch.Tensor:
         return self.resize_flip(*self.decode_crop_jpeg(data))

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from usi.data.images import IMAGE_EXTENSIONS, load_rgb
 from usi.data.loader import InputSpec, TrainLoader, eval_loader
-from usi.errors import UsageError, suggest
+from usi.errors import UsageError, quote, suggest
 from usi.runtime import distributed
 from usi.runtime.files import open_regular
 
@@ -79,7 +79,7 @@ def list_images(root: Path, classes: list[str], leave_out: bool = False) -> list
     if leave_out:
         found = [c for c in found if c in index]
     elif unknown:
-        raise UsageError(f"{root} has class folder {unknown[0]!r} that the training split does not have "
+        raise UsageError(f"{root} has class folder {quote(unknown[0])} that the training split does not have "
                          f"({len(unknown)} such folders)")
     samples = []
     for name in found:

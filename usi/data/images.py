@@ -16,34 +16,43 @@ LAZY_MODES = ("RGB", "L")  # modes a lazy transform can take undecoded (JPEG's; 
 
 
 def load_rgb(source) -> Image.Image:
-    """Any PIL-readable image (a path or a file object) as 8-bit RGB.
-
-    Grayscale, CMYK, palette and alpha images are converted. 16-bit and float images are scaled to 8
-    bits first: convert("RGB") would clip them (a 16-bit gradient comes out almost all white). EXIF
-    orientation is not applied, as in timm's and torchvision's ImageNet loaders: the pretrained
-    teachers were trained on images read that way.
-    """
+    """Any PIL-readable image (a path or a file object) as 8-bit RGB (see to_rgb). EXIF orientation is
+    not applied, as in timm's and torchvision's ImageNet loaders: the pretrained teachers were trained on
+    images read that way."""
     with Image.open(source) as img:
         return to_rgb(img)
 
 
 def to_8bit(img: Image.Image) -> Image.Image:
-    if img.mode.startswith("I;16") or img.mode == "I":
-        values = np.asarray(img, dtype=np.float64)
-        # 16-bit range; a 32-bit "I" image holding 8-bit values (some PNG encoders) stays as it is
-        scale = 1.0 if img.mode == "I" and values.max(initial=0) <= 255 else 255 / 65535
-        return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L")
-    if img.mode == "F":
-        values = np.asarray(img, dtype=np.float64)
-        if not np.isfinite(values).all():
-            raise ValueError("a float image with NaN or infinite pixels")
-        scale = 255.0 if values.min(initial=0) >= 0 and values.max(initial=0) <= 1 else 1.0  # [0, 1] or [0, 255]
-        return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), "L")
-    return img
+    """16-bit, 32-bit integer and float images as 8-bit L, never clipped (convert("RGB") clips: a 16-bit
+    gradient comes out almost all white). 16-bit: 0..65535 to 0..255. 32-bit integer: values within
+    0..255 stay (some PNG encoders), within 0..65535 are 16-bit; float: within 0..1 or 0..255 so scaled.
+    Anything beyond (32-bit counts, HDR floats, negative values) is scaled by the image's own range: 0, or
+    its lowest value if that is negative, to black, its highest to white. A float image with NaN or
+    infinity is refused (the file is skipped and counted as unreadable): no scale shows it. Other modes
+    are returned as they are."""
+    if not (img.mode.startswith("I;16") or img.mode in ("I", "F")):
+        return img
+    values = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"a {img.mode} image with NaN or infinite pixels")
+    low, high = values.min(initial=0), values.max(initial=0)  # 0 within: non-negative data keeps its ratios
+    if img.mode.startswith("I;16") or (img.mode == "I" and low >= 0 and 255 < high <= 65535):
+        values = values * (255 / 65535)
+    elif img.mode == "F" and low >= 0 and high <= 1:
+        values = values * 255
+    elif low < 0 or high > 255:  # beyond every fixed range: the image's own range
+        values = (values - low) * (255 / (high - low) if high > low else 0)
+    return Image.fromarray(values.round().clip(0, 255).astype(np.uint8), "L")  # clip: rounding only
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """A decoded 8-bit RGB copy of an opened image."""
+    """A decoded 8-bit RGB copy of an opened image, whatever its mode: 16-bit, 32-bit and float images
+    through to_8bit; premultiplied alpha (La, RGBa) undone; alpha dropped, as timm's loaders do; CMYK,
+    YCbCr, LAB, HSV, palette and 1-bit images converted by Pillow. A mode Pillow cannot convert raises
+    ValueError: the image is skipped and counted as unreadable."""
+    if img.mode == "La":  # Pillow converts La to LA only
+        img = img.convert("LA")
     return to_8bit(img).convert("RGB")
 
 

@@ -31,7 +31,7 @@ import webdataset as wds
 
 from usi.data.folder import find_classes, list_images
 from usi.data.images import load_rgb
-from usi.errors import UsageError, one_line
+from usi.errors import UsageError, one_line, printable
 from usi.runtime.files import atomic_write, open_own, open_regular, temporary_beside
 
 MANIFEST = ".make_shards.json"  # the settings and source the shards here were written from
@@ -170,7 +170,7 @@ def write_shards(argv=None) -> int:
         for done, (name, count, bad) in enumerate(pool.imap(write_shard, jobs), start=1):
             bad_all += bad
             for line in bad:
-                print(f"bad image: {line}", file=sys.stderr)
+                print(f"bad image: {printable(line)}", file=sys.stderr)
             if count < 0:
                 pool.terminate()
                 print(f"make_shards: stopped at an unreadable image (use --skip-bad to leave such images out); "
@@ -184,7 +184,8 @@ def write_shards(argv=None) -> int:
              "skipped": len(bad_all)}
     atomic_write(args.out / "index.json", lambda tmp: Path(tmp).write_text(json.dumps(index, indent=1)))
     lock.close()
-    print(f"{index['total']} samples in {len(shards)} shards -> {args.out} ({len(bad_all)} bad images skipped)")
+    print(printable(f"{index['total']} samples in {len(shards)} shards -> {args.out} ({len(bad_all)} bad images "
+                    f"skipped)"))
     return 0
 
 

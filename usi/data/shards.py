@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import random
+import re
 from pathlib import Path
 
 import braceexpand
@@ -27,7 +28,7 @@ from webdataset import tariterators
 
 from usi.data.images import IMAGE_EXTENSIONS, load_rgb
 from usi.data.loader import EpochLoader, InputSpec, epoch_seed, eval_collate, to_device
-from usi.errors import UsageError, file_problem
+from usi.errors import UsageError, file_problem, quote
 from usi.runtime import distributed
 from usi.runtime.files import open_regular
 from usi.runtime.preempt import ignore_interrupts
@@ -89,10 +90,10 @@ def read_index(split_dir: Path, pattern: str | None = None) -> tuple[list[str], 
     try:
         urls = list(braceexpand.braceexpand(pattern)) if pattern else [str(split_dir / n) for n in names]
     except braceexpand.UnbalancedBracesError as e:
-        raise UsageError(f"shard pattern {pattern!r}: {e} (a brace pattern is like "
+        raise UsageError(f"shard pattern {quote(pattern)}: {e} (a brace pattern is like "
                          f"shard-{{000000..000099}}.tar)") from None
     if len(urls) != len(names):
-        raise UsageError(f"shard pattern {pattern!r} gives {len(urls)} shards but {path} lists {len(names)}")
+        raise UsageError(f"shard pattern {quote(pattern)} gives {len(urls)} shards but {path} lists {len(names)}")
     return urls, counts, classes
 
 
@@ -168,12 +169,29 @@ def image_bytes(sample: dict) -> bytes:
     return data
 
 
-def decode(sample: dict, transform=None):
-    """(the transformed image, or the decoded RGB image without a transform; the label)."""
+def label_of(sample: dict, num_classes: int | None = None) -> int:
+    """The sample's class index: its .cls part, a decimal integer, within index.json's classes. Anything
+    else is a bad sample: a label of 99 in a 10-class index would otherwise end in an index error deep in
+    mixup or the loss, naming no shard and no sample."""
+    raw = sample.get("cls")
+    if raw is None:
+        raise ValueError("no .cls part (the class index)")
+    text = raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw).strip()
+    if not re.fullmatch(r"[+-]?[0-9]{1,18}", text):
+        raise ValueError(f"label {quote(text, 40)} is not a class index (an integer)")
+    label = int(text)
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ValueError(f"label {label} is outside index.json's {num_classes} classes (0..{num_classes - 1})")
+    return label
+
+
+def decode(sample: dict, transform=None, num_classes: int | None = None):
+    """(the transformed image, or the decoded RGB image without a transform; the label, checked first)."""
+    label = label_of(sample, num_classes)
     data = image_bytes(sample)
     if transform is None:
-        return load_rgb(io.BytesIO(data)), int(sample["cls"])
-    return transform(data), int(sample["cls"])  # the transform decodes (see usi/data/images.py)
+        return load_rgb(io.BytesIO(data)), label
+    return transform(data), label  # the transform decodes (see usi/data/images.py)
 
 
 class ShardStream(IterableDataset):
@@ -181,8 +199,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], transform, *, rank: int, world: int, repeats: int = 1, train: bool = True,
                  seed: int = 0, shuffle_buffer: int = 1000, bad: torch.Tensor | None = None,
-                 counts: list[int] | None = None):
+                 counts: list[int] | None = None, num_classes: int | None = None):
         self.urls, self.transform, self.rank, self.world = urls, transform, rank, world
+        self.num_classes = num_classes  # index.json's: every label is checked against it where it is read
         # samples per shard (index.json): a shard cut short or missing is counted by what it lacks
         self.counts = dict(zip(urls, counts)) if counts is not None else None
         self.repeats, self.train, self.seed, self.shuffle_buffer = repeats, train, seed, shuffle_buffer
@@ -233,14 +252,14 @@ class ShardStream(IterableDataset):
             seen[url] = seen.get(url, 0) + 1
             try:
                 if self.train and self.repeats > 1:  # decoded once, then augmented anew for each repeat
-                    img, label = decode(sample)
+                    img, label = decode(sample, num_classes=self.num_classes)
                     images = [self.transform(img) if self.transform else img for _ in range(self.repeats)]
                 else:  # the transform decodes only what it needs (see usi/data/images.py)
-                    img, label = decode(sample, self.transform)
+                    img, label = decode(sample, self.transform, num_classes=self.num_classes)
                     images = [img]
             except Exception as e:  # one sample that does not decode
                 self.count_bad(1)
-                log.warning(f"skipped a corrupt sample: {url}: {sample.get('__key__')}: {str(e)[:120]}")
+                log.warning(f"skipped a bad sample: shard {url}, key {sample.get('__key__')}: {str(e)[:120]}")
                 continue
             if not self.train:
                 yield img, label, count * workers + worker
@@ -279,7 +298,8 @@ class ShardTrainLoader(EpochLoader):
             raise UsageError(f"{len(split.urls)} shards cannot feed {dist.world} processes x {max(workers, 1)} loader "
                              f"workers; write smaller shards (usi shards --shard-size) or lower data.workers")
         self.stream = ShardStream(split.urls, transform, rank=dist.rank, world=dist.world, repeats=repeats,
-                                  train=True, seed=seed, bad=split.bad)  # read errors count one each
+                                  train=True, seed=seed, bad=split.bad,  # read errors count one each
+                                  num_classes=len(split.classes))
         self.total, self.world = len(split), dist.world
         super().__init__(self.stream, sampler=None, batch_size=batch_size, workers=workers, seed=seed, spec=spec,
                          dist=dist, augment=augment)
@@ -314,7 +334,7 @@ def shard_eval_loader(split: ShardSplit, transform, *, batch_size: int, workers:
     if len(split.urls) < dist.world:
         raise UsageError(f"{len(split.urls)} validation shards cannot be split over {dist.world} processes")
     stream = ShardStream(split.urls, transform, rank=dist.rank, world=dist.world, train=False, bad=split.bad,
-                         counts=split.counts)
+                         counts=split.counts, num_classes=len(split.classes))
     usable = max(1, min(workers, len(split.urls[dist.rank::dist.world])))  # no worker left without a shard
     loader = DataLoader(stream, batch_size=batch_size, num_workers=usable if workers else 0, collate_fn=eval_collate,
                         pin_memory=dist.device.type == "cuda", drop_last=False, worker_init_fn=ignore_interrupts)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from usi.errors import UsageError
+from usi.errors import UsageError, quote
 from usi.runtime.files import mismatch
 
 
@@ -38,7 +38,7 @@ class Tap:
         if name not in modules or not name:
             close = difflib.get_close_matches(name, [n for n in modules if n], n=1, cutoff=0.5)
             top = ", ".join(n for n, _ in model.named_children())
-            raise UsageError(f"{key}={name!r} is not a module of {type(model).__name__}"
+            raise UsageError(f"{key}={quote(name)} is not a module of {type(model).__name__}"
                              + (f"; did you mean {close[0]!r}?" if close else f" (its top-level modules: {top})"))
         self.name, self.value = name, None
         self.handle = modules[name].register_forward_hook(self.hook)
@@ -211,11 +211,11 @@ def build(cfg, student: nn.Module, teacher_model: nn.Module, size: int, teacher_
                                    ("teacher", cfg.teacher, t_tap, t_prefix)):
         value = tap.value
         if value is None:
-            raise UsageError(f"features.{key}={name!r} does not run in the model's forward pass; choose a module "
+            raise UsageError(f"features.{key}={quote(name)} does not run in the model's forward pass; choose a module "
                              f"that does")
         if not isinstance(value, torch.Tensor) or layout(tuple(value.shape), prefix) is None:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise UsageError(f"features.{key}={name!r} gives {got}; feature KD matches square maps [B, C, S, S] "
+            raise UsageError(f"features.{key}={quote(name)} gives {got}; feature KD matches square maps [B, C, S, S] "
                              f"(or [B, S, S, C]), tokens [B, N, D] or vectors [B, D]")
     s_raw, t_raw = s_tap.take(), t_tap.take()
     pool = s_raw.ndim == 2 or t_raw.ndim == 2  # one side is a vector: both are

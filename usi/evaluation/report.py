@@ -17,7 +17,7 @@ import torch
 
 from usi import data, models
 from usi import recipe as recipe_mod
-from usi.errors import UsageError
+from usi.errors import UsageError, printable
 from usi.evaluation.evaluate import evaluate
 from usi.evaluation.metrics import METRICS
 from usi.evaluation.teacher_logits import teacher_val_logits
@@ -196,7 +196,7 @@ def format_report(report: dict, as_json: bool = False) -> str:
     if "teacher" in report:
         lines += ["", f"teacher {report['teacher']['name']}: logits {report['teacher_cache']} "
                       f"({report['teacher_time_s']:.1f} s); students evaluated in {report['eval_time_s']:.1f} s"]
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # a path's line break stays in its line
 
 
 def member_lines(report: dict) -> list[str]:

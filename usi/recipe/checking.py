@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from usi.errors import UsageError, file_problem, suggest
+from usi.errors import UsageError, file_problem, quote, shorten, suggest
 from usi.recipe.schema import SECTIONS, LossSection, Recipe, check_field, fields_of, mixes
 
 
@@ -20,7 +20,7 @@ def validate(recipe: Recipe) -> None:
         pair = getattr(recipe.aug, key)
         if (len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
                 or not 0 < pair[0] <= pair[1]):
-            raise UsageError(f"aug.{key}={pair} must be two numbers 0 < low <= high")
+            raise UsageError(f"aug.{key}={quote(pair)} must be two numbers 0 < low <= high")
     if recipe.sched.warmup_epochs >= recipe.sched.epochs + recipe.sched.cooldown_epochs:
         raise UsageError(f"sched.warmup_epochs={recipe.sched.warmup_epochs} must be less than "
                          f"sched.epochs={recipe.sched.epochs}")
@@ -37,7 +37,7 @@ def validate(recipe: Recipe) -> None:
         check_auto_augment(recipe.aug.auto_augment)
     for logger in recipe.run.loggers:
         if logger not in ("tensorboard", "wandb"):
-            raise UsageError(f"run.loggers: {logger!r} is not one of tensorboard, wandb"
+            raise UsageError(f"run.loggers: {quote(logger)} is not one of tensorboard, wandb"
                              f"{suggest(logger, ('tensorboard', 'wandb'))}")
     check_wandb(recipe.run)
     if recipe.aug.randaugment_on == "device" and (recipe.aug.color_jitter or not str(
@@ -50,7 +50,7 @@ def validate(recipe: Recipe) -> None:
         raise UsageError("run.amp_on_cpu=true needs run.amp=bf16 (CPU autocast is bf16 only), got fp16")
     resume = recipe.run.resume
     if resume not in ("never", "auto") and file_problem(resume):
-        raise UsageError(f"run.resume={resume!r} must be never, auto or an existing checkpoint file: it "
+        raise UsageError(f"run.resume={quote(resume)} must be never, auto or an existing checkpoint file: it "
                          f"{file_problem(resume)}")
     check_minival(recipe.data)
     check_optimizer(recipe.optim.name)
@@ -65,7 +65,7 @@ def validate(recipe: Recipe) -> None:
     if recipe.model.pretrained and recipe.model.weights:
         raise UsageError("model.pretrained=true and model.weights both choose starting weights; keep one")
     if recipe.model.weights and file_problem(recipe.model.weights):
-        raise UsageError(f"model.weights={recipe.model.weights!r} {file_problem(recipe.model.weights)}")
+        raise UsageError(f"model.weights={quote(recipe.model.weights)} {file_problem(recipe.model.weights)}")
     check_model_name("model.name", recipe.model.name)
     check_teachers(recipe)
     check_features(recipe)
@@ -80,7 +80,7 @@ def check_teachers(recipe: Recipe) -> None:
         key = "teacher" if i == 0 else f"teacher.extra[{i - 1}]"
         check_model_name(f"{key}.name", t.name)
         if t.weights and file_problem(t.weights):
-            raise UsageError(f"{key}.weights={t.weights!r} {file_problem(t.weights)}")
+            raise UsageError(f"{key}.weights={quote(t.weights)} {file_problem(t.weights)}")
     check_soft_labels(recipe)
 
 
@@ -93,11 +93,11 @@ def check_soft_labels(recipe: Recipe) -> None:
     if store is None:
         return
     if not recipe.kd:
-        raise UsageError(f"teacher.soft_labels={store!r} needs the teacher that wrote it (teacher.name is null)")
+        raise UsageError(f"teacher.soft_labels={quote(store)} needs the teacher that wrote it (teacher.name is null)")
     if recipe.features.student:
         raise UsageError("teacher.soft_labels stores logits; feature KD (features.student) needs the live teacher")
     if file_problem(os.path.join(store, "manifest.json")):
-        raise UsageError(f"teacher.soft_labels={store!r} is not a soft-label store (no manifest.json); write one "
+        raise UsageError(f"teacher.soft_labels={quote(store)} is not a soft-label store (no manifest.json); write one "
                          f"with usi soft-labels")
 
 
@@ -152,7 +152,7 @@ def check_optimizer(name: str) -> None:
     names = list_optimizers()
     parts = name.lower().split("_")  # timm's own parsing: an optional lookahead_ prefix, then the name
     if parts[-1] not in names or (len(parts) > 1 and parts[0] != "lookahead"):
-        raise UsageError(f"optim.name={name!r} is not a timm optimizer{suggest(name, names)}")
+        raise UsageError(f"optim.name={quote(name)} is not a timm optimizer{suggest(name, names)}")
 
 
 # create_optimizer_v2 keywords a recipe cannot pass in optim.kwargs, and arguments other keys set
@@ -202,10 +202,10 @@ def check_model_name(key: str, name: str) -> None:
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
         names = timm.list_models() + timm.list_models(pretrained=True)
-        raise UsageError(f"{key}={name!r} is not a timm model{suggest(name, names)}")
+        raise UsageError(f"{key}={quote(name)} is not a timm model{suggest(name, names)}")
     if tag and name not in timm.list_pretrained(f"{arch}.*"):
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
-        raise UsageError(f"{key}={name!r}: {arch} has no pretrained tag {tag!r} "
+        raise UsageError(f"{key}={quote(name)}: {arch} has no pretrained tag {quote(tag)} "
                          f"(its tags: {', '.join(tags) or 'none'}){suggest(tag, tags)}")
 
 
@@ -220,6 +220,6 @@ def check_auto_augment(config: str) -> None:
     try:
         build(config, hparams)
     except Exception as e:  # timm asserts on unknown policies and sections
-        raise UsageError(f"aug.auto_augment={config!r} is not a timm augmentation string ({e or type(e).__name__}); "
-                         f"e.g. rand-m7-mstd0.5-inc1, augmix-m5, v0, or null") from None
+        raise UsageError(f"aug.auto_augment={quote(config)} is not a timm augmentation string "
+                         f"({shorten(str(e) or type(e).__name__, 120)}); e.g. rand-m7-mstd0.5-inc1, augmix-m5, v0, or null") from None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from usi.errors import UsageError, file_problem, suggest
+from usi.errors import UsageError, file_problem, quote, shorten, suggest
 from usi.recipe.checking import validate
 from usi.recipe.schema import MEMBER_KEYS, SECTIONS, Recipe, TeacherSection, check_field, fields_of
 
@@ -26,12 +27,12 @@ RECIPES = PACKAGE / "recipes" if (PACKAGE / "recipes").is_dir() else PACKAGE.par
 def recipe_path(name: str) -> Path:
     """A recipe file, or the name of a built-in one (`usi`, `quickstart`)."""
     path = Path(name)
-    if path.is_file() or path.suffix in (".yaml", ".yml") or (path.exists() and not path.is_dir()):
+    if os.path.isfile(path) or path.suffix in (".yaml", ".yml") or (os.path.exists(path) and not os.path.isdir(path)):
         return path
     builtin = RECIPES / f"{name}.yaml"
     if builtin.is_file():
         return builtin
-    raise UsageError(f"recipe {name!r} is neither a file nor a built-in recipe "
+    raise UsageError(f"recipe {quote(name)} is neither a file nor a built-in recipe "
                      f"({', '.join(sorted(p.stem for p in RECIPES.glob('*.yaml')))})")
 
 
@@ -68,7 +69,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise UsageError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}; "
+                raise UsageError(f"duplicate key {quote(key)} at line {key_node.start_mark.line + 1}; "
                                  f"a second one would silently replace the first")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -78,7 +79,7 @@ def read_yaml(path: Path, kind: str = "recipe") -> dict:
     """A recipe file (or another usi YAML file: kind names it in the errors) as its tree."""
     problem = file_problem(path)
     if problem:
-        raise UsageError(f"{kind} file {path} {problem}")
+        raise UsageError(f"{kind} file {shorten(str(path), 200)} {problem}")
     if path.stat().st_size > MAX_RECIPE_BYTES:  # not read: a recipe is a few kB
         raise UsageError(f"{kind} {path} is {path.stat().st_size} bytes; a recipe is a few kB")
     try:
@@ -119,7 +120,7 @@ def parse_yaml(text: str, what: str) -> dict:
 
 def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
-        raise UsageError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-3)")
+        raise UsageError(f"override {quote(item)} must look like section.key=value (e.g. optim.lr=1e-3)")
     key, text = item.split("=", 1)
     try:
         value = yaml.safe_load(text) if text != "" else None
@@ -131,12 +132,12 @@ def parse_override(item: str) -> tuple[str, Any]:
 def set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     if len(parts) < 2:
-        raise UsageError(f"override key {key!r} must name a section and a key, e.g. optim.lr")
+        raise UsageError(f"override key {quote(key)} must name a section and a key, e.g. optim.lr")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise UsageError(f"override {key!r}: {part!r} is not a section")
+            raise UsageError(f"override {quote(key)}: {quote(part)} is not a section")
     node[parts[-1]] = value
 
 
@@ -144,11 +145,11 @@ def from_dict(tree: dict) -> Recipe:
     sections = {}
     for name, values in tree.items():
         if name not in SECTIONS:
-            raise UsageError(f"unknown recipe section {name!r}{suggest(name, SECTIONS)}")
+            raise UsageError(f"unknown recipe section {quote(name)}{suggest(name, SECTIONS)}")
         if values is None:
             values = {}
         if not isinstance(values, dict):
-            raise UsageError(f"recipe section {name!r} must be a mapping, got {values!r}")
+            raise UsageError(f"recipe section {quote(name)} must be a mapping, got {quote(values)}")
         sections[name] = build_section(name, values)
     recipe = Recipe(**sections)
     # Each member in full (every key, defaults filled in): a member written with its defaults spelled
@@ -164,7 +165,7 @@ def build_section(section: str, values: dict):
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise UsageError(f"unknown key {section}.{key}{suggest(key, hints)}")
+            raise UsageError(f"unknown key {section}.{shorten(str(key), 80)}{suggest(key, hints)}")
         kwargs[key] = coerce(f"{section}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -201,7 +202,7 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
                 pass
         if isinstance(number, (int, float)) and not isinstance(number, bool):
             if not math.isfinite(number):
-                raise UsageError(f"{key} must be a finite number, got {value!r}")
+                raise UsageError(f"{key} must be a finite number, got {quote(value)}")
             return float(number)
     elif base is str:
         if isinstance(value, str):
@@ -219,7 +220,7 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             check_finite(key, value)
             return value
     want = getattr(base, "__name__", str(base)) + (" or null" if optional else "")
-    raise UsageError(f"{key} must be {want}, got {value!r}")
+    raise UsageError(f"{key} must be {want}, got {quote(value)}")
 
 
 def check_finite(key: str, value: Any) -> None:
@@ -228,7 +229,7 @@ def check_finite(key: str, value: Any) -> None:
         (f"{key}[{i}]", v) for i, v in enumerate(value))
     for name, item in items:
         if isinstance(item, float) and not math.isfinite(item):
-            raise UsageError(f"{name} must be a finite number, got {item!r}")
+            raise UsageError(f"{name} must be a finite number, got {quote(item)}")
         if isinstance(item, (dict, list, tuple)):
             check_finite(name, item)
 
@@ -238,11 +239,11 @@ def member_section(index: int, member: Any) -> TeacherSection:
     where = f"teacher.extra[{index}]"
     if not isinstance(member, dict):
         raise UsageError(f"{where} must be a mapping such as {{name: resnet50, weights: w.safetensors}}, "
-                         f"got {member!r}")
+                         f"got {quote(member)}")
     for key in member:
         if key not in MEMBER_KEYS:
             hint = " (YAML needs a space after each colon: {name: resnet50})" if ":" in str(key) else ""
-            raise UsageError(f"unknown key {where}.{key}{suggest(key, MEMBER_KEYS)} (a member takes "
+            raise UsageError(f"unknown key {where}.{shorten(str(key), 80)}{suggest(key, MEMBER_KEYS)} (a member takes "
                              f"{', '.join(MEMBER_KEYS)}){hint}")
     if not member.get("name"):
         raise UsageError(f"{where} needs a name (a timm model name)")

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from usi.errors import UsageError, suggest
+from usi.errors import UsageError, quote, suggest
 
 # The metrics every evaluation reports, and which way is better: run.best_metric's choices.
 METRICS = {"top1": "higher", "top5": "higher", "nll": "lower", "ece": "lower", "agreement": "higher", "kl": "lower"}
@@ -275,19 +275,19 @@ class Recipe:
         try:
             fields = [f[1:] for f in string.Formatter().parse(self.run.dir) if f[1] is not None]
         except ValueError as e:  # a lone brace
-            raise UsageError(f"run.dir {self.run.dir!r} is not a valid template ({e}); write a literal brace as "
+            raise UsageError(f"run.dir {quote(self.run.dir)} is not a valid template ({e}); write a literal brace as "
                              f"{{{{ or }}}}") from None
         for field_name, spec, conversion in fields:
             if spec or conversion or not re.fullmatch(r"\w+\.\w+", field_name):
-                raise UsageError(f"run.dir {self.run.dir!r}: fields are plain {{section.key}}, e.g. {{model.name}}; "
-                                 f"got {{{field_name}{'!' + conversion if conversion else ''}"
+                raise UsageError(f"run.dir {quote(self.run.dir)}: fields are plain {{section.key}}, e.g. "
+                                 f"{{model.name}}; got {{{field_name}{'!' + conversion if conversion else ''}"
                                  f"{':' + spec if spec else ''}}}")
         try:
             path = Path(self.run.dir.format(**{name: getattr(self, name) for name in SECTIONS}))
         except (KeyError, AttributeError, IndexError) as e:
-            raise UsageError(f"run.dir {self.run.dir!r}: unknown field {e}; use e.g. {{model.name}}") from None
+            raise UsageError(f"run.dir {quote(self.run.dir)}: unknown field {e}; use e.g. {{model.name}}") from None
         except ValueError as e:  # a lone brace
-            raise UsageError(f"run.dir {self.run.dir!r} is not a valid template ({e}); write a literal brace as "
+            raise UsageError(f"run.dir {quote(self.run.dir)} is not a valid template ({e}); write a literal brace as "
                              f"{{{{ or }}}}") from None
         longest = max((len(part.encode()) for part in path.parts), default=0)
         if longest > 255 or len(str(path).encode()) > 4000:
@@ -311,7 +311,7 @@ def resume_free_keys() -> set[tuple[str, str]]:
 def describe(section: str | None = None) -> str:
     """Every key (of one section) with its type, default, allowed values and meaning: `usi keys`."""
     if section is not None and section not in SECTIONS:
-        raise UsageError(f"unknown recipe section {section!r}{suggest(section, SECTIONS)}")
+        raise UsageError(f"unknown recipe section {quote(section)}{suggest(section, SECTIONS)}")
     lines = []
     for name in [section] if section else SECTIONS:
         lines.append(f"{name}:")
@@ -333,7 +333,7 @@ def check_field(key: str, value: Any, meta) -> None:
         return
     allowed = meta["choices"]
     if allowed is not None and value not in allowed:
-        raise UsageError(f"{key}={value!r} is not one of {', '.join(allowed)}{suggest(value, allowed)}")
+        raise UsageError(f"{key}={quote(value)} is not one of {', '.join(allowed)}{suggest(value, allowed)}")
     low, high = meta["low"], meta["high"]
     if low is None and high is None:
         return
@@ -343,7 +343,7 @@ def check_field(key: str, value: Any, meta) -> None:
         bound = " and ".join(part for part in (
             f"{'>' if meta['low_open'] else '>='} {low}" if low is not None else "",
             f"{'<' if meta['high_open'] else '<='} {high}" if high is not None else "") if part)
-        raise UsageError(f"{key}={value} is out of range: must be {bound}")
+        raise UsageError(f"{key}={quote(value)} is out of range: must be {bound}")
 
 
 def mixes(aug: AugSection) -> bool:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from usi.errors import printable
 from usi.runtime import files
 
 log = logging.getLogger("usi")
@@ -70,6 +71,7 @@ class Progress:
     def show(self, text: str) -> None:
         if not self.enabled:
             return
+        text = printable(text)  # a line break or \r inside would break the redraw or forge a line
         if self.tty:
             self.stream.write("\r" + text.ljust(self.width))
             self.width = len(text)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from usi import recipe as recipe_mod
 from usi.data.synthetic import make_dataset
-from usi.errors import UsageError, shorten
+from usi.errors import UsageError, printable, shorten
 from usi.recipe import Recipe
 from usi.studies.launch import Children, launcher
 from usi.training.rundir import RECIPE_FILE, check_same_recipe, check_writable, read_summary
@@ -197,7 +197,7 @@ def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun:
     waiting, queued, stopped = {}, list(jobs), False
 
     def say(text: str) -> None:
-        print(f"[{tag}] {time.time() - start:4.0f} s  {text}", flush=True)
+        print(f"[{tag}] {time.time() - start:4.0f} s  {printable(text)}", flush=True)
 
     def begin(job: Job) -> None:
         run_dir = runs / job.name

@@ -16,6 +16,7 @@ from pathlib import Path
 import timm
 import torch
 
+from usi.errors import printable
 from usi.models import forward_macs, timm_model
 from usi.runtime.files import json_safe
 
@@ -157,7 +158,8 @@ def filled(columns: list[str], rows: list[dict]) -> list[str]:
 
 def show(title: str, text: str, paths: dict[str, Path]) -> None:
     """A study's closing words on the console: its title, its table, the files written."""
-    print(f"\n{title}\n\n{text}\n\nwritten: {', '.join(str(p) for p in paths.values())}")
+    lines = [title, "", *text.split("\n"), "", f"written: {', '.join(str(p) for p in paths.values())}"]
+    print("\n" + "\n".join(printable(line) for line in lines))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -22,7 +22,7 @@ from usi import data
 from usi.data.loader import seed_everything
 from usi.distill.loss import DistillLoss, train_distillation_token
 from usi.distill.teacher import Ensemble
-from usi.errors import UsageError
+from usi.errors import UsageError, printable, quote, shorten
 from usi.models import Compute, check_input_size, compute_for, create_student, input_spec, place, teacher_for
 from usi.recipe import Recipe, mixes
 from usi.runtime import distributed, environment
@@ -55,6 +55,24 @@ def batch_plan(recipe: Recipe, world: int) -> BatchPlan:
                                     f"lr {lr:g} x {scale:.4g} ({rule}) = {lr * scale:g}")
 
 
+def check_updates(recipe: Recipe, *, steps: int, accum: int, world: int, samples: int) -> None:
+    """A run that would make no optimizer update, or never leave its warm-up, is refused with the numbers
+    that make it so (it would train nothing and save its random weights as the best)."""
+    per_epoch, s = steps // accum, recipe.sched
+    total, warmup = per_epoch * (s.epochs + s.cooldown_epochs), per_epoch * s.warmup_epochs
+    per_step = recipe.data.batch_size * world
+    capped = f" (run.max_steps={steps})" if recipe.run.max_steps == steps else ""
+    if total == 0:
+        raise UsageError(f"this recipe makes no optimizer update: an epoch of {samples} training samples is "
+                         f"{steps} steps{capped} of data.batch_size={recipe.data.batch_size} x {world} processes, "
+                         f"fewer than the {accum} accumulated steps of one update "
+                         f"(optim.global_batch={recipe.optim.global_batch}); set optim.global_batch to at most "
+                         f"{steps * per_step}, or optim.batch_rule=linear")
+    if total <= warmup:
+        raise UsageError(f"this recipe never leaves its warm-up: {total} optimizer updates in all, "
+                         f"sched.warmup_epochs={s.warmup_epochs} x {per_epoch} updates per epoch = {warmup}")
+
+
 def create_optimizer(recipe: Recipe, student: torch.nn.Module, lr: float,
                      extra: torch.nn.Module | None = None) -> torch.optim.Optimizer:
     """timm's optimizer for the student; `extra` (feature KD's projection) joins it as groups of its own,
@@ -72,7 +90,7 @@ def create_optimizer(recipe: Recipe, student: torch.nn.Module, lr: float,
                                         layer_decay=o.layer_decay, **args, **o.kwargs)
     except (ValueError, AssertionError, TypeError) as e:  # e.g. nesterov without momentum
         given = f" with optim.kwargs {o.kwargs}" if o.kwargs else ""
-        raise UsageError(f"optim.name={o.name!r}{given}: {e}") from None
+        raise UsageError(f"optim.name={quote(o.name)}{given}: {shorten(str(e), 200)}") from None
     if extra is not None:
         for group in param_groups_weight_decay(extra, recipe.optim.weight_decay):
             if group["params"]:
@@ -244,6 +262,7 @@ def build_training(recipe: Recipe, dist: distributed.Dist, *, fresh: bool = True
         raise UsageError(f"data.batch_size={recipe.data.batch_size} x {dist.world} processes is larger than one "
                          f"epoch of {len(train_split)} training samples")
 
+    check_updates(recipe, steps=steps, accum=batch.accum, world=dist.world, samples=len(train_split))
     log.info(batch.line)
     if steps % batch.accum:
         log.warning(f"{steps} steps per epoch is not a multiple of {batch.accum} accumulation steps; "
@@ -300,9 +319,10 @@ def dry_run(recipe: Recipe) -> str:
     resume_from = rundir.resume_source(recipe, run_dir)
     t = build_training(recipe, dist, fresh=resume_from is None, dry=True)
     start = f"resume from {resume_from}" if resume_from else "a fresh start"
+    plan = [f"run directory: {run_dir} ({start})", f"initial weights: {starting_weights(recipe, resume_from)}",
+            *plan_lines(t)]
     return "\n".join(["# the effective recipe", recipe.to_yaml().rstrip(), "",
-                      "# the plan (nothing was written)", f"run directory: {run_dir} ({start})",
-                      f"initial weights: {starting_weights(recipe, resume_from)}", *plan_lines(t)])
+                      "# the plan (nothing was written)", *map(printable, plan)])  # names' line breaks escaped  # names' line breaks escaped
 
 
 def starting_weights(recipe: Recipe, resume_from) -> str:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from usi import recipe as recipe_mod
-from usi.errors import UsageError
+from usi.errors import UsageError, quote
 from usi.recipe import Recipe
 from usi.runtime import distributed, files
 from usi.runtime.progress import LOG_FILE
@@ -194,7 +194,8 @@ def check_same_recipe(recipe: Recipe, saved_tree: dict, what: str, remedy: str =
     for section, values in recipe.to_dict().items():
         for key, value in values.items():
             if (section, key) not in free and saved.get(section, {}).get(key) != value:
-                raise UsageError(f"{what}: {section}.{key} was {saved[section][key]!r}, now {value!r}; {remedy}")
+                raise UsageError(f"{what}: {section}.{key} was {quote(saved[section][key])}, now {quote(value)}; "
+                                 f"{remedy}")
 
 
 def create(recipe: Recipe, run_dir: Path, dist: distributed.Dist, versions: dict) -> None:
