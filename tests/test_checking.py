@@ -186,7 +186,7 @@ HUGE = "a" * 120_000  # a value pasted by mistake (a file's content, a runaway t
     (f"aug.scale=[1, {HUGE}]", "more characters) must be two numbers"),
     (f"run.loggers=[{HUGE}]", "more characters) is not one of tensorboard, wandb"),
     (f"run.resume={HUGE}", "more characters) must be never, auto or an existing checkpoint file"),  # was exit 1
-    (f"model.weights={HUGE}", "more characters) does not exist"),  # was OSError: File name too long
+    (f"model.weights={HUGE}", "more characters) cannot be read (File name too long)"),  # was a traceback
     (f"data.root={HUGE}", "more characters) does not exist (expected the folders train/ and val/ in it)"),
     (f"run.dir={HUGE}", "a folder name of 120000 bytes"),
 ])
