@@ -91,3 +91,35 @@ def test_the_shard_writer_never_writes_through_a_planted_link(image_root, tmp_pa
     with pytest.raises(UsageError, match="is a symbolic link"):
         claim(out, {})
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_sigterm_stops_the_workers_says_one_line_and_the_same_command_finishes(tmp_path):
+    """Before: four worker tracebacks. Now: the workers end with the writer, one line, and a rerun keeps the
+    finished shards and writes the rest (a half-written shard stays a temporary file, removed then)."""
+    import glob
+    import signal
+    import time
+
+    from usi.data.synthetic import make_dataset
+
+    src = make_dataset(tmp_path / "src", train_per_class=150, val_per_class=1, size=48, num_classes=4) / "train"
+    out = tmp_path / "shards"
+    cmd = [sys.executable, "-m", "usi", "shards", str(src), str(out), "--workers", "2", "--shard-size", "2"]
+    writer = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(glob.glob(f"{out}/*.tar")) < 3:
+        assert writer.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    workers = [int(pid) for pid in open(f"/proc/{writer.pid}/task/{writer.pid}/children").read().split()]
+    writer.send_signal(signal.SIGTERM)
+    _, stderr = writer.communicate(timeout=60)
+    assert writer.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("usi:")]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "the same command writes the rest" in lines[0]
+    assert workers and not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                               for pid in workers)
+    kept = len(glob.glob(f"{out}/*.tar"))
+    assert 3 <= kept < 300 and not (out / "index.json").exists()
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "600 samples in 300 shards" in again.stdout and not glob.glob(f"{out}/.*.tmp-*")

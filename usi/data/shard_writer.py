@@ -15,12 +15,14 @@ the end, lists the shards with their sample counts, the class names and the tota
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import io
 import json
 import os
 import random
+import signal
 import sys
 import tarfile
 import time
@@ -33,6 +35,7 @@ from usi.data.folder import find_classes, list_images
 from usi.data.images import load_rgb
 from usi.errors import UsageError, one_line, printable
 from usi.runtime.files import atomic_write, open_own, open_regular, temporary_beside
+from usi.runtime.preempt import SIGNALS, Interrupted
 
 MANIFEST = ".make_shards.json"  # the settings and source the shards here were written from
 
@@ -144,6 +147,37 @@ def positive(text: str) -> int:
     return value
 
 
+def leave_interrupts_to_the_parent() -> None:
+    """Pool initializer: Ctrl-C reaches the terminal's whole group; a worker leaves it to the parent, which
+    stops the pool (SIGTERM, whose default action ends a worker without a traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def stopping_on_signals(pool, shards: list):
+    """SIGTERM or SIGINT to the writer: the workers are stopped (a shard half-written stays a temporary
+    file, removed by the next run; finished shards were renamed into place), one line says what was kept,
+    and Interrupted ends the command with 128 + the signal. The same command resumes: finished shards are
+    kept, the rest written."""
+    def stop(signum, _frame):
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}: {len(shards)} shards finished and "
+                                  f"kept; the same command writes the rest")
+
+    previous = {s: signal.signal(s, stop) for s in SIGNALS}
+    try:
+        yield
+    except Interrupted:
+        for s in SIGNALS:  # a second signal while the workers stop is only noted
+            signal.signal(s, signal.SIG_IGN)
+        pool.terminate()
+        print(file=sys.stderr)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def write_shards(argv=None) -> int:
     p = argparse.ArgumentParser(prog="usi shards", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,7 +200,8 @@ def write_shards(argv=None) -> int:
         chunk = [(f"{j:09d}", f, y) for j, (f, y) in enumerate(samples[i:i + args.shard_size], start=i)]
         jobs.append((str(args.out / f"{args.prefix}-{i // args.shard_size:06d}.tar"), chunk, args.skip_bad))
     shards, bad_all, start = [], [], time.time()
-    with Pool(max(1, min(args.workers, len(jobs)))) as pool:
+    with Pool(max(1, min(args.workers, len(jobs))), initializer=leave_interrupts_to_the_parent) as pool, \
+            stopping_on_signals(pool, shards):
         for done, (name, count, bad) in enumerate(pool.imap(write_shard, jobs), start=1):
             bad_all += bad
             for line in bad:
