@@ -75,18 +75,20 @@ def teacher_identity(cfg) -> dict:
             "kwargs": dict(cfg.kwargs)}
 
 
-def facts(recipe, *, split, spec, fill: tuple, on_device: bool, world: int, steps: int, epochs: int,
-          compute) -> dict:
-    """Every fact that decides the teacher's input and output at each (epoch, rank, step), by recipe key."""
+def facts(recipe, *, files: str, spec, fill: tuple, on_device: bool, world: int, steps, epochs: int, compute,
+          identity=teacher_identity) -> dict:
+    """Every fact that decides the teacher's input and output at each (epoch, rank, step), by recipe key.
+    files: data_digest of the training split; identity(teacher cfg): who the teacher is. `usi table` plans
+    with stand-ins for these and for steps (usi/studies/shared_store.py), before any file exists."""
     a, teachers = recipe.aug, recipe.teachers()
     found = {
-        "data.files": data_digest(split), "data.format": recipe.data.format, "run.seed": recipe.run.seed,
+        "data.files": files, "data.format": recipe.data.format, "run.seed": recipe.run.seed,
         "epochs": epochs, "steps_per_epoch": steps, "aug.repeats": a.repeats, "data.input_size": spec.size,
         "normalization.mean": list(spec.mean), "normalization.std": list(spec.std),
         "aug.randaugment_fill": [round(255 * v) for v in fill],
         "aug.randaugment_on": "device" if on_device else "workers", "data.workers": recipe.data.workers,
         "optim.global_batch": recipe.optim.global_batch, "processes": world, "data.batch_size": recipe.data.batch_size,
-        "teacher": teacher_identity(teachers[0]), "teacher.extra": [teacher_identity(t) for t in teachers[1:]],
+        "teacher": identity(teachers[0]), "teacher.extra": [identity(t) for t in teachers[1:]],
         "precision": f"{compute.device.type} {compute.amp_dtype} channels_last={compute.channels_last}",
     }
     for key in ("scale", "ratio", "interpolation", "hflip", "auto_augment", "color_jitter", "re_prob", "mixup_alpha",

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from usi import recipe as recipe_mod
 from usi.data.synthetic import make_dataset
+from usi.distill.soft_labels import read_manifest
 from usi.errors import UsageError, printable, shorten
 from usi.recipe import Recipe
 from usi.studies.launch import Children, launcher
@@ -42,6 +43,9 @@ class Job:
     name: str
     tree: dict  # the recipe as data: parsed YAML with the study's settings in place
     needs: tuple[str, ...] = ()  # jobs that must be done first (e.g. the teacher whose weights it reads)
+    command: str = "train"  # the usi command: train, or soft-labels (a store, written into the run's folder)
+    args: tuple[str, ...] = ()  # more arguments of that command (soft-labels: --top-k K)
+    note: str = ""  # how the study runs it, for its table (e.g. why it does not read a shared store)
 
 
 @dataclass
@@ -106,10 +110,30 @@ def decide(recipe: Recipe, run_dir: Path, rerun: bool) -> str:
     return "reuse" if finished else "resume"
 
 
+def store_done(recipe: Recipe, folder: Path) -> bool:
+    """A soft-label store job is reused when complete and written for this recipe (recorded beside it when
+    it completed); anything else runs `usi soft-labels`, which resumes it or refuses a store of other facts."""
+    saved = store_recipe(folder)
+    if read_manifest(folder) is None or not read_manifest(folder).get("complete") or not saved.is_file():
+        return False
+    try:
+        check_same_recipe(recipe, recipe_mod.read_yaml(saved), str(folder))
+    except UsageError:
+        return False
+    return True
+
+
+def store_recipe(folder: Path) -> Path:
+    return folder.parent / f"{folder.name}.recipe.yaml"
+
+
 def open_run(job: Job, run_dir: Path, rerun: bool) -> tuple[Recipe, str]:
     """(the job's recipe, what to do with its run: decide's answer); a rerun's old directory is removed."""
     recipe = recipe_for(job, run_dir, rerun)
-    verb = decide(recipe, run_dir, rerun)
+    if job.command != "train":
+        verb = "reuse" if not rerun and store_done(recipe, run_dir) else "train"
+    else:
+        verb = decide(recipe, run_dir, rerun)
     if rerun and run_dir.exists():
         shutil.rmtree(run_dir)
     return recipe, verb
@@ -155,6 +179,24 @@ def train_child(children: Children, nproc: int, recipe: Recipe, log: Path) -> di
     return read_summary(Path(recipe.run.dir)) or {}
 
 
+def store_child(children: Children, nproc: int, job: Job, recipe: Recipe, log: Path) -> dict:
+    """A soft-label store job through `usi soft-labels` into its run folder, as train_child runs a run; its
+    recipe is recorded beside the store once complete (store_done)."""
+    folder = Path(recipe.run.dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "recipe.yaml"
+        recipe.save(path)
+        t0 = time.time()
+        code = children.run(launcher(nproc) + [job.command, str(path), "--out", str(folder), *job.args], log)
+        add_seconds(folder, time.time() - t0)
+    if code in (-1, 128 + signal.SIGINT, 128 + signal.SIGTERM) and children.stopping:
+        raise Stopped(f"stopped by {signal.Signals(children.stopping).name}")
+    if code != 0:
+        raise RunFailed(last_error(log))
+    recipe.save(store_recipe(folder))
+    return {}
+
+
 def seconds_file(run_dir: Path) -> Path:
     return run_dir.parent / f"{run_dir.name}.seconds"
 
@@ -177,8 +219,12 @@ def run_children(jobs: list[Job], runs: Path, *, envs: list[dict], nproc: int = 
     run_dir) follows each run that finished, in the same worker (an evaluation, say). A signal reaches
     every child, each checkpoints, and Interrupted is raised once all have ended."""
     children = Children(envs)
+    by_dir = {str(runs / j.name): j for j in jobs}
 
     def work(recipe: Recipe, log: Path) -> dict:
+        job = by_dir.get(recipe.run.dir)
+        if job is not None and job.command != "train":
+            return store_child(children, nproc, job, recipe, log)
         summary = train_child(children, nproc, recipe, log)
         if then is not None:
             then(children, Path(recipe.run.dir))

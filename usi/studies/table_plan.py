@@ -6,7 +6,9 @@ Writes under <out>/plan/:
   runs.txt             one command per student run (torchrun when a run has several processes)
   slurm-teacher.sh     the teacher as one Slurm job
   slurm.sh             the students as a Slurm job array, one task per line of runs.txt
-  submit.sh            submits both, the array after the teacher has finished
+  soft-labels.txt      share_teacher: one `usi soft-labels` command per seed's store, and
+  slurm-soft-labels.sh its Slurm array: after the teacher, before the students
+  submit.sh            submits them, each stage after the one before has finished
 Each array task execs its command, so Slurm's SIGTERM (preemption, --signal before the time limit)
 reaches torchrun and the run checkpoints; --requeue puts it back in the queue, where it resumes.
 `usi table FILE --collect` then builds the table from the runs that finished.
@@ -39,9 +41,12 @@ eval "exec $line"
 """
 
 
-def command(nproc: int, recipe_file: Path) -> str:
+def command(nproc: int, recipe_file: Path, job: Job | None = None, out: Path | None = None) -> str:
     launch = "python -m usi" if nproc <= 1 else f"torchrun --standalone --nproc_per_node={nproc} -m usi"
-    return f"{launch} train {shlex.quote(str(recipe_file))}"
+    if job is None or job.command == "train":
+        return f"{launch} train {shlex.quote(str(recipe_file))}"
+    rest = ["--out", str(out / job.name), *job.args]  # a store: written into its run folder
+    return f"{launch} {job.command} {shlex.quote(str(recipe_file))} {' '.join(map(shlex.quote, rest))}"
 
 
 def checked_tree(job: Job, out: Path, pending_teacher: bool) -> dict:
@@ -64,8 +69,11 @@ def write_plan(todo: list[Job], out: Path, *, nproc: int, cpus: int = 8) -> list
     trees = {j.name: checked_tree(j, out, pending) for j in todo}  # a bad run is refused before any file
     plan_dir = out / "plan"
     plan_dir.mkdir(parents=True, exist_ok=True)
-    lines = {name: command(nproc, recipe_file(name, tree, plan_dir).resolve()) for name, tree in trees.items()}
+    by_name = {j.name: j for j in todo}
+    lines = {name: command(nproc, recipe_file(name, tree, plan_dir).resolve(), by_name[name], out)
+             for name, tree in trees.items()}
     teacher = lines.pop("teacher", None)
+    stores = [lines.pop(j.name) for j in todo if j.command != "train"]
     written = [plan_dir / "runs.txt", plan_dir / "slurm.sh", plan_dir / "submit.sh"]
     (plan_dir / "runs.txt").write_text("\n".join(lines.values()) + "\n")
     common = {"nproc": nproc, "cpus": cpus, "logs": shlex.quote(str(plan_dir.resolve())),
@@ -74,14 +82,18 @@ def write_plan(todo: list[Job], out: Path, *, nproc: int, cpus: int = 8) -> list
                                                     commands=shlex.quote(str((plan_dir / "runs.txt").resolve())),
                                                     **common))
     submit = ["#!/bin/bash", "set -euo pipefail", f"cd {shlex.quote(str(plan_dir.resolve()))}"]
-    if teacher:
-        (plan_dir / "teacher.txt").write_text(teacher + "\n")
-        (plan_dir / "slurm-teacher.sh").write_text(ARRAY.format(
-            name="usi-teacher", last=0, commands=shlex.quote(str((plan_dir / "teacher.txt").resolve())), **common))
-        submit += ["teacher=$(sbatch --parsable slurm-teacher.sh)",
-                   "sbatch --dependency=afterok:${teacher} slurm.sh"]
-        written += [plan_dir / "teacher.txt", plan_dir / "slurm-teacher.sh"]
-    else:
-        submit += ["sbatch slurm.sh"]
+    after = ""  # the dependency of the next stage
+    for stage, stage_lines in (("teacher", [teacher] if teacher else []), ("soft-labels", stores)):
+        if not stage_lines:
+            continue
+        (plan_dir / f"{stage}.txt").write_text("\n".join(stage_lines) + "\n")
+        (plan_dir / f"slurm-{stage}.sh").write_text(ARRAY.format(
+            name=f"usi-{stage}", last=len(stage_lines) - 1,
+            commands=shlex.quote(str((plan_dir / f"{stage}.txt").resolve())), **common))
+        variable = stage.replace("-", "_")
+        submit += [f"{variable}=$(sbatch --parsable {after}slurm-{stage}.sh)"]
+        after = f"--dependency=afterok:${{{variable}}} "
+        written += [plan_dir / f"{stage}.txt", plan_dir / f"slurm-{stage}.sh"]
+    submit += [f"sbatch {after}slurm.sh"]
     (plan_dir / "submit.sh").write_text("\n".join(submit) + "\n")
     return written

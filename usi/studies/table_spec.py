@@ -12,10 +12,12 @@
     nproc: 1                        # processes (GPUs) per run
     out: runs/tables/example
     tolerance: 1.0                  # a row whose top-1 is this far under its `expect` is flagged
+    share_teacher: true             # one soft-label store per seed for the KD rows (usi/studies/shared_store.py)
+    top_k: 100                      # logits the store keeps per sample; default: all classes (exact)
 
 Every row runs the same recipe; a model's own overrides that change more than its architecture
 (model.name, model.kwargs other than drop rates) are allowed, and the table shows them as deviations.
-Run directories: <out>/teacher, <out>/seed<S>/<label>-kd and <label>-nokd.
+Run directories: <out>/teacher, <out>/seed<S>/<label>-kd and <label>-nokd (and <out>/seed<S>/soft-labels).
 """
 from __future__ import annotations
 
@@ -24,13 +26,15 @@ from pathlib import Path
 
 from usi import recipe as recipe_mod
 from usi.errors import UsageError, shorten, suggest
+from usi.studies import shared_store
 from usi.studies.jobs import Job, settings
 from usi.training.checkpoint import BEST
 
 KINDS = {"both": (False, True), "on": (True,), "off": (False,)}
 # The baseline drops the teacher, the ensemble and feature KD; nothing else changes.
 BASELINE = {"teacher.name": None, "teacher.extra": [], "features.student": None, "features.teacher": None}
-KEYS = {"recipe", "overrides", "teacher", "models", "kd", "seeds", "jobs", "nproc", "out", "tolerance", "title"}
+KEYS = {"recipe", "overrides", "teacher", "models", "kd", "seeds", "jobs", "nproc", "out", "tolerance", "title",
+        "share_teacher", "top_k"}
 MODEL_KEYS = {"name", "label", "overrides", "expect"}
 # Architecture, not training: a row may set these without leaving the shared recipe.
 ARCHITECTURE = {"model.name", "model.kwargs"}
@@ -59,6 +63,8 @@ class TableSpec:
     out: Path = Path("runs/table")
     tolerance: float = 1.0
     title: str = ""
+    share_teacher: bool = False
+    top_k: int | None = None  # None: every class
 
 
 def fail(where: str, message: str) -> None:
@@ -144,7 +150,15 @@ def from_mapping(tree, where: str) -> TableSpec:
     if not isinstance(out, str) or not out:
         fail(where, f"out must be a folder path, not {out!r}")
     title = tree.get("title", "")
-    return TableSpec(recipe=tree["recipe"], rows=rows, overrides=dotted(where, tree.get("overrides")),
+    share = tree.get("share_teacher", False)
+    if not isinstance(share, bool):
+        fail(where, f"share_teacher must be true or false, not {shorten(repr(share), 80)}")
+    top_k = tree.get("top_k")
+    if top_k is not None:
+        top_k = positive_int(where, top_k, "top_k")
+        if not share:
+            fail(where, "top_k sizes the shared soft-label store: it needs share_teacher: true")
+    return TableSpec(share_teacher=share, top_k=top_k, recipe=tree["recipe"], rows=rows, overrides=dotted(where, tree.get("overrides")),
                      teacher=teacher, kd=kd, seeds=list(seeds), out=Path(out), tolerance=float(tolerance),
                      jobs=positive_int(where, tree.get("jobs", 1), "jobs"),
                      nproc=positive_int(where, tree.get("nproc", 1), "nproc"), title=str(title))
@@ -188,11 +202,18 @@ def plan(spec: TableSpec, extra: list[str] = ()) -> list[Job]:
         todo.append(Job("teacher", tree))
     needs = ("teacher",) if todo else ()
     for seed in spec.seeds:
+        runs = []
         for row in spec.rows:
             for kd in KINDS[spec.kd]:
                 kd_layer = teacher_settings(spec) if kd else BASELINE
                 layers = [spec.overrides, list(extra), {"run.seed": seed}, row.overrides, {"model.name": row.name},
                           kd_layer]
                 tree = settings(base, *layers)
-                todo.append(Job(run_name(row, kd, seed), tree, needs=needs if kd else ()))
+                runs.append(Job(run_name(row, kd, seed), tree, needs=needs if kd else ()))
+        if spec.share_teacher:  # the store first: the KD rows that read it wait for it
+            kd_runs = [j for j in runs if j.name.endswith("-kd")]
+            store = shared_store.share(kd_runs, seed=seed, nproc=spec.nproc, top_k=spec.top_k,
+                                       folder=spec.out / f"seed{seed}" / shared_store.STORE)
+            todo += [store] if store else []
+        todo += runs
     return todo

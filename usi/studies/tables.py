@@ -128,7 +128,7 @@ def evaluate(children: Children, nproc: int, run_dir: Path, overrides: list[str]
 def collected(spec: TableSpec, todo: list[jobs.Job]) -> dict[str, jobs.Outcome]:
     """--collect: the outcome of each run from its folder alone; a missing one says why."""
     outcomes = {}
-    for job in todo:
+    for job in runs_of(todo):
         run_dir = spec.out / job.name
         summary = read_summary(run_dir)
         if summary is None:
@@ -160,7 +160,7 @@ def results(spec: TableSpec, todo: list[jobs.Job], outcomes: dict, reports: dict
     """{row label: [run records]} of the student runs; the teacher's record under 'teacher'."""
     teacher_sha = aggregate.sha256(Path(table_spec.teacher_settings(spec).get("teacher.weights") or ""))
     by_row = {}
-    for job in todo:
+    for job in runs_of(todo):
         if job.name == "teacher":
             continue
         seed, rest = job.name.split("/", 1)
@@ -172,10 +172,20 @@ def results(spec: TableSpec, todo: list[jobs.Job], outcomes: dict, reports: dict
             "name": job.name, "seed": int(seed[4:]), "kd": kind == "kd", "metrics": metrics,
             "summary": outcome.summary, "seconds": jobs.spent_seconds(spec.out / job.name), "failure": outcome.failure or ("" if metrics or not outcome.summary
                                                                        else "evaluation failed"),
-            "teacher": report.get("teacher"),
+            "teacher": report.get("teacher"), "store_note": job.note,
             "provenance": aggregate.provenance(spec.out / job.name, outcome.summary,
                                                teacher_sha if kind == "kd" else None)})
     return by_row
+
+
+def runs_of(todo: list[jobs.Job]) -> list[jobs.Job]:
+    """The training runs of the plan (not its soft-label store jobs)."""
+    return [j for j in todo if j.command == "train"]
+
+
+def store_notes(runs: list[dict]) -> list[str]:
+    """Why a row's KD runs used the live teacher instead of the shared store, once per distinct reason."""
+    return list(dict.fromkeys(r["store_note"] for r in runs if r.get("store_note")))
 
 
 def build_rows(spec: TableSpec, base, by_row: dict, device: torch.device) -> list[dict]:
@@ -199,7 +209,7 @@ def build_rows(spec: TableSpec, base, by_row: dict, device: torch.device) -> lis
         out |= {"kind": table.kind_of(family), "family": family, **cost,
                 **aggregate.cost_of(runs, spec.nproc, on_gpu),
                 "deviates": ", ".join(f"{k}={json.dumps(v)}" for k, v in deviates.items()),
-                "note": "; ".join(n for n in (out["note"], note) if n)}
+                "note": "; ".join(n for n in (out["note"], note, *store_notes(runs)) if n)}
         rows.append(out)
     return rows
 
@@ -286,7 +296,8 @@ def main(argv=None) -> int:
         outcomes = jobs.run_children(todo, spec.out, envs=envs, nproc=spec.nproc, then=evaluated, rerun=args.rerun,
                                      tag="table", start=start, keep_going=True)
     children = Children(envs)
-    finished = [j.name for j in todo if j.name != "teacher" and (outcomes.get(j.name) or jobs.Outcome(None)).summary]
+    finished = [j.name for j in runs_of(todo)
+                if j.name != "teacher" and (outcomes.get(j.name) or jobs.Outcome(None)).summary]
     with children.forwarding(), ThreadPoolExecutor(len(envs)) as pool:
         reports = dict(zip(finished, pool.map(
             lambda name: evaluate(children, spec.nproc, spec.out / name, eval_args), finished)))

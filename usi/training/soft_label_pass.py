@@ -8,7 +8,9 @@ under torchrun with the world size the students will use); rank 0 writes the man
 from __future__ import annotations
 
 import logging
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from usi.distill import soft_labels as store
 from usi.errors import UsageError
 from usi.recipe import Recipe
 from usi.runtime import distributed
+from usi.runtime.preempt import SIGNALS, Interrupted
 from usi.runtime.progress import Progress, setup_logging, step_line
 from usi.training.build import Training, build_training
 from usi.training.engine import prepare_batch
@@ -56,7 +59,8 @@ def write_store(recipe: Recipe, out: Path, *, top_k: int | None = None, steps_pe
         if store.read_manifest(out) is None:
             raise UsageError(f"--out {out}: rank {dist.rank} cannot read the manifest rank 0 wrote (a folder every "
                              f"rank shares is needed)")
-        written = write_epochs(t, out, k=k, per_chunk=steps_per_chunk)
+        with stopping_on_signals():
+            written = write_epochs(t, out, k=k, per_chunk=steps_per_chunk)
         distributed.barrier()
         if dist.main:
             manifest = finish(out, manifest, t)
@@ -65,6 +69,23 @@ def write_store(recipe: Recipe, out: Path, *, top_k: int | None = None, steps_pe
         return manifest
     finally:
         distributed.cleanup()
+
+
+@contextmanager
+def stopping_on_signals():
+    """SIGTERM/SIGINT end the pass with one line and 128 + the signal (as a training run): every chunk is
+    written atomically with its checksum after it, so the chunks done are kept and the same command
+    writes the rest."""
+    def stop(signum, _frame):
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}: the chunks written so far are kept; "
+                                  f"the same usi soft-labels command writes the rest")
+
+    previous = {s: signal.signal(s, stop) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def prepare(out: Path, manifest: dict) -> None:

@@ -25,7 +25,7 @@ CHECKED_STEPS = 2  # stored steps recomputed with the live teacher at the start 
 def run_facts(t) -> dict:
     recipe = t.recipe
     spec = input_spec(t.state.student, recipe.data.input_size)
-    return store.facts(recipe, split=t.train_split, spec=spec, fill=fill_mean(recipe.aug, spec),
+    return store.facts(recipe, files=store.data_digest(t.train_split), spec=spec, fill=fill_mean(recipe.aug, spec),
                        on_device=randaugment_on_device(recipe.aug, t.dist.device), world=t.dist.world,
                        steps=t.steps, epochs=t.epochs, compute=t.cfg.compute)
 
