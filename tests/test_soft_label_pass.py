@@ -1,6 +1,9 @@
 """usi/training/soft_label_pass.py: `usi soft-labels`: the store is complete and checksummed, a killed or
 damaged one is finished where it broke, top-K stores less, bad values are one line."""
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,8 +11,8 @@ from safetensors.torch import save_file
 
 from usi.distill import soft_labels as store
 
-from conftest import usi_main
-from helpers import one_error, soft_label_store, teacher_file, train, train_args
+from conftest import REPO, TINY, usi_main
+from helpers import ENV, one_error, soft_label_store, teacher_file, train, train_args, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +65,23 @@ def test_bad_values_are_one_line(image_root, teacher, tmp_path):
               "aug.randaugment_fill=[1, 2]: expected 3 integers 0..255")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "f.safetensors"))
     one_error(soft_label_store(image_root, tmp_path / "f.safetensors", teacher), "is a file, not a folder")
+
+
+def test_sigterm_stops_the_writer_in_one_line_and_the_same_command_writes_the_rest(image_root, teacher, tmp_path):
+    out = tmp_path / "s"
+    args = ["soft-labels", "quickstart", *TINY, f"data.root={image_root}", *teacher, "sched.epochs=6", "--out",
+            str(out), "--steps-per-chunk", "1"]
+    writer = subprocess.Popen([sys.executable, "-m", "usi", *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: any(out.glob("*.sha256")), [writer])
+    writer.send_signal(signal.SIGTERM)
+    _, stderr = writer.communicate(timeout=120)
+    assert writer.returncode == 143 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == ("usi: stopped by SIGTERM: the chunks written so far are kept; the same "
+                                               "usi soft-labels command writes the rest")
+    kept = len(list(out.glob("*.sha256")))
+    assert not json.loads((out / "manifest.json").read_text())["complete"] and kept >= 1
+    again = usi_main(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and f"({len(manifest['chunks']) - kept} written now)" in again.stderr

@@ -53,3 +53,18 @@ def test_a_bad_run_is_refused_before_any_file_is_written(tmp_path):
     with pytest.raises(UsageError, match="is not a timm model"):
         table_plan.write_plan(table_spec.plan(s), s.out, nproc=1)
     assert not (s.out / "plan").exists()
+
+
+def test_share_teacher_adds_the_stores_as_a_stage_between_teacher_and_students(tmp_path):
+    s = spec(tmp_path, share_teacher=True, top_k=2)
+    written = table_plan.write_plan(table_spec.plan(s), s.out, nproc=1)
+    plan = s.out / "plan"
+    assert {"soft-labels.txt", "slurm-soft-labels.sh"} <= {p.name for p in written}
+    stores = (plan / "soft-labels.txt").read_text().splitlines()
+    assert len(stores) == 2 and shlex.split(stores[1])[-4:] == ["--out", str(s.out / "seed1/soft-labels"), "--top-k",
+                                                                "2"]
+    assert shlex.split(stores[1])[:4] == ["python", "-m", "usi", "soft-labels"]
+    assert len((plan / "runs.txt").read_text().splitlines()) == 8
+    submit = (plan / "submit.sh").read_text()
+    assert "soft_labels=$(sbatch --parsable --dependency=afterok:${teacher} slurm-soft-labels.sh)" in submit
+    assert submit.endswith("sbatch --dependency=afterok:${soft_labels} slurm.sh\n")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import timm
+import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import REPO, TINY
 from helpers import ENV, children, epochs_done, one_error, run_tool, wait_for
@@ -182,3 +183,32 @@ def test_sigterm_stops_every_run_with_a_checkpoint_and_the_same_command_resumes(
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count("(resuming its last checkpoint)") == 2
     assert all(epochs_done(r) == 8 for r in runs)
+
+
+def test_share_teacher_trains_kd_rows_from_one_store_with_the_live_teachers_top1(image_root, tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("test_resnet", num_classes=4).state_dict(), str(teacher))
+    overrides = {**SMALL, "data.root": str(image_root), "sched.epochs": 1, "sched.warmup_epochs": 0,
+                 "teacher.name": "test_resnet", "teacher.weights": str(teacher)}
+    tops, weights = {}, {}
+    for share in (True, False):
+        out_dir = tmp_path / ("shared" if share else "live")
+        path = table_file(tmp_path, image_root, teacher=None, kd="on", seeds=[0], jobs=1, overrides=overrides,
+                          models=["test_resnet"], out=str(out_dir), **({"share_teacher": True} if share else {}))
+        out = run_tool("-m", "usi", "table", str(path), "--device", "cpu")
+        assert out.returncode == 0, out.stderr[-3000:]
+        (row,) = json.loads((out_dir / "table.json").read_text())["rows"][1:]
+        (run,) = row["runs"]
+        tops[share] = run["metrics"]["top1"]
+        weights[share] = load_file(out_dir / "seed0" / "test_resnet-kd" / "best.safetensors")
+        log = (out_dir / "seed0" / "test_resnet-kd.log").read_text()
+        recipe = yaml.safe_load((out_dir / "seed0" / "test_resnet-kd" / "recipe.yaml").read_text())
+        if share:
+            assert "training seed0/soft-labels" in out.stdout and not row["note"]
+            assert recipe["teacher"]["soft_labels"] == str(out_dir / "seed0" / "soft-labels")
+            assert "seed0/soft-labels (top-4 of 4 classes) answers for the teacher" in log
+        else:
+            assert recipe["teacher"]["soft_labels"] is None and "answers for the teacher" not in log
+    # K = the class count: the stored logits are the teacher's, bit for bit, and so is the student trained on them
+    assert tops[True] == tops[False] and weights[True].keys() == weights[False].keys()
+    assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])

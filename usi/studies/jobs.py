@@ -179,7 +179,7 @@ def train_child(children: Children, nproc: int, recipe: Recipe, log: Path) -> di
     return read_summary(Path(recipe.run.dir)) or {}
 
 
-def store_child(children: Children, nproc: int, job: Job, recipe: Recipe, log: Path) -> dict:
+def store_child(children: Children, nproc: int, job: Job, *, recipe: Recipe, log: Path) -> dict:
     """A soft-label store job through `usi soft-labels` into its run folder, as train_child runs a run; its
     recipe is recorded beside the store once complete (store_done)."""
     folder = Path(recipe.run.dir)
@@ -224,7 +224,7 @@ def run_children(jobs: list[Job], runs: Path, *, envs: list[dict], nproc: int = 
     def work(recipe: Recipe, log: Path) -> dict:
         job = by_dir.get(recipe.run.dir)
         if job is not None and job.command != "train":
-            return store_child(children, nproc, job, recipe, log)
+            return store_child(children, nproc, job, recipe=recipe, log=log)
         summary = train_child(children, nproc, recipe, log)
         if then is not None:
             then(children, Path(recipe.run.dir))

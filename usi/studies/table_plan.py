@@ -22,6 +22,7 @@ import yaml
 
 from usi import recipe as recipe_mod
 from usi.studies.jobs import Job, settings
+from usi.studies.shared_store import STORE
 
 ARRAY = """#!/bin/bash
 #SBATCH --job-name={name}
@@ -51,9 +52,11 @@ def command(nproc: int, recipe_file: Path, job: Job | None = None, out: Path | N
 
 def checked_tree(job: Job, out: Path, pending_teacher: bool) -> dict:
     """The job's recipe as it will run, checked. A KD run's teacher weights that the plan's own teacher
-    run will write do not exist yet: that one key is left out of the check."""
+    run will write do not exist yet, nor the soft-label store it reads: those keys are left out of the check."""
     tree = settings(job.tree, {"run.dir": str(out / job.name), "run.resume": "auto"})
-    recipe_mod.from_tree(settings(tree, {"teacher.weights": None}) if pending_teacher and job.needs else tree)
+    pending = {"teacher.weights": None} if pending_teacher and job.needs else {}
+    pending |= {"teacher.soft_labels": None} if any(n.endswith(f"/{STORE}") for n in job.needs) else {}
+    recipe_mod.from_tree(settings(tree, pending))
     return tree
 
 
