@@ -27,8 +27,12 @@ def test_cells_round_by_size_and_a_missing_value_is_a_dash():
 def test_write_gives_markdown_of_the_filled_columns_and_csv_of_every_column(tmp_path):
     rows = [table.row("test_resnet", nokd={"top1": 40.0}, kd={"top1": 45.0}, cost={"params_m": 0.4})]
     drawn = []
-    paths = table.write(rows, tmp_path / "out", "t", "A title", draw=lambda r, p, title: drawn.append((p, title)),
-                        meta={"seeds": [0]})
+
+    def draw(rows, path, title):
+        drawn.append((path.name, title))
+        path.write_bytes(b"png")
+
+    paths = table.write(rows, tmp_path / "out", "t", "A title", draw=draw, meta={"seeds": [0]})
     md = paths["md"].read_text()
     assert md.startswith("A title\n\n| model | kind | family | params_m | top1_nokd | top1_kd | gain |")
     assert "| test_resnet | CNN | resnet | 0.40 | 40.00 | 45.00 | 5.00 |" in md and "agreement" not in md
@@ -37,7 +41,7 @@ def test_write_gives_markdown_of_the_filled_columns_and_csv_of_every_column(tmp_
     with open(paths["csv"]) as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == table.COLUMNS and next(reader)["top1_kd"] == "45.0"
-    assert drawn == [(paths["png"], "A title")]
+    assert drawn == [("t.png", "A title")] and paths["png"].read_bytes() == b"png"
 
 
 def test_model_cost_counts_params_and_macs():
@@ -77,3 +81,16 @@ def test_the_plot_is_a_picture_with_every_model_labelled(tmp_path):
     from PIL import Image
     with Image.open(tmp_path / "p.png") as img:
         assert img.size[0] >= 800 and len(np.unique(np.asarray(img.convert("L")))) > 10  # drawn on, not blank
+
+
+def test_written_files_replace_a_link_planted_at_their_name_and_never_write_through_it(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victims = {}
+    for name in ("t.md", "t.csv", "t.json", "t.png"):
+        victims[name] = tmp_path / f"victim-{name}"
+        victims[name].write_text("mine")
+        (out / name).symlink_to(victims[name])
+    table.write([table.row("test_resnet", nokd={"top1": 1.0}, kd=None, cost=None)], out, "t", "title")
+    assert all(v.read_text() == "mine" for v in victims.values())
+    assert all((out / name).is_file() and not (out / name).is_symlink() for name in victims)

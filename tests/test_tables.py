@@ -12,6 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from usi.errors import UsageError
+
 from conftest import REPO, TINY
 from helpers import ENV, children, epochs_done, one_error, run_tool, wait_for
 
@@ -140,10 +142,8 @@ def test_collect_names_the_runs_that_are_missing_and_plan_runs_nothing(image_roo
     assert plan.returncode == 0 and "planned 1 runs; nothing was run" in plan.stdout, plan.stderr[-2000:]
     assert (tmp_path / "out" / "plan" / "slurm.sh").is_file() and not (tmp_path / "out" / "seed3").exists()
     out = run_tool("-m", "usi", "table", str(path), "--collect", "--device", "cpu")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "missing 1 of 1 runs: seed3/test_vit-nokd" in out.stdout
-    row = json.loads((tmp_path / "out" / "table.json").read_text())["rows"][0]
-    assert row["top1_nokd"] is None and "missing (not started)" in row["note"]
+    one_error(out, "no run of the table has finished (1 of 1 did not: seed3/test_vit-nokd: missing (not started))")
+    assert not (tmp_path / "out" / "table.json").exists()  # nothing written, an older table would stay
 
 
 @pytest.mark.parametrize("change, message", [
@@ -151,6 +151,14 @@ def test_collect_names_the_runs_that_are_missing_and_plan_runs_nothing(image_roo
     ({"teacher": None, "kd": "on"}, "kd=on needs a teacher: the recipe quickstart has none"),
     ({"overrides": {"optim.lrr": 1}}, "unknown key optim.lrr"),
     ({"jobs": 64}, None),  # fine on a CPU: the cores are shared (not run: --plan)
+    ({"models": [{"name": "test_vit", "overrides": {"run.seed": 5}}]}, "run.seed is the table's to set"),
+    ({"models": [{"name": "test_vit", "overrides": {"teacher.name": "test_vit"}}]}, "teacher.name is the table's"),
+    ({"overrides": {"model.name": "test_vit"}}, "model.name is the table's to set for each run"),
+    ({"models": [{"name": "test_vit", "label": "a\nb"}]}, "must be a plain name of letters"),
+    ({"kd": ["on"]}, "kd must be one of on, off, both, not ['on']"),
+    ({"seeds": [[0]]}, "seeds must be distinct whole numbers"),
+    ({"tolerance": float("nan")}, "tolerance must be a number of top-1 points"),
+    ({"kd": True, "teacher": None}, "kd=on needs a teacher"),  # YAML's bare `on`
 ])
 def test_a_bad_table_file_is_one_line_and_runs_nothing(image_root, tmp_path, change, message):
     path = table_file(tmp_path, image_root, **change)
@@ -160,6 +168,48 @@ def test_a_bad_table_file_is_one_line_and_runs_nothing(image_root, tmp_path, cha
         return
     one_error(out, message)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds", "0", "0"], "seeds must be distinct whole numbers >= 0, not [0, 0]"),
+    (["model.name=test_vit"], "model.name is the table's to set for each run"),
+    (["run.dir=/elsewhere"], "run.dir is the table's to set for each run"),
+    (["--compare", "{fifo}"], "is not a regular file (a named pipe)"),
+    (["--compare", "{bad_json}"], "not a usi table.json (its rows are not table rows)"),
+    (["--out", "{a_file}"], "out"),
+])
+def test_bad_command_lines_are_one_line_before_anything_runs(image_root, tmp_path, args, message):
+    import os
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "bad.json").write_text(json.dumps({"rows": [{"model": "x", "top1_kd": "abc"}]}))
+    (tmp_path / "a_file").write_text("x")
+    args = [a.format(fifo=tmp_path / "fifo", bad_json=tmp_path / "bad.json", a_file=tmp_path / "a_file") for a in args]
+    from usi.studies import tables
+    with pytest.raises(UsageError) as e:
+        tables.main([str(table_file(tmp_path, image_root)), *args])
+    assert message in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_recipe_without_data_here_is_refused_once_before_any_run(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")  # a recipe of defaults: the paper's models on data/imagenet
+    out = run_tool("-m", "usi", "table", str(empty), "--out", str(tmp_path / "t"))
+    one_error(out, "has no train/ folder here; set data.root (or plan the runs for another machine with --plan)")
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_finished_run_of_another_recipe_stops_the_table_before_anything_runs(image_root, tmp_path):
+    from usi import recipe as recipe_mod
+    from usi.studies import table_spec, tables
+    spec = table_spec.load(table_file(tmp_path, image_root, kd="off", seeds=[0]))
+    (job,) = table_spec.plan(spec)
+    run_dir = spec.out / job.name
+    run_dir.mkdir(parents=True)
+    recipe_mod.from_tree(job.tree, ["sched.epochs=3"]).save(run_dir / "recipe.yaml")
+    (run_dir / "summary.json").write_text("{}")
+    with pytest.raises(UsageError, match="is a finished run of another recipe: sched.epochs was 3, now 2; pass --rerun"):
+        tables.refuse_other_recipes([job], spec.out)
 
 
 def test_sigterm_stops_every_run_with_a_checkpoint_and_the_same_command_resumes(image_root, tmp_path):

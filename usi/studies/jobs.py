@@ -34,6 +34,7 @@ from usi.data.synthetic import make_dataset
 from usi.distill.soft_labels import read_manifest
 from usi.errors import UsageError, printable, shorten
 from usi.recipe import Recipe
+from usi.runtime import files
 from usi.studies.launch import Children, launcher
 from usi.training.rundir import RECIPE_FILE, check_same_recipe, check_writable, read_summary
 
@@ -172,11 +173,12 @@ def train_child(children: Children, nproc: int, recipe: Recipe, log: Path) -> di
         t0 = time.time()
         code = children.run(launcher(nproc) + ["train", str(path)], log)
         add_seconds(Path(recipe.run.dir), time.time() - t0)
-    if code in (-1, 128 + signal.SIGINT, 128 + signal.SIGTERM) and children.stopping:
+    summary = read_summary(Path(recipe.run.dir))
+    if code != 0 and summary is None and children.stopping:  # whatever its code: it may have died of the signal
         raise Stopped(f"stopped by {signal.Signals(children.stopping).name}")
-    if code != 0:
+    if code != 0 and summary is None:
         raise RunFailed(last_error(log))
-    return read_summary(Path(recipe.run.dir)) or {}
+    return summary or {}  # finished (a signal just after its summary.json changes nothing)
 
 
 def store_child(children: Children, nproc: int, job: Job, *, recipe: Recipe, log: Path) -> dict:
@@ -189,7 +191,7 @@ def store_child(children: Children, nproc: int, job: Job, *, recipe: Recipe, log
         t0 = time.time()
         code = children.run(launcher(nproc) + [job.command, str(path), "--out", str(folder), *job.args], log)
         add_seconds(folder, time.time() - t0)
-    if code in (-1, 128 + signal.SIGINT, 128 + signal.SIGTERM) and children.stopping:
+    if code != 0 and children.stopping:
         raise Stopped(f"stopped by {signal.Signals(children.stopping).name}")
     if code != 0:
         raise RunFailed(last_error(log))
@@ -203,7 +205,8 @@ def seconds_file(run_dir: Path) -> Path:
 
 def add_seconds(run_dir: Path, seconds: float) -> None:
     """The wall time of the run's processes, start-up included, summed over every start (a resume adds)."""
-    seconds_file(run_dir).write_text(f"{spent_seconds(run_dir) + seconds:.1f}\n")
+    text = f"{spent_seconds(run_dir) + seconds:.1f}\n"
+    files.atomic_write(seconds_file(run_dir), lambda tmp: Path(tmp).write_text(text))  # never through a link
 
 
 def spent_seconds(run_dir: Path) -> float:
@@ -231,14 +234,17 @@ def run_children(jobs: list[Job], runs: Path, *, envs: list[dict], nproc: int = 
         return summary
 
     with children.forwarding(), ThreadPoolExecutor(len(envs)) as pool:
-        return run_all(jobs, runs, pool=pool, workers=len(envs), work=work, **how)
+        return run_all(jobs, runs, pool=pool, workers=len(envs), work=work, halted=lambda: bool(children.stopping),
+                       **how)
 
 
 def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun: bool, tag: str, start: float,
-            work: Callable[[Recipe, Path], dict], keep_going: bool = False) -> dict[str, Outcome]:
+            work: Callable[[Recipe, Path], dict], keep_going: bool = False,
+            halted: Callable[[], bool] = lambda: False) -> dict[str, Outcome]:
     """{name: outcome} of every job, `workers` at a time, each as soon as the jobs it needs are done, in
     the order given otherwise. work(recipe, log) trains one run in the pool and returns its summary.
-    keep_going: a job that cannot start or fails is recorded with its reason (else it raises)."""
+    keep_going: a job that cannot start or fails is recorded with its reason (else it raises). halted():
+    true once a signal arrived: nothing new is opened."""
     outcomes: dict[str, Outcome] = {}
     waiting, queued, stopped = {}, list(jobs), False
 
@@ -263,7 +269,7 @@ def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun:
         waiting[pool.submit(work, recipe, log_file(run_dir))] = job.name
 
     def start_ready() -> None:
-        while len(waiting) < workers and not stopped:
+        while len(waiting) < workers and not stopped and not halted():
             job = next((j for j in queued if all(n in outcomes for n in j.needs)), None)
             if job is None:
                 return
@@ -288,7 +294,7 @@ def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun:
                 continue
             say(f"{name} done{best(outcomes[name].summary)} (log: {log_file(runs / name)})")
         start_ready()
-    if queued and not stopped:  # a name in `needs` that no job has
+    if queued and not stopped and not halted():  # a name in `needs` that no job has
         raise ValueError(f"jobs never ready: {', '.join(j.name for j in queued)}")
     return outcomes
 

@@ -7,8 +7,11 @@ speed-accuracy figure), drawn with matplotlib.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +21,7 @@ import torch
 
 from usi.errors import printable
 from usi.models import forward_macs, timm_model
-from usi.runtime.files import json_safe
+from usi.runtime.files import atomic_write, json_safe
 
 # Published USI top-1 (ImageNet-1k) by timm model name, from the paper's table.
 PUBLISHED = {
@@ -141,14 +144,23 @@ def write(rows: list[dict], out_dir: Path, stem: str, title: str, *, columns: li
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv", "json": out_dir / f"{stem}.json",
              "png": out_dir / f"{stem}.png"}
-    paths["md"].write_text(f"{title}\n\n{markdown(filled(columns, rows), rows, cell)}\n")
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    paths["json"].write_text(json.dumps(json_safe({"title": title, **(meta or {}), "rows": rows}), indent=1))
-    (draw or plot)(rows, paths["png"], title)
+    # each file written whole under a fresh name, then renamed: never through a link planted at its name
+    text_file(paths["md"], f"{title}\n\n{markdown(filled(columns, rows), rows, cell)}\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    text_file(paths["csv"], buffer.getvalue())
+    text_file(paths["json"], json.dumps(json_safe({"title": title, **(meta or {}), "rows": rows}), indent=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        drawn = Path(tmp) / paths["png"].name
+        (draw or plot)(rows, drawn, title)
+        atomic_write(paths["png"], lambda t: shutil.copyfile(drawn, t))
     return paths
+
+
+def text_file(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def filled(columns: list[str], rows: list[dict]) -> list[str]:
@@ -158,7 +170,8 @@ def filled(columns: list[str], rows: list[dict]) -> list[str]:
 
 def show(title: str, text: str, paths: dict[str, Path]) -> None:
     """A study's closing words on the console: its title, its table, the files written."""
-    lines = [title, "", *text.split("\n"), "", f"written: {', '.join(str(p) for p in paths.values())}"]
+    written = f"written: {', '.join(str(p) for p in paths.values())}"
+    lines = [*title.split("\n"), "", *text.split("\n"), "", written]
     print("\n" + "\n".join(printable(line) for line in lines))
 
 

@@ -21,6 +21,8 @@ Run directories: <out>/teacher, <out>/seed<S>/<label>-kd and <label>-nokd (and <
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,10 @@ KEYS = {"recipe", "overrides", "teacher", "models", "kd", "seeds", "jobs", "npro
 MODEL_KEYS = {"name", "label", "overrides", "expect"}
 # Architecture, not training: a row may set these without leaving the shared recipe.
 ARCHITECTURE = {"model.name", "model.kwargs"}
+# What the table sets in each run: a row or an override that set them would make two seeds one run, or
+# a row's teacher another than the table's.
+TABLE_OWNS = {"run.seed", "run.dir", "run.resume", "model.name"}
+LABEL = re.compile(r"(?![.])[A-Za-z0-9._+=-]{1,100}")
 REGULARIZERS = {"drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate", "attn_drop_rate"}
 
 
@@ -106,12 +112,39 @@ def model_row(where: str, entry) -> Row:
     if not isinstance(name, str) or not name:
         fail(where, "a model needs a name (a timm model name)")
     label = entry.get("label", name)
-    if not isinstance(label, str) or not label or "/" in label or label.startswith("."):
-        fail(where, f"label {label!r} must be a plain name (it names run folders)")
+    if not isinstance(label, str) or not LABEL.fullmatch(label):
+        fail(where, f"label {shorten(repr(label), 80)} must be a plain name of letters, digits and . _ + = - (it "
+                    f"names run folders and launch commands), not starting with '.', at most 100 characters")
     expect = entry.get("expect")
-    if expect is not None and (isinstance(expect, bool) or not isinstance(expect, (int, float))):
-        fail(where, f"expect must be a top-1 in percent, not {expect!r}")
-    return Row(label, name, dotted(f"{where} ({label})", entry.get("overrides")), expect)
+    if expect is not None and not finite_number(expect):
+        fail(where, f"expect must be a top-1 in percent, not {shorten(repr(expect), 80)}")
+    overrides = dotted(f"{where} ({label})", entry.get("overrides"))
+    owned = sorted(k for k in overrides if k in TABLE_OWNS or k.startswith("teacher."))
+    if owned:
+        fail(where, f"{label}: overrides: {owned[0]} is the table's to set (seeds:, teacher:, name:), not a row's")
+    return Row(label, name, overrides, expect)
+
+
+def finite_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_seeds(where: str, seeds) -> list[int]:
+    """Distinct whole numbers >= 0: a seed listed twice would count one run as two."""
+    seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
+    if (not isinstance(seeds, list) or not seeds
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        fail(where, f"seeds must be distinct whole numbers >= 0, not {shorten(repr(seeds), 80)}")
+    return list(seeds)
+
+
+def check_owned(where: str, overrides) -> None:
+    """Keys the table sets for each run itself may not come from the shared overrides."""
+    keys = overrides.keys() if isinstance(overrides, dict) else [str(o).split("=", 1)[0] for o in overrides]
+    owned = sorted(k for k in keys if k in TABLE_OWNS)
+    if owned:
+        fail(where, f"{owned[0]} is the table's to set for each run (seeds:, models:, out:), not an override")
 
 
 def from_mapping(tree, where: str) -> TableSpec:
@@ -131,24 +164,22 @@ def from_mapping(tree, where: str) -> TableSpec:
     twice = next((label for label in labels if labels.count(label) > 1), None)
     if twice:
         fail(where, f"model {twice!r} is listed twice; give one of them a label: to tell their rows apart")
-    seeds = tree.get("seeds", [0])
-    seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)):
-        fail(where, f"seeds must be distinct whole numbers >= 0, not {shorten(repr(seeds), 80)}")
+    seeds = check_seeds(where, tree.get("seeds", [0]))
     kd = tree.get("kd", "both")
-    if kd not in KINDS:
-        fail(where, f"kd must be one of on, off, both, not {kd!r}")
+    kd = {True: "on", False: "off"}.get(kd, kd) if isinstance(kd, bool) else kd  # YAML reads a bare on/off as true/false
+    if not isinstance(kd, str) or kd not in KINDS:
+        fail(where, f"kd must be one of on, off, both, not {shorten(repr(kd), 80)}")
     tolerance = tree.get("tolerance", 1.0)
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
-        fail(where, f"tolerance must be a number of top-1 points >= 0, not {tolerance!r}")
+    if not finite_number(tolerance) or tolerance < 0:
+        fail(where, f"tolerance must be a number of top-1 points >= 0, not {shorten(repr(tolerance), 80)}")
     teacher = tree.get("teacher")
     if teacher is not None:
         teacher = model_row(f"{where} teacher", {"name": teacher} if isinstance(teacher, str) else teacher)
         teacher.label = "teacher"
     out = tree.get("out", f"runs/tables/{Path(where).stem}")
-    if not isinstance(out, str) or not out:
-        fail(where, f"out must be a folder path, not {out!r}")
+    if not isinstance(out, str) or not out or "\0" in out:
+        fail(where, f"out must be a folder path, not {shorten(repr(out), 80)}")
+    check_owned(where, dotted(where, tree.get("overrides")))
     title = tree.get("title", "")
     share = tree.get("share_teacher", False)
     if not isinstance(share, bool):
@@ -158,8 +189,8 @@ def from_mapping(tree, where: str) -> TableSpec:
         top_k = positive_int(where, top_k, "top_k")
         if not share:
             fail(where, "top_k sizes the shared soft-label store: it needs share_teacher: true")
-    return TableSpec(share_teacher=share, top_k=top_k, recipe=tree["recipe"], rows=rows, overrides=dotted(where, tree.get("overrides")),
-                     teacher=teacher, kd=kd, seeds=list(seeds), out=Path(out), tolerance=float(tolerance),
+    return TableSpec(share_teacher=share, top_k=top_k, recipe=tree["recipe"], rows=rows,
+                     overrides=dotted(where, tree.get("overrides")), teacher=teacher, kd=kd, seeds=list(seeds), out=Path(out), tolerance=float(tolerance),
                      jobs=positive_int(where, tree.get("jobs", 1), "jobs"),
                      nproc=positive_int(where, tree.get("nproc", 1), "nproc"), title=str(title))
 

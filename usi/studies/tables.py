@@ -16,8 +16,12 @@ table.json; table.md, table.csv and table.png beside it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,14 +29,16 @@ from pathlib import Path
 import torch
 
 from usi import recipe as recipe_mod
-from usi.errors import UsageError
+from usi.errors import UsageError, file_problem, printable
 from usi.recipe.loading import RECIPES
 from usi.runtime import files
+from usi.runtime.preempt import SIGNALS, Interrupted
 from usi.studies import aggregate, jobs, table, table_plan, table_spec
-from usi.studies.launch import Children, launcher, slot_envs
+from usi.studies.launch import Children, cores, launcher, slot_envs
+from usi.studies.table_rows import build_rows, cells, results, runs_of
 from usi.studies.table_spec import KINDS, Row, TableSpec
 from usi.training.checkpoint import BEST
-from usi.training.rundir import RECIPE_FILE, read_summary
+from usi.training.rundir import RECIPE_FILE, check_writable, read_summary
 
 DEFAULT_MODELS = ["resnet50", "mobilenetv3_large_100", "efficientnet_b0", "vit_small_patch16_224", "levit_384",
                   "convnext_small", "mixer_b16_224"]
@@ -52,7 +58,9 @@ def table_file(source: str) -> Path | None:
     if path.suffix not in (".yaml", ".yml") or not path.is_file():
         return None
     tree = recipe_mod.read_yaml(path, "table file")
-    return path if isinstance(tree, dict) and "models" in tree else None
+    # a table file by any key of its own ("teacher" is a recipe section too): a typo's message is then the
+    # table file's, and a recipe with no table key stays the shorthand's recipe
+    return path if isinstance(tree, dict) and set(tree) & (table_spec.KEYS - {"teacher"}) else None
 
 
 def spec_from(args: argparse.Namespace) -> TableSpec:
@@ -69,16 +77,41 @@ def spec_from(args: argparse.Namespace) -> TableSpec:
         if getattr(args, flag) is not None:
             setattr(spec, flag, getattr(args, flag))
     if args.seeds is not None:
-        spec.seeds = args.seeds
+        spec.seeds = table_spec.check_seeds("--seeds", args.seeds)
     if spec.jobs < 1 or spec.nproc < 1:
         raise UsageError("--jobs and --nproc must be at least 1")
+    if not str(spec.out) or str(spec.out) == ".":
+        raise UsageError("--out must name a folder for the table's runs")
+    table_spec.check_owned("the command line's overrides", args.overrides)
+    if spec.teacher is not None:
+        teacher_keys = [o for o in args.overrides if o.startswith("teacher.")] + \
+            [k for k in spec.overrides if k.startswith("teacher.")]
+        if teacher_keys:
+            raise UsageError(f"{teacher_keys[0].split('=')[0]}: the table trains its own teacher (teacher:); set "
+                             f"it there")
     return spec
 
 
-def checked_base(spec: TableSpec, overrides: list[str]):
-    """The shared recipe with the table's overrides, checked once: a bad value fails here, before any run."""
+def sized(spec: TableSpec, runs: int, gpus: int) -> None:
+    """jobs and nproc within the machine: jobs capped at the runs and the cores (or GPUs), with a line."""
+    if not gpus and spec.nproc > cores():
+        raise UsageError(f"nproc={spec.nproc} processes per run on {cores()} CPU cores; use nproc <= {cores()}")
+    most = min(runs, gpus // spec.nproc if gpus else max(1, cores() // spec.nproc))
+    if spec.jobs > most:
+        print(f"[table] jobs={spec.jobs} capped to {most} ({runs} runs, "
+              f"{f'{gpus} GPUs' if gpus else f'{cores()} CPU cores'})", flush=True)
+        spec.jobs = max(1, most)
+
+
+def checked_base(spec: TableSpec, overrides: list[str], here: bool = True):
+    """The shared recipe with the table's overrides, checked once: a bad value fails here, before any run;
+    `here` (not --plan): the data and --out must be usable on this machine too."""
     tree = jobs.settings(recipe_mod.read_yaml(recipe_mod.recipe_path(spec.recipe)), spec.overrides)
     base = recipe_mod.from_tree(tree, overrides)
+    if here and base.data.format == "folder" and not os.path.isdir(os.path.join(base.data.root, base.data.train_split)):
+        raise UsageError(f"data.root={printable(str(base.data.root))[:200]} has no {base.data.train_split}/ folder "
+                         f"here; set data.root (or plan the runs for another machine with --plan)")
+    check_writable(spec.out, "out")
     if spec.kd != "off" and spec.teacher is None and not base.kd:
         raise UsageError(f"kd={spec.kd} needs a teacher: the recipe {spec.recipe} has none; set teacher: in the "
                          f"table file or teacher.name=... (or kd: off)")
@@ -116,11 +149,11 @@ def evaluate(children: Children, nproc: int, run_dir: Path, overrides: list[str]
         cached = json.loads(saved.read_text())
         if cached.get("key") == key and "report" in cached:
             return cached["report"]
-    out = saved.with_suffix(".out")
-    if children.run(launcher(nproc) + args, jobs.log_file(run_dir), stdout=out) != 0:
-        return None
-    report = json.loads(out.read_text())
-    out.unlink()
+    with tempfile.TemporaryDirectory() as tmp:  # a fresh name: never a link planted beside the run
+        out = Path(tmp) / "report.json"
+        if children.run(launcher(nproc) + args, jobs.log_file(run_dir), stdout=out) != 0:
+            return None
+        report = json.loads(out.read_text())
     files.atomic_write(saved, lambda tmp: Path(tmp).write_text(json.dumps({"key": key, "report": report})))
     return report
 
@@ -143,99 +176,19 @@ def collected(spec: TableSpec, todo: list[jobs.Job]) -> dict[str, jobs.Outcome]:
     return outcomes
 
 
-def measured_cost(row: Row, base, num_classes: int, device: torch.device) -> tuple[dict, str]:
-    """Params, GMACs and inference speed at the data's class count and the row's own input size."""
-    kwargs = dict(row.overrides.get("model.kwargs") or base.model.kwargs or {})
-    size = row.overrides.get("data.input_size") or base.data.input_size
-    try:
-        if size is None:
-            size = table.default_size(row.name)
-        cost = table.model_cost(row.name, num_classes, int(size), device, **kwargs)
-        return {**cost, "input_size": int(size)}, ""
-    except Exception as e:  # an unknown name or a failing model: the row still says what happened
-        return {}, f"cost: {type(e).__name__}: {str(e)[:120]}"
-
-
-def results(spec: TableSpec, todo: list[jobs.Job], outcomes: dict, reports: dict) -> dict[str, list[dict]]:
-    """{row label: [run records]} of the student runs; the teacher's record under 'teacher'."""
-    teacher_sha = aggregate.sha256(Path(table_spec.teacher_settings(spec).get("teacher.weights") or ""))
-    by_row = {}
-    for job in runs_of(todo):
-        if job.name == "teacher":
-            continue
-        seed, rest = job.name.split("/", 1)
-        label, kind = rest.rsplit("-", 1)
-        outcome = outcomes.get(job.name) or jobs.Outcome(None, failure="not run")
-        report = reports.get(job.name) or {}
-        metrics = next(iter((report.get("students") or {}).values()), None)
-        by_row.setdefault(label, []).append({
-            "name": job.name, "seed": int(seed[4:]), "kd": kind == "kd", "metrics": metrics,
-            "summary": outcome.summary, "seconds": jobs.spent_seconds(spec.out / job.name), "failure": outcome.failure or ("" if metrics or not outcome.summary
-                                                                       else "evaluation failed"),
-            "teacher": report.get("teacher"), "store_note": job.note,
-            "provenance": aggregate.provenance(spec.out / job.name, outcome.summary,
-                                               teacher_sha if kind == "kd" else None)})
-    return by_row
-
-
-def runs_of(todo: list[jobs.Job]) -> list[jobs.Job]:
-    """The training runs of the plan (not its soft-label store jobs)."""
-    return [j for j in todo if j.command == "train"]
-
-
-def store_notes(runs: list[dict]) -> list[str]:
-    """Why a row's KD runs used the live teacher instead of the shared store, once per distinct reason."""
-    return list(dict.fromkeys(r["store_note"] for r in runs if r.get("store_note")))
-
-
-def build_rows(spec: TableSpec, base, by_row: dict, device: torch.device) -> list[dict]:
-    on_gpu = device.type == "cuda"
-    num_classes = next((r["summary"]["num_classes"] for runs in by_row.values() for r in runs
-                        if r.get("summary")), 1000)
-    rows = []
-    teacher_metrics = next((r["teacher"] for runs in by_row.values() for r in runs if r.get("teacher")), None)
-    if spec.kd != "off" and (spec.teacher or base.teacher.name):
-        t_row = spec.teacher or Row("teacher", base.teacher.name, {"model.kwargs": base.teacher.kwargs})
-        cost, note = measured_cost(t_row, base, num_classes, device)
-        out = table.row(f"teacher ({t_row.name})", nokd=teacher_metrics, kd=None, cost=cost, note=note,
-                        family=table.family_of(t_row.name))
-        rows.append(out | {"infer_precision": cost.get("infer_precision"), "input_size": cost.get("input_size")})
-    for row in spec.rows:
-        runs = by_row.get(row.label, [])
-        out = aggregate.student_row(row, runs, kd_kinds=KINDS[spec.kd], tolerance=spec.tolerance)
-        cost, note = measured_cost(row, base, num_classes, device)
-        family = table.family_of(row.name)
-        deviates = table_spec.deviations(row)
-        out |= {"kind": table.kind_of(family), "family": family, **cost,
-                **aggregate.cost_of(runs, spec.nproc, on_gpu),
-                "deviates": ", ".join(f"{k}={json.dumps(v)}" for k, v in deviates.items()),
-                "note": "; ".join(n for n in (out["note"], note, *store_notes(runs)) if n)}
-        rows.append(out)
-    return rows
-
-
-def cell(value, column: str = "") -> str:
-    return table.cell(value, column)
-
-
-def cells(rows: list[dict]) -> list[dict]:
-    """Rows for the markdown: a mean with its standard error as 'm +- se'."""
-    shown = []
-    for r in rows:
-        r = dict(r)
-        for key in ("top1_nokd", "top1_kd", "gain"):
-            if r.get(key) is not None and r.get(f"{key}_se") is not None:
-                r[key] = f"{r[key]:.2f} ± {r[f'{key}_se']:.2f}"
-        shown.append(r)
-    return shown
-
-
 def old_rows(path: Path) -> list[dict]:
+    problem = file_problem(path)
+    if problem or path.stat().st_size > 256 << 20:
+        raise UsageError(f"--compare {path} {problem or 'is larger than a table.json can be'}")
     try:
         rows = json.loads(path.read_text())["rows"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--compare {path}: not a usi table.json ({type(e).__name__})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r for r in rows):
+    numbers = ("top1_nokd", "top1_kd", "gain", "top1_nokd_se", "top1_kd_se", "gain_se")
+    if not isinstance(rows, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("model"), str) and isinstance(r.get("runs", []), list)
+            and all(isinstance(run, dict) for run in r.get("runs", []))
+            and all(r.get(k) is None or table_spec.finite_number(r.get(k)) for k in numbers) for r in rows):
         raise UsageError(f"--compare {path}: not a usi table.json (its rows are not table rows)")
     return rows
 
@@ -270,12 +223,50 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def refuse_other_recipes(todo: list[jobs.Job], out: Path) -> None:
+    """A finished or unfinished run of another recipe in the table's folders stops the table before
+    anything runs (one line naming the key that differs): its results are never replaced by notes."""
+    for job in runs_of(todo):
+        run_dir = out / job.name
+        if not (run_dir / RECIPE_FILE).is_file():
+            continue
+        try:
+            recipe = jobs.recipe_for(job, run_dir, rerun=False)
+        except UsageError:  # a run that cannot be built yet (its teacher to come) or at all: its row says why
+            continue
+        jobs.decide(recipe, run_dir, rerun=False)
+
+
+def eval_overrides(spec: TableSpec, base) -> list[str]:
+    """usi eval's arguments: the data, and the teacher when there is one to measure against (a teacher run
+    that failed leaves the no-KD rows measured without it)."""
+    teacher = teacher_overrides(spec, base)
+    if spec.teacher is not None and teacher and not Path(teacher["teacher.weights"]).is_file():
+        teacher = {}
+    return jobs.as_overrides(data_overrides(base) | teacher)
+
+
+@contextlib.contextmanager
+def stopped_in_one_line(what: str):
+    """SIGTERM/SIGINT outside the runs (while measuring costs): one line and 143/130, the runs kept."""
+    def stop(signum, _frame):
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} while {what}; the runs are kept: "
+                                  f"the same command makes the table")
+
+    previous = {s: signal.signal(s, stop) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     start = time.time()
     spec = spec_from(args)
     old = old_rows(args.compare) if args.compare else None  # a bad file fails now, not after the runs
-    base = checked_base(spec, args.overrides)  # a bad recipe fails here, once
+    base = checked_base(spec, args.overrides, here=not args.plan)  # a bad recipe fails here, once
     todo = table_spec.plan(spec, args.overrides)
     if args.plan:
         paths = table_plan.write_plan(todo, spec.out, nproc=spec.nproc)
@@ -283,44 +274,51 @@ def main(argv=None) -> int:
               f"then: bash {spec.out / 'plan' / 'submit.sh'} (or each line of runs.txt), and "
               f"usi table {args.source} --collect")
         return 0
-    envs = slot_envs(spec.jobs, spec.nproc, torch.cuda.device_count() if base.run.device != "cpu" else 0)
-    eval_args = jobs.as_overrides(data_overrides(base) | teacher_overrides(spec, base))
+    gpus = torch.cuda.device_count() if base.run.device != "cpu" else 0
+    sized(spec, len(todo), gpus)
+    envs = slot_envs(spec.jobs, spec.nproc, gpus)
+    if not args.rerun:
+        refuse_other_recipes(todo, spec.out)
 
     def evaluated(children: Children, run_dir: Path) -> None:  # each student as soon as it is trained
         if run_dir.name != "teacher":
-            evaluate(children, spec.nproc, run_dir, eval_args)
+            evaluate(children, spec.nproc, run_dir, eval_overrides(spec, base))
 
     if args.collect:
         outcomes = collected(spec, todo)
     else:
         outcomes = jobs.run_children(todo, spec.out, envs=envs, nproc=spec.nproc, then=evaluated, rerun=args.rerun,
                                      tag="table", start=start, keep_going=True)
-    children = Children(envs)
     finished = [j.name for j in runs_of(todo)
                 if j.name != "teacher" and (outcomes.get(j.name) or jobs.Outcome(None)).summary]
+    if not finished:
+        failures = [f"{n}: {o.failure}" for n, o in outcomes.items() if o.failure]
+        raise UsageError(f"no run of the table has finished ({len(failures)} of {len(outcomes)} did not: "
+                         f"{printable(failures[0] if failures else 'none started')[:300]}); nothing was written")
+    children = Children(envs)
     with children.forwarding(), ThreadPoolExecutor(len(envs)) as pool:
         reports = dict(zip(finished, pool.map(
-            lambda name: evaluate(children, spec.nproc, spec.out / name, eval_args), finished)))
-    device = torch.device(args.device)
-    rows = build_rows(spec, base, results(spec, todo, outcomes, reports), device)
+            lambda name: evaluate(children, spec.nproc, spec.out / name, eval_overrides(spec, base)), finished)))
+    with stopped_in_one_line("measuring the models' costs"):
+        rows = build_rows(spec, base, results(spec, todo, outcomes, reports), torch.device(args.device))
     missing = [n for n, o in outcomes.items() if o.failure.startswith("missing")]
-    reused = jobs.reused(outcomes)
-    title = (spec.title or f"usi table {args.source}: recipe {spec.recipe}, teacher "
-             f"{spec.teacher.name if spec.teacher else base.teacher.name}")
-    title += (f"\n{len(spec.seeds)} seeds {spec.seeds}, {len(todo)} runs ({reused} reused), {spec.jobs} at a time x "
-              f"{spec.nproc} processes; top-1 as mean ± standard error over seeds, the gain from paired seeds; "
-              f"inference {rows[-1].get('infer_precision') or ''}; {time.time() - start:.0f} s")
+    teacher = (spec.teacher.name if spec.teacher else base.teacher.name) if spec.kd != "off" else "none (kd off)"
+    title = spec.title or f"usi table {args.source}: recipe {spec.recipe}, teacher {teacher}"
+    title += (f"\n{len(spec.seeds)} seeds {spec.seeds}, {len(runs_of(todo))} runs ({jobs.reused(outcomes)} reused), "
+              f"{spec.jobs} at a time x {spec.nproc} processes; top-1 as mean ± standard error over seeds, the gain "
+              f"from paired seeds; inference {rows[-1].get('infer_precision') or ''}; {time.time() - start:.0f} s")
     meta = {"spec": {"recipe": spec.recipe, "seeds": spec.seeds, "kd": spec.kd, "jobs": spec.jobs,
                      "nproc": spec.nproc, "overrides": spec.overrides, "cli_overrides": args.overrides},
             "missing": missing}
     paths = table.write(rows, spec.out, "table", title, columns=COLUMNS + CSV_EXTRA, meta=meta)
-    paths["md"].write_text(f"{title}\n\n{table.markdown(table.filled(COLUMNS, rows), cells(rows))}\n")
-    table.show(title, table.markdown(table.filled(COLUMNS, rows), cells(rows)), paths)
+    shown = table.markdown(table.filled(COLUMNS, rows), cells(rows))
+    table.text_file(paths["md"], f"{title}\n\n{shown}\n")
+    table.show(title, shown, paths)
     if missing:
         print(f"missing {len(missing)} of {len(outcomes)} runs: {', '.join(missing[:8])}"
               + (" ..." if len(missing) > 8 else ""))
     if args.compare:
-        print(f"\nagainst {args.compare}:\n" + "\n".join(aggregate.compare(old, rows)))
+        print(f"\nagainst {args.compare}:\n" + "\n".join(printable(line) for line in aggregate.compare(old, rows)))
     return 0
 
 
