@@ -44,6 +44,7 @@ from helpers import nan_copy, one_error, teacher_file, train, train_args
                                                         "null)"),
     (["loss.distill_token=hard", "loss.hard_label=false"], "loss.hard_label=false would leave it untrained"),
     (["data.minival=-0.1"], "data.minival=-0.1 is out of range: must be >= 0.0"),
+    (["aug.randaugment_fill=[1, 2, 3]", "aug.auto_augment=null"], "aug.auto_augment is null (no RandAugment)"),
     (["data.minival=1.5"], "data.minival=1.5 must be a fraction below 1 or a whole number of images"),
     (["data.format=shards", "data.minival=0.1"], "data.minival needs data.format=folder"),
     (["run.keep_best=0"], "run.keep_best=0 is out of range: must be >= 1 and <= 100"),

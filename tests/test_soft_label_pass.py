@@ -65,6 +65,9 @@ def test_bad_values_are_one_line(image_root, teacher, tmp_path):
               "aug.randaugment_fill=[1, 2]: expected 3 integers 0..255")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "f.safetensors"))
     one_error(soft_label_store(image_root, tmp_path / "f.safetensors", teacher), "is a file, not a folder")
+    one_error(soft_label_store(image_root, tmp_path / "f.safetensors" / "x", teacher), "is not a writable directory")
+    one_error(soft_label_store(image_root, tmp_path / "c", teacher, flags=("--top-k", "0")), "--top-k 0: expected 1")
+    assert not (tmp_path / "c").exists()
 
 
 def test_sigterm_stops_the_writer_in_one_line_and_the_same_command_writes_the_rest(image_root, teacher, tmp_path):

@@ -89,6 +89,9 @@ def check_soft_labels(recipe: Recipe) -> None:
     if fill is not None and not (isinstance(fill, list) and len(fill) == 3
                                  and all(type(v) is int and 0 <= v <= 255 for v in fill)):
         raise UsageError(f"aug.randaugment_fill={fill!r}: expected 3 integers 0..255 (e.g. [124, 116, 104]) or null")
+    if fill is not None and not recipe.aug.auto_augment:
+        raise UsageError("aug.randaugment_fill sets RandAugment's fill, but aug.auto_augment is null (no "
+                         "RandAugment); leave the fill null")
     store = recipe.teacher.soft_labels
     if store is None:
         return

@@ -102,7 +102,8 @@ class DataSection:
     max_bad_samples: int = setting(1000, low=0, resume_free=True,
                                    help="unreadable images skipped per run before it stops")
     minival: float = setting(0.0, low=0.0, help="train images held out to select best.safetensors on: a "
-                             "fraction < 1 or a count, per class, the same for every seed; 0: select on val")
+                             "fraction < 1 or a total count (spread over the classes in proportion), the same for "
+                             "every seed; 0: select on val")
     # may change on resume: a resume refuses other class names anyway (the checkpoint stores them)
     class_map: Optional[str | list] = setting(None, resume_free=True,
                                               help="train on these classes in this order: a list of class folder "
