@@ -13,9 +13,9 @@ def test_quickstart_pipeline_writes_its_table(tmp_path, capsys):
     rows = quickstart(tmp_path, seed=1, per_class=(8, 2),
                       extra=["sched.epochs=1", "sched.warmup_epochs=0", "data.batch_size=8", "optim.global_batch=8",
                              "data.input_size=16", "data.workers=0"])
-    assert [r["model"] for r in rows] == [name for name, _, _ in STUDENTS]
+    assert [r["model"] for r in rows] == [name for name, _ in STUDENTS]
     for r in rows:
-        assert r["family"] in ("CNN", "mobile", "ViT") and r["params_m"] > 0 and r["infer_img_s"] > 0
+        assert r["kind"] in ("CNN", "mobile", "ViT") and r["params_m"] > 0 and r["infer_img_s"] > 0
         assert 0 <= r["top1_nokd"] <= 100 and 0 <= r["top1_kd"] <= 100
         assert r["gain"] == r["top1_kd"] - r["top1_nokd"]
         assert 0 <= r["agreement_nokd"] <= 100 and 0 <= r["agreement_kd"] <= 100

@@ -65,8 +65,8 @@ def write_store(recipe: Recipe, out: Path, *, top_k: int | None = None, steps_pe
         if store.read_manifest(out) is None:
             raise UsageError(f"--out {out}: rank {dist.rank} cannot read the manifest rank 0 wrote (a folder every "
                              f"rank shares is needed)")
-        with stopping_on_signals():
-            written = write_epochs(t, out, k=k, per_chunk=steps_per_chunk)
+        with stopping_on_signals() as received:
+            written = write_epochs(t, out, k=k, per_chunk=steps_per_chunk, received=received)
         distributed.barrier()
         if dist.main:
             manifest = finish(out, manifest, t)
@@ -82,13 +82,15 @@ def stopping_on_signals():
     """SIGTERM/SIGINT end the pass with one line and 128 + the signal (as a training run): every chunk is
     written atomically with its checksum after it, so the chunks done are kept and the same command
     writes the rest."""
-    def stop(signum, _frame):
-        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}: the chunks written so far are kept; "
-                                  f"the same usi soft-labels command writes the rest")
+    received = []  # the handler only notes the signal: raising there could land inside a loader's own
+                   # try/except (an image's decode) and be taken for a bad image; the pass stops between steps
 
-    previous = {s: signal.signal(s, stop) for s in SIGNALS}
+    def note(signum, _frame):
+        received.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in SIGNALS}
     try:
-        yield
+        yield received
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -112,7 +114,14 @@ def prepare(out: Path, manifest: dict) -> None:
     store.write_manifest(out, manifest)
 
 
-def write_epochs(t: Training, out: Path, *, k: int, per_chunk: int) -> int:
+def check_stop(received: list) -> None:
+    if received:
+        name = signal.Signals(received[0]).name
+        raise Interrupted(received[0], f"stopped by {name}: the chunks written so far are kept; the same usi "
+                                       f"soft-labels command writes the rest")
+
+
+def write_epochs(t: Training, out: Path, *, k: int, per_chunk: int, received: list = ()) -> int:
     """Every epoch's chunks of this rank that are missing or damaged. An epoch with one to write runs its
     batches from step 0 (mixing each, so every draw is training's), the teacher only where needed."""
     rank, steps, written = t.dist.rank, t.steps, 0
@@ -125,6 +134,7 @@ def write_epochs(t: Training, out: Path, *, k: int, per_chunk: int) -> int:
             continue
         batches, pending = t.train_loader.epoch(epoch, 0), []
         for step in range(max(todo) + min(per_chunk, steps - max(todo))):
+            check_stop(received)
             batch, error = next_batch(batches)
             if error is not None:
                 raise error
