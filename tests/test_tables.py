@@ -109,7 +109,11 @@ def test_a_table_file_trains_its_teacher_then_every_seed_in_parallel_and_reports
     assert out.returncode == 0, out.stderr[-3000:]
     saved = json.loads((tmp_path / "out" / "table.json").read_text())
     teacher, vit = saved["rows"]
-    assert teacher["model"] == "teacher (test_resnet)" and teacher["top1_nokd"] is not None
+    final = json.loads((tmp_path / "out" / "teacher" / "summary.json").read_text())["best"]
+    assert teacher["model"] == "teacher (test_resnet)" and teacher["top1_nokd"] == final["value"]
+    for saved_eval in (tmp_path / "out").glob("seed*/*.eval.json"):  # every student against the final teacher,
+        report = json.loads(saved_eval.read_text())["report"]      # never the one still training beside it
+        assert report["teacher"]["top1"] == final["value"], saved_eval
     assert vit["kind"] == "ViT" and vit["family"] == "vision_transformer" and vit["seeds_kd"] == 2
     assert vit["params_m"] == pytest.approx(sum(p.numel() for p in timm.create_model(
         "test_vit", num_classes=4, img_size=16, patch_size=4).parameters()) / 1e6)  # 4 classes, not 1000

@@ -143,7 +143,10 @@ def evaluate(children: Children, nproc: int, run_dir: Path, overrides: list[str]
     if not ckpt.is_file():
         return None
     args = ["eval", str(ckpt), *overrides, "--json"]
-    key = {"args": args, "weights": [ckpt.stat().st_size, ckpt.stat().st_mtime_ns]}
+    # the teacher's file too: a student measured against another teacher file is measured again
+    teacher = next((json.loads(o.split("=", 1)[1]) for o in overrides if o.startswith("teacher.weights=")), None)
+    key = {"args": args, "weights": [ckpt.stat().st_size, ckpt.stat().st_mtime_ns],
+           "teacher": [os.stat(teacher).st_size, os.stat(teacher).st_mtime_ns] if teacher else None}
     saved = run_dir.parent / f"{run_dir.name}.eval.json"
     if saved.is_file():
         cached = json.loads(saved.read_text())
@@ -280,8 +283,11 @@ def main(argv=None) -> int:
     if not args.rerun:
         refuse_other_recipes(todo, spec.out)
 
-    def evaluated(children: Children, run_dir: Path) -> None:  # each student as soon as it is trained
-        if run_dir.name != "teacher":
+    def evaluated(children: Children, run_dir: Path) -> None:
+        """Each student as soon as it is trained, once the table's teacher is final (a teacher still
+        training has a best.safetensors already: agreement with it would be agreement with an early one)."""
+        teacher_done = spec.teacher is None or read_summary(spec.out / "teacher") is not None
+        if run_dir.name != "teacher" and teacher_done:
             evaluate(children, spec.nproc, run_dir, eval_overrides(spec, base))
 
     if args.collect:
