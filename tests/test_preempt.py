@@ -158,3 +158,18 @@ def test_a_signal_during_the_teachers_val_pass_stops_with_a_checkpoint(image_roo
     again = usi_cmd(*train_args(image_root, run, *kd, "run.resume=auto"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_raising_interrupted_turns_a_signal_into_one_line_and_restores_the_handler():
+    """For phases with no update to finish (usi shards' pool, usi table's cost measuring)."""
+    import os
+    import signal as signals
+
+    from usi.runtime import preempt
+
+    before = signals.getsignal(signals.SIGTERM)
+    with pytest.raises(preempt.Interrupted) as e, preempt.raising_interrupted(lambda name: f"stopped by {name}"):
+        os.kill(os.getpid(), signals.SIGTERM)
+        time.sleep(5)  # the handler raises here
+    assert e.value.exit_code == 143 and str(e.value) == "stopped by SIGTERM"
+    assert signals.getsignal(signals.SIGTERM) is before

@@ -35,7 +35,7 @@ from usi.data.folder import find_classes, list_images
 from usi.data.images import load_rgb
 from usi.errors import UsageError, one_line, printable
 from usi.runtime.files import atomic_write, open_own, open_regular, temporary_beside
-from usi.runtime.preempt import SIGNALS, Interrupted
+from usi.runtime.preempt import SIGNALS, Interrupted, raising_interrupted
 
 MANIFEST = ".make_shards.json"  # the settings and source the shards here were written from
 
@@ -160,22 +160,16 @@ def stopping_on_signals(pool, shards: list):
     file, removed by the next run; finished shards were renamed into place), one line says what was kept,
     and Interrupted ends the command with 128 + the signal. The same command resumes: finished shards are
     kept, the rest written."""
-    def stop(signum, _frame):
-        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name}: {len(shards)} shards finished and "
-                                  f"kept; the same command writes the rest")
-
-    previous = {s: signal.signal(s, stop) for s in SIGNALS}
     try:
-        yield
+        with raising_interrupted(lambda name: f"stopped by {name}: {len(shards)} shards finished and kept; the "
+                                              f"same command writes the rest"):
+            yield
     except Interrupted:
         for s in SIGNALS:  # a second signal while the workers stop is only noted
             signal.signal(s, signal.SIG_IGN)
         pool.terminate()
         print(file=sys.stderr)
         raise
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def write_shards(argv=None) -> int:

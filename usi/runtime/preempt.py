@@ -17,9 +17,11 @@ join.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -37,6 +39,23 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+@contextlib.contextmanager
+def raising_interrupted(message: Callable[[str], str]):
+    """SIGTERM/SIGINT raise Interrupted(signum, message(the signal's name)) wherever the main thread is:
+    for phases with no update to finish (waiting on a worker pool, measuring models). A loop that must
+    not be cut mid-step notes the signal instead and stops between steps (StopSignals): a raise from the
+    handler could land inside a library's own try/except."""
+    def stop(signum, _frame):
+        raise Interrupted(signum, message(signal.Signals(signum).name))
+
+    previous = {s: signal.signal(s, stop) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def ignore_interrupts(_worker_id: int | None = None) -> None:

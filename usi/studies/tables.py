@@ -16,10 +16,8 @@ table.json; table.md, table.csv and table.png beside it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ from usi import recipe as recipe_mod
 from usi.errors import UsageError, file_problem, printable
 from usi.recipe.loading import RECIPES
 from usi.runtime import files
-from usi.runtime.preempt import SIGNALS, Interrupted
+from usi.runtime.preempt import raising_interrupted
 from usi.studies import aggregate, jobs, table, table_plan, table_spec
 from usi.studies.launch import Children, cores, launcher, slot_envs
 from usi.studies.table_rows import build_rows, cells, results, runs_of
@@ -249,21 +247,6 @@ def eval_overrides(spec: TableSpec, base) -> list[str]:
     return jobs.as_overrides(data_overrides(base) | teacher)
 
 
-@contextlib.contextmanager
-def stopped_in_one_line(what: str):
-    """SIGTERM/SIGINT outside the runs (while measuring costs): one line and 143/130, the runs kept."""
-    def stop(signum, _frame):
-        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} while {what}; the runs are kept: "
-                                  f"the same command makes the table")
-
-    previous = {s: signal.signal(s, stop) for s in SIGNALS}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def main(argv=None) -> int:
     args = parse(argv)
     start = time.time()
@@ -305,7 +288,8 @@ def main(argv=None) -> int:
     with children.forwarding(), ThreadPoolExecutor(len(envs)) as pool:
         reports = dict(zip(finished, pool.map(
             lambda name: evaluate(children, spec.nproc, spec.out / name, eval_overrides(spec, base)), finished)))
-    with stopped_in_one_line("measuring the models' costs"):
+    with raising_interrupted(lambda name: f"stopped by {name} while measuring the models' costs; the runs are "
+                                          f"kept: the same command makes the table"):
         rows = build_rows(spec, base, results(spec, todo, outcomes, reports), torch.device(args.device))
     missing = [n for n, o in outcomes.items() if o.failure.startswith("missing")]
     teacher = (spec.teacher.name if spec.teacher else base.teacher.name) if spec.kd != "off" else "none (kd off)"
