@@ -55,6 +55,10 @@ def test_a_student_trained_from_the_store_has_the_live_runs_weights(image_root, 
     assert live.returncode == 0 and stored.returncode == 0, stored.stderr
     assert "recomputed and matched" in stored.stderr
     assert max_difference(student(tmp_path / "live"), student(tmp_path / "stored")) == 0.0  # CPU, fp32: bit for bit
+    # the store's cost is in the summary, within the training time; a live run has none
+    summaries = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in ("live", "stored")}
+    assert "soft_labels_read_s" not in summaries["live"]
+    assert 0 < summaries["stored"]["soft_labels_read_s"] < summaries["stored"]["train_time_s"]
     # resumed mid-epoch: the folder loader reseeds from the step, so the live teacher serves that epoch's rest
     resumed_mid_epoch(image_root, tmp_path / "live_cut", *teacher)
     out = resumed_mid_epoch(image_root, tmp_path / "stored_cut", *teacher, f"teacher.soft_labels={full_store}")

@@ -1,10 +1,12 @@
-"""tools/*.py (throughput, gpu_report, loader_bench, kd_cost) on tiny models, CPU; `usi table` is in test_tables.py."""
+"""tools/*.py (throughput, gpu_report, loader_bench, kd_cost, topk_error, share_cost) on tiny models, CPU; `usi table` is in test_tables.py."""
 import json
 import math
 
 import pytest
+import yaml
 
-from helpers import run_tool
+from conftest import TINY
+from helpers import run_tool, teacher_file
 
 
 def test_throughput_reports_every_timing_and_ratio(tmp_path):
@@ -73,3 +75,53 @@ def test_kd_cost_times_every_configuration_against_logit_kd():
 def test_kd_cost_bad_arguments_are_one_line(args, message):
     out = run_tool("tools/kd_cost.py", *args)
     assert out.returncode == 2 and message in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
+
+
+# ---------------------------------------------------------------- tools/topk_error.py, tools/share_cost.py
+
+
+def kd_table(tmp_path, root, *extra):
+    """A 2-row KD table file on the tiny recipe; data.workers=1, so both students' batches (and the store) are
+    the same (with workers=0 the student's dropout draws would move the transforms' random stream)."""
+    teacher = teacher_file(tmp_path / "teacher.safetensors")
+    settings = [o for o in TINY if not o.startswith(("model.name", "teacher.name"))] + [
+        f"data.root={root}", "data.workers=1", "teacher.name=test_resnet", f"teacher.weights={teacher}", *extra]
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in settings)}
+    path = tmp_path / "table.yaml"
+    path.write_text(json.dumps({"recipe": "quickstart", "overrides": overrides, "kd": "on", "seeds": [0],
+                                "models": ["test_resnet", "test_efficientnet"], "out": str(tmp_path / "unused")}))
+    return path
+
+
+def test_topk_error_measures_a_cut_store_against_the_exact_one(image_root, tmp_path):
+    out = run_tool("tools/topk_error.py", str(kd_table(tmp_path, image_root)), "--top-k", "4", "2", "--live",
+                   "--out", str(tmp_path / "m"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the two students normalize differently, so RandAugment fills differently: one exact store each (with
+    # aug.randaugment_fill set they would share one); the top-K stores are cut from them, no teacher pass
+    assert sorted(p.name for p in (tmp_path / "m" / "seed0").glob("*-store-?")) == [
+        "exact-store-0", "exact-store-1", "top2-store-0", "top2-store-1", "top4-store-0", "top4-store-1"]
+    rows = {(r["model"], r["k"]): r for r in json.loads((tmp_path / "m" / "topk-error.json").read_text())["rows"]}
+    assert len(rows) == 4
+    for model in ("test_resnet", "test_efficientnet"):
+        every = rows[(model, 4)]  # K = the class count: the exact store again, so no error and the same run
+        assert every["kd_rel_error_max_pct"] == "0.0" and every["tail_mass_mean_pct"] == "0.00"
+        assert every["top1_diff"] == "0.00" and every["agreement_diff"] == "0.00"
+        cut = rows[(model, 2)]  # half the classes: a tail with mass, so the KD term moves
+        assert float(cut["kd_rel_error_max_pct"]) > 0 and float(cut["tail_mass_mean_pct"]) > 0
+        assert every["max_weight_diff_exact_vs_live"] == 0.0  # the exact store's run is the live run
+    steps = json.loads((tmp_path / "m" / "seed0" / "test_resnet-top2" / "kd-error.json").read_text())
+    assert len(steps["errors"]) == 2 * 8 and all(e >= 0 for e in steps["errors"])  # 2 epochs x 8 steps
+
+
+def test_share_cost_runs_the_table_live_and_shared(image_root, tmp_path):
+    table = kd_table(tmp_path, image_root, "aug.randaugment_fill=[124, 116, 104]")  # both rows share the store
+    out = run_tool("tools/share_cost.py", str(table), "--out", str(tmp_path / "c"))
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    report = json.loads((tmp_path / "c" / "share-cost.json").read_text())
+    assert "top-1 equal in both tables: yes" in report["summary"]
+    assert [r["run"] for r in report["rows"]] == ["seed0/test_efficientnet-kd", "seed0/test_resnet-kd"]
+    for row in report["rows"]:  # both rows read the one store, each at a cost measured inside its training time
+        assert 0 < row["read_ms_per_step"] < row["step_ms_store"] and row["teacher_share_pct"] is not None
+    assert report["walls_s"]["live"] > 0 and report["walls_s"]["shared"] > 0
+    assert "B per image per epoch" in report["summary"]

@@ -222,7 +222,7 @@ class StoredLabels:
         self.per_chunk, self.classes = manifest["steps_per_chunk"], manifest["classes"]
         self.epoch, self.step, self.live = 0, 0, False
         self.loaded, self.chunk = None, None
-        self.read_s = 0.0  # seconds spent reading and checking chunks (the store's cost per step)
+        self.read_s = 0.0  # seconds spent reading, checking and rebuilding logits: the store's cost in a run
 
     def start(self, epoch: int, step: int, *, replays: bool) -> None:
         self.epoch, self.step = epoch, step
@@ -232,20 +232,21 @@ class StoredLabels:
                      f"teacher serves the rest of this epoch")
 
     def logits_at(self, epoch: int, step: int) -> torch.Tensor:
+        t0 = time.perf_counter()
         first = step - step % self.per_chunk
         name = chunk_name(epoch, self.rank, first)
         if self.loaded != name:
-            t0 = time.perf_counter()
             digest = self.manifest["chunks"].get(name)
             if digest is None:
                 raise UsageError(f"soft-label store {self.folder} has no {name}")
             self.chunk, self.loaded = read_chunk(self.folder, name, digest), name
-            self.read_s += time.perf_counter() - t0
         rows = self.manifest["facts"]["data.batch_size"]  # every training step is a full batch
         at = (step - first) * rows
         c = self.chunk
-        return full_logits(c["values"][at:at + rows], c["indices"][at:at + rows], c["lse"][at:at + rows],
-                           self.classes)
+        logits = full_logits(c["values"][at:at + rows], c["indices"][at:at + rows], c["lse"][at:at + rows],
+                             self.classes)
+        self.read_s += time.perf_counter() - t0
+        return logits
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.live:

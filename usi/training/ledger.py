@@ -163,6 +163,9 @@ class Ledger:
             "train_time_s": train_time, "wall_time_s": self.wall_s(),
             "versions": self.versions,
         }
+        reads = [r["train"]["soft_labels_read_s"] for r in history if "soft_labels_read_s" in r["train"]]
+        if reads:  # teacher.soft_labels: the store's reads, within train_time_s
+            summary["soft_labels_read_s"] = sum(reads)
         if self.main:
             rundir.write_summary(self.run_dir, summary)
             best = self.best

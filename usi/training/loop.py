@@ -150,6 +150,8 @@ def train_phase(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter) -> tup
     """One epoch's training (from ledger.at) -> (its metrics.jsonl record so far, the engine's result).
     A stop signal mid-epoch checkpoints where it stopped and raises Interrupted."""
     at, t0 = ledger.at, time.time()
+    labels = t.state.soft_labels
+    read_s = labels.read_s if labels is not None else 0.0
     try:
         result = train_one_epoch(t.state, t.cfg, feed.epoch(at), meter, on_update=ledger.after_update)
     except NonFiniteError as e:
@@ -158,7 +160,10 @@ def train_phase(t: Training, ledger: Ledger, *, feed: Feed, meter: Meter) -> tup
         ledger.at = result.end
         stop(t, ledger, result.stopped_by)
     check_some_update_counted(ledger, result, at)
-    return {"epoch": at.epoch + 1, "train": {**result.stats, "time_s": time.time() - t0}}, result
+    train = {**result.stats, "time_s": time.time() - t0}
+    if labels is not None:  # what teacher.soft_labels cost this epoch, against the epoch's training time
+        train["soft_labels_read_s"] = labels.read_s - read_s
+    return {"epoch": at.epoch + 1, "train": train}, result
 
 
 def evaluate_epoch(t: Training, teacher_logits: dict) -> dict:
