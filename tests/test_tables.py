@@ -266,3 +266,33 @@ def test_share_teacher_trains_kd_rows_from_one_store_with_the_live_teachers_top1
     # K = the class count: the stored logits are the teacher's, bit for bit, and so is the student trained on them
     assert tops[True] == tops[False] and weights[True].keys() == weights[False].keys()
     assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
+
+
+def test_sigterm_during_the_store_pass_stops_the_table_and_the_same_command_finishes_it(image_root, tmp_path):
+    # a teacher slow enough to stop mid-pass: resnet50 at 224 px (about a second a step on one thread)
+    teacher = tmp_path / "teacher.safetensors"
+    save_file(timm.create_model("resnet50", num_classes=4).state_dict(), str(teacher))
+    overrides = {**SMALL, "data.root": str(image_root), "sched.epochs": 2, "teacher.name": "resnet50",
+                 "teacher.weights": str(teacher), "teacher.input_size": 224}
+    path = table_file(tmp_path, image_root, teacher=None, kd="on", seeds=[0], jobs=1, overrides=overrides,
+                      models=["test_resnet"], share_teacher=True)
+    table = subprocess.Popen([sys.executable, "-m", "usi", "table", str(path), "--device", "cpu"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    folder = tmp_path / "out" / "seed0" / "soft-labels"
+    wait_for(lambda: any(folder.glob("*.sha256")), [table])  # epoch 1's chunk is written, epoch 2's is not
+    children_before = children(table.pid)
+    table.send_signal(signal.SIGTERM)
+    stdout, stderr = table.communicate(timeout=120)
+    assert table.returncode == 143, stderr[-2000:]
+    assert "every run wrote its checkpoint; the same command resumes them" in stderr and "Traceback" not in stderr
+    assert "stopped by SIGTERM" in (tmp_path / "out" / "seed0" / "soft-labels.log").read_text()
+    kept = sorted(p.name for p in folder.glob("*.sha256"))
+    assert len(kept) == 1 and not json.loads((folder / "manifest.json").read_text()).get("complete")
+    assert not (tmp_path / "out" / "seed0" / "test_resnet-kd").exists()  # the KD row waited for the store
+    assert children_before and not any(Path(f"/proc/{pid}").exists() and
+                                       open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in children_before)
+    again = run_tool("-m", "usi", "table", str(path), "--device", "cpu")
+    assert again.returncode == 0, again.stderr[-2000:]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["chunks"]) == 2  # the kept chunk, and the one written now
+    assert "answers for the teacher" in (tmp_path / "out" / "seed0" / "test_resnet-kd.log").read_text()

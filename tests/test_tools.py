@@ -1,6 +1,7 @@
 """tools/*.py (throughput, gpu_report, loader_bench, kd_cost, topk_error, share_cost) on tiny models, CPU; `usi table` is in test_tables.py."""
 import json
 import math
+import shutil
 
 import pytest
 import yaml
@@ -94,7 +95,8 @@ def kd_table(tmp_path, root, *extra):
 
 
 def test_topk_error_measures_a_cut_store_against_the_exact_one(image_root, tmp_path):
-    out = run_tool("tools/topk_error.py", str(kd_table(tmp_path, image_root)), "--top-k", "4", "2", "--live",
+    table = kd_table(tmp_path, image_root)
+    out = run_tool("tools/topk_error.py", str(table), "--top-k", "4", "2", "--live",
                    "--out", str(tmp_path / "m"))
     assert out.returncode == 0, out.stderr[-3000:]
     # the two students normalize differently, so RandAugment fills differently: one exact store each (with
@@ -112,6 +114,18 @@ def test_topk_error_measures_a_cut_store_against_the_exact_one(image_root, tmp_p
         assert every["max_weight_diff_exact_vs_live"] == 0.0  # the exact store's run is the live run
     steps = json.loads((tmp_path / "m" / "seed0" / "test_resnet-top2" / "kd-error.json").read_text())
     assert len(steps["errors"]) == 2 * 8 and all(e >= 0 for e in steps["errors"])  # 2 epochs x 8 steps
+    # --live-table: a finished table's KD runs stand for the live runs (its recipe checked); nothing retrains
+    for model in ("test_resnet", "test_efficientnet"):
+        shutil.copytree(tmp_path / "m" / "seed0" / f"{model}-live", tmp_path / "lt" / "seed0" / f"{model}-kd")
+    again = run_tool("tools/topk_error.py", str(table), "--top-k", "4", "2", "--live-table", str(tmp_path / "lt"),
+                     "--out", str(tmp_path / "m"))
+    assert again.returncode == 0 and "training" not in again.stdout, again.stderr[-3000:]
+    assert [r["top1_diff"] for r in json.loads((tmp_path / "m" / "topk-error.json").read_text())["rows"]] == [
+        r["top1_diff"] for r in rows.values()]
+    (tmp_path / "lt" / "seed0" / "test_resnet-kd" / "summary.json").unlink()
+    refused = run_tool("tools/topk_error.py", str(table), "--live-table", str(tmp_path / "lt"), "--out",
+                       str(tmp_path / "m"))
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].endswith("holds no finished run")
 
 
 def test_share_cost_runs_the_table_live_and_shared(image_root, tmp_path):

@@ -5,7 +5,8 @@ Per seed, an exact store (K = the class count, `usi soft-labels`) is written onc
 whose facts match (usi/studies/shared_store.py groups them, as `usi table` does), each top-K store is cut from
 it (no second teacher pass: the exact store holds every logit), and every row trains from both:
 - from the exact store: the live-teacher run bit for bit (tests/test_stored_teacher.py; `--live` also trains
-  the live runs here and compares the weights), through `usi train` child processes;
+  the live runs here and compares the weights), through `usi train` child processes; or, with
+  `--live-table DIR` (a finished `usi table` of this very recipe), its KD runs stand for them, unretrained;
 - from the top-K store, in worker processes of this tool, where each step's KD term is computed a second
   time against the exact logits of the same batch, for the same student logits: the step's relative error
   |KD_K - KD_exact| / KD_exact, and the teacher's probability mass outside its top K (the tail).
@@ -33,12 +34,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from usi import recipe as recipe_mod
 from usi.distill import soft_labels as store
 from usi.errors import UsageError
 from usi.studies import jobs, shared_store, table, table_spec, tables
 from usi.studies.aggregate import mean_se
 from usi.studies.launch import slot_envs
 from usi.training.checkpoint import BEST
+from usi.training.rundir import RECIPE_FILE, check_same_recipe
 
 ERRORS = "kd-error.json"  # beside a top-K run's files: its per-step figures
 
@@ -165,6 +168,16 @@ def measured_run(recipe, log: Path) -> dict:
 # ---------------------------------------------------------------- the report
 
 
+def check_live(job: jobs.Job, run_dir: Path) -> None:
+    """The live table's KD run must be this job's recipe (its own store aside)."""
+    if not (run_dir / "summary.json").is_file():
+        raise UsageError(f"--live-table: {run_dir} holds no finished run")
+    recipe = jobs.recipe_for(jobs.Job(job.name, jobs.settings(job.tree, {"teacher.soft_labels": None})),
+                             run_dir, rerun=False)
+    check_same_recipe(recipe, recipe_mod.read_yaml(run_dir / RECIPE_FILE), f"--live-table: {run_dir}",
+                      remedy="give the table of this recipe")
+
+
 def figures_of(run_dir: Path) -> dict:
     s = json.loads((run_dir / "summary.json").read_text())["selected_val"]
     return {"top1": s["top1"], "agreement": s["agreement"]}
@@ -185,17 +198,18 @@ def pm(values: list[float], digits: int = 2) -> str:
     return "-" if mean is None else f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
 
 
-def row_report(label: str, seeds: list[int], out: Path, k: int, live: bool) -> dict:
-    exact = [figures_of(out / f"seed{s}" / f"{label}-exact") for s in seeds]
+def row_report(label: str, seeds: list[int], out: Path, k: int, *, live: bool, live_table: Path | None) -> dict:
+    exact = [figures_of(live_table / f"seed{s}" / f"{label}-kd" if live_table else out / f"seed{s}" / f"{label}-exact")
+             for s in seeds]
     top = [figures_of(out / f"seed{s}" / f"{label}-top{k}") for s in seeds]
     steps = [json.loads((out / f"seed{s}" / f"{label}-top{k}" / ERRORS).read_text()) for s in seeds]
     row = {"model": label, "k": k, "seeds": len(seeds),
            "kd_rel_error_mean_pct": pm([100 * statistics.fmean(f["errors"]) for f in steps]),
            "kd_rel_error_max_pct": f"{100 * max(max(f['errors']) for f in steps):.1f}",
            "tail_mass_mean_pct": pm([100 * statistics.fmean(f["tails"]) for f in steps]),
-           "top1_exact": pm([f["top1"] for f in exact]), "top1_topk": pm([f["top1"] for f in top]),
+           "top1_live": pm([f["top1"] for f in exact]), "top1_topk": pm([f["top1"] for f in top]),
            "top1_diff": pm([b["top1"] - a["top1"] for a, b in zip(exact, top)]),
-           "agreement_exact": pm([f["agreement"] for f in exact]),
+           "agreement_live": pm([f["agreement"] for f in exact]),
            "agreement_topk": pm([f["agreement"] for f in top]),
            "agreement_diff": pm([b["agreement"] - a["agreement"] for a, b in zip(exact, top)])}
     if live:
@@ -217,6 +231,8 @@ def parse(argv=None) -> argparse.Namespace:
                                                         "<the table's out>/teacher/best.safetensors)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--live", action="store_true", help="also train each KD run with the live teacher and compare")
+    p.add_argument("--live-table", type=Path, help="a finished usi table of this recipe: its KD runs are the "
+                                                   "reference, not trained again")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -230,8 +246,11 @@ def main(argv=None) -> int:
             folder = f"seed{seed}/exact-store-{n}"
             exact_jobs.append(jobs.Job(folder, group[0].tree, command=shared_store.STORE))
             for job in group:
-                exact_jobs.append(jobs.Job(job.name.replace("-kd", "-exact"), jobs.settings(
-                    job.tree, {"teacher.soft_labels": str(args.out / folder)}), needs=(folder,)))
+                if args.live_table:
+                    check_live(job, args.live_table / job.name)
+                else:
+                    exact_jobs.append(jobs.Job(job.name.replace("-kd", "-exact"), jobs.settings(
+                        job.tree, {"teacher.soft_labels": str(args.out / folder)}), needs=(folder,)))
                 if args.live:
                     exact_jobs.append(jobs.Job(job.name.replace("-kd", "-live"), job.tree))
                 for k in args.top_k:
@@ -253,11 +272,14 @@ def main(argv=None) -> int:
         jobs.run_all([j for *_, j in top_jobs], args.out, pool=pool, workers=args.jobs, rerun=False, tag="top-k",
                      start=start, work=measured_run)
     labels = [r.label for r in spec.rows]
-    rows = [row_report(label, spec.seeds, args.out, k, args.live) for k in args.top_k for label in labels]
+    rows = [row_report(label, spec.seeds, args.out, k, live=args.live, live_table=args.live_table)
+            for k in args.top_k for label in labels]
     stores = {k: store.read_manifest(args.out / f"seed{spec.seeds[0]}" / f"top{k}-store-0") for k in args.top_k}
     sizes = ", ".join(f"top-{k}: {m['bytes'] / 1e6:.3f} MB ({bytes_per_image(m):.1f} B per image per epoch)"
                       for k, m in stores.items())
-    title = (f"top-K soft labels against the exact teacher: table {args.table}, seeds {spec.seeds}, "
+    reference = (f"live: the KD runs of {args.live_table}" if args.live_table else
+                 "live: runs from the exact store, each the live-teacher run bit for bit")
+    title = (f"top-K soft labels against the exact teacher ({reference}): table {args.table}, seeds {spec.seeds}, "
              f"{time.time() - start:.0f} s; a store (seed {spec.seeds[0]}) {sizes}")
     columns = list(dict.fromkeys(c for r in rows for c in r))
     shown = table.markdown(columns, rows, cell=lambda v, c: str(v))
