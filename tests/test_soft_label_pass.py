@@ -42,7 +42,7 @@ def test_the_writer_resumes_at_missing_or_damaged_chunks(image_root, teacher, fu
     damaged.write_bytes(damaged.read_bytes()[:-4] + b"\0\0\0\0")
     again = soft_label_store(image_root, out, teacher)
     assert again.returncode == 0, again.stderr
-    assert "(2 written now)" in again.stderr
+    assert "(2 written now by rank 0)" in again.stderr
     assert json.loads((out / "manifest.json").read_text())["chunks"] == manifest["chunks"]  # the same bytes
 
 
@@ -87,4 +87,35 @@ def test_sigterm_stops_the_writer_in_one_line_and_the_same_command_writes_the_re
     again = usi_main(*args)
     assert again.returncode == 0, again.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["complete"] and f"({len(manifest['chunks']) - kept} written now)" in again.stderr
+    assert manifest["complete"] and f"({len(manifest['chunks']) - kept} written now by rank 0)" in again.stderr
+
+
+def test_one_writer_at_a_time_and_a_killed_writers_temporaries_go(image_root, teacher, full_store, tmp_path):
+    import fcntl
+
+    out = tmp_path / "s"
+    out.mkdir()
+    for f in full_store.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    stale = out / ".e0001-r000-s000003.safetensors.tmp-48irnai7"  # what kill -9 mid-write leaves
+    stale.write_bytes(b"half")
+    with open(out / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another writer at work
+        one_error(soft_label_store(image_root, out, teacher), "is being written by another usi soft-labels")
+    assert stale.exists()  # not touched while another writer held the store
+    again = soft_label_store(image_root, out, teacher)
+    assert again.returncode == 0, again.stderr
+    assert not stale.exists() and "(0 written now by rank 0)" in again.stderr
+
+
+def test_out_that_cannot_be_a_folder_is_one_line_and_a_damaged_store_is_refused(image_root, teacher, full_store,
+                                                                                  tmp_path):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
+    one_error(soft_label_store(image_root, tmp_path / "dangling", teacher), "is a symbolic link to nothing")
+    out = tmp_path / "s"
+    out.mkdir()
+    for f in full_store.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "steps_per_chunk": 0}))
+    one_error(soft_label_store(image_root, out, teacher), "manifest.json is damaged (steps_per_chunk is 0")

@@ -72,17 +72,48 @@ def test_the_first_differing_fact_is_named_and_normalization_may_differ_with_a_f
 
 
 def test_a_store_is_read_only_when_complete_and_of_the_runs_facts(tmp_path):
-    manifest = {"format": store.FORMAT, "facts": {"run.seed": 1}, "classes": 4, "top_k": 4, "steps_per_chunk": 2,
+    facts = {"run.seed": 1, "data.batch_size": 2}
+    manifest = {"format": store.FORMAT, "facts": facts, "classes": 4, "top_k": 4, "steps_per_chunk": 2,
                 "complete": False}
     store.write_manifest(tmp_path, manifest)
     with pytest.raises(UsageError, match="incomplete"):
-        store.open_store(tmp_path, {"run.seed": 1}, classes=4, fill_fixed=False)
+        store.open_store(tmp_path, facts, classes=4, fill_fixed=False)
     store.write_manifest(tmp_path, {**manifest, "complete": True, "chunks": {}})
     with pytest.raises(UsageError, match="run.seed: the store has 1, this run 2"):
-        store.open_store(tmp_path, {"run.seed": 2}, classes=4, fill_fixed=False)
-    assert store.open_store(tmp_path, {"run.seed": 1}, classes=4, fill_fixed=False)["top_k"] == 4
+        store.open_store(tmp_path, {**facts, "run.seed": 2}, classes=4, fill_fixed=False)
+    assert store.open_store(tmp_path, facts, classes=4, fill_fixed=False)["top_k"] == 4
 
 
 def test_chunks_cover_every_step_once():
     starts = store.chunk_starts(17, 5)
     assert starts == [0, 5, 10, 15] and math.ceil(17 / 5) == len(starts)
+
+
+def sound_manifest(**changes):
+    return {"format": store.FORMAT, "facts": {"run.seed": 1, "data.batch_size": 2}, "classes": 4, "top_k": 4,
+            "steps_per_chunk": 2, "complete": True, "chunks": {}, **changes}
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"classes": "4"}, "classes is \"4\""), ({"top_k": 0}, "top_k is 0"), ({"steps_per_chunk": None}, "steps_per_chunk"),
+    ({"top_k": 1000}, "top_k 1000 exceeds its 4 classes"), ({"facts": [1, 2]}, "records no facts"),
+    ({"facts": {"run.seed": 1}}, "no batch size"), ({"complete": "no"}, "complete is \"no\""),
+    ({"chunks": []}, "chunks are not"), ({"chunks": {"../../x.safetensors": "0"}}, "chunks are not"),
+])
+def test_a_damaged_manifest_is_one_line_naming_what_is_wrong(tmp_path, change, words):
+    store.write_manifest(tmp_path, sound_manifest(**change))
+    with pytest.raises(UsageError, match="manifest.json is damaged") as e:
+        store.open_store(tmp_path, {"run.seed": 1, "data.batch_size": 2}, classes=4, fill_fixed=False)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_missing_chunk_is_refused_before_training_and_an_unreadable_one_is_one_line(tmp_path):
+    name = store.chunk_name(0, 0, 0)
+    digest = store.write_chunk(tmp_path, name, [store.top_k(teacher_logits(rows=2, classes=4), 4)])
+    store.write_manifest(tmp_path, sound_manifest(chunks={name: digest, store.chunk_name(0, 0, 2): digest}))
+    with pytest.raises(UsageError, match=r"lacks 1 of its 2 chunks \(e0000-r000-s000002.safetensors first\); run the "
+                                         r"same usi soft-labels again"):
+        store.open_store(tmp_path, {"run.seed": 1, "data.batch_size": 2}, classes=4, fill_fixed=False)
+    (tmp_path / name).unlink()
+    with pytest.raises(UsageError, match="cannot be read"):
+        store.read_chunk(tmp_path, name, digest)

@@ -1,6 +1,7 @@
 """usi/training/stored_teacher.py: a student trained from a store (teacher.soft_labels) equals the live run
 (CPU, same seed), resumed mid-epoch too; a store of other facts or a changed teacher is refused at start."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -93,3 +94,25 @@ def test_a_changed_teacher_file_is_caught_by_the_self_check(image_root, teacher,
     one_error(usi_main(*train_args(image_root, tmp_path / "r", *args)), "does not match the live teacher at epoch 1")
     assert not (tmp_path / "r").exists()
     assert weights != str(changed)
+
+
+def test_the_dry_run_names_the_store_and_a_resume_may_read_it_elsewhere(image_root, teacher, full_store, tmp_path):
+    dry = usi_main(*train_args(image_root, tmp_path / "d", *teacher, f"teacher.soft_labels={full_store}"), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"soft labels: {full_store}, top-4 of 4 classes (exact), 6 chunks present" in dry.stdout + dry.stderr
+    # a resume may read the store from another place (a node's disk), or run the live teacher: the store's
+    # facts are checked against the run's at start, so only the path is free
+    moved = tmp_path / "moved"
+    shutil.copytree(full_store, moved)
+    assert train(image_root, tmp_path / "r", *teacher, f"teacher.soft_labels={full_store}",
+                 "run.stop_after=1").returncode == 0
+    out = train(image_root, tmp_path / "r", *teacher, f"teacher.soft_labels={moved}", "run.resume=auto")
+    assert out.returncode == 0, out.stderr
+    assert max_difference(student(tmp_path / "r"), student_of_live(image_root, teacher, tmp_path)) == 0.0
+    one_error(usi_main(*train_args(image_root, tmp_path / "r", *teacher, "run.resume=auto", "run.seed=3")),
+              "run.seed")  # what the store does not decide stays fixed
+
+
+def student_of_live(root, teacher, tmp_path):
+    assert train(root, tmp_path / "live", *teacher).returncode == 0
+    return student(tmp_path / "live")

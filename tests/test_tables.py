@@ -216,6 +216,23 @@ def test_a_finished_run_of_another_recipe_stops_the_table_before_anything_runs(i
         tables.refuse_other_recipes([job], spec.out)
 
 
+def test_a_store_of_another_top_k_stops_the_table_and_is_never_reused(tmp_path):
+    from usi.distill import soft_labels as store
+    from usi.studies import jobs, tables
+    folder = tmp_path / "seed0" / "soft-labels"
+    folder.mkdir(parents=True)
+    store.write_manifest(folder, {"format": store.FORMAT, "facts": {}, "classes": 4, "top_k": 2,
+                                  "steps_per_chunk": 1, "complete": True, "chunks": {}})
+    asks = {k: jobs.Job("seed0/soft-labels", {}, command="soft-labels", args=a)
+            for k, a in ((2, ("--top-k", "2")), (3, ("--top-k", "3")), (None, ()))}
+    tables.refuse_other_recipes([asks[2]], tmp_path)  # the same K: fine
+    for k in (3, None):  # top_k changed in the table file, or removed (every class)
+        with pytest.raises(UsageError, match=f"holds a top-2 soft-label store, the table asks for top-{k or 4}; "
+                                             f"pass --rerun"):
+            tables.refuse_other_recipes([asks[k]], tmp_path)
+        assert jobs.other_top_k(store.read_manifest(folder), asks[k])
+
+
 def test_sigterm_stops_every_run_with_a_checkpoint_and_the_same_command_resumes(image_root, tmp_path):
     path = table_file(tmp_path, image_root, kd="off", overrides={**SMALL, "data.root": str(image_root),
                                                                  "sched.epochs": 8})
@@ -239,17 +256,37 @@ def test_sigterm_stops_every_run_with_a_checkpoint_and_the_same_command_resumes(
     assert all(epochs_done(r) == 8 for r in runs)
 
 
-def test_share_teacher_trains_kd_rows_from_one_store_with_the_live_teachers_top1(image_root, tmp_path):
+def test_share_teacher_stops_mid_store_pass_resumes_and_trains_kd_rows_with_the_live_teachers_weights(
+        image_root, tmp_path):
+    # a teacher slow enough to stop mid-pass: resnet50 at 128 px (a third of a second a step on one thread)
     teacher = tmp_path / "teacher.safetensors"
-    save_file(timm.create_model("test_resnet", num_classes=4).state_dict(), str(teacher))
-    overrides = {**SMALL, "data.root": str(image_root), "sched.epochs": 1, "sched.warmup_epochs": 0,
-                 "teacher.name": "test_resnet", "teacher.weights": str(teacher)}
+    save_file(timm.create_model("resnet50", num_classes=4).state_dict(), str(teacher))
+    overrides = {**SMALL, "data.root": str(image_root), "sched.epochs": 2, "teacher.name": "resnet50",
+                 "teacher.weights": str(teacher), "teacher.input_size": 128}
+    tables = {}
+    for share in (True, False):  # table_file writes table.yaml: each under its own name
+        tables[share] = table_file(tmp_path, image_root, teacher=None, kd="on", seeds=[0], jobs=1, overrides=overrides,
+                                   models=["test_resnet"], out=str(tmp_path / ("shared" if share else "live")),
+                                   **({"share_teacher": True} if share else {})).rename(tmp_path / f"{share}.yaml")
+    path, out_dir = tables[True], tmp_path / "shared"
+    table = subprocess.Popen([sys.executable, "-m", "usi", "table", str(path), "--device", "cpu"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    folder = out_dir / "seed0" / "soft-labels"
+    wait_for(lambda: any(folder.glob("*.sha256")), [table])  # epoch 1's chunk is written, epoch 2's is not
+    children_before = children(table.pid)
+    table.send_signal(signal.SIGTERM)
+    stdout, stderr = table.communicate(timeout=120)
+    assert table.returncode == 143, stderr[-2000:]
+    assert "every run wrote its checkpoint; the same command resumes them" in stderr and "Traceback" not in stderr
+    assert "stopped by SIGTERM" in (out_dir / "seed0" / "soft-labels.log").read_text()
+    assert len(list(folder.glob("*.sha256"))) == 1 and not json.loads((folder / "manifest.json").read_text())["complete"]
+    assert not (out_dir / "seed0" / "test_resnet-kd").exists()  # the KD row waits for the store
+    assert children_before and not any(Path(f"/proc/{pid}").exists() and
+                                       open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in children_before)
     tops, weights = {}, {}
-    for share in (True, False):
+    for share in (True, False):  # the same command finishes the store and the table; then the live table
         out_dir = tmp_path / ("shared" if share else "live")
-        path = table_file(tmp_path, image_root, teacher=None, kd="on", seeds=[0], jobs=1, overrides=overrides,
-                          models=["test_resnet"], out=str(out_dir), **({"share_teacher": True} if share else {}))
-        out = run_tool("-m", "usi", "table", str(path), "--device", "cpu")
+        out = run_tool("-m", "usi", "table", str(tables[share]), "--device", "cpu")
         assert out.returncode == 0, out.stderr[-3000:]
         (row,) = json.loads((out_dir / "table.json").read_text())["rows"][1:]
         (run,) = row["runs"]
@@ -257,42 +294,18 @@ def test_share_teacher_trains_kd_rows_from_one_store_with_the_live_teachers_top1
         weights[share] = load_file(out_dir / "seed0" / "test_resnet-kd" / "best.safetensors")
         log = (out_dir / "seed0" / "test_resnet-kd.log").read_text()
         recipe = yaml.safe_load((out_dir / "seed0" / "test_resnet-kd" / "recipe.yaml").read_text())
+        saved = json.loads((out_dir / "table.json").read_text())
+        assert saved["spec"]["share_teacher"] is share and saved["spec"]["top_k"] is None
+        used = run["provenance"]["soft_labels"]  # which labels the KD run trained on, in the table's record
+        assert (used == {"folder": str(folder), "top_k": 4, "classes": 4}) if share else used is None
         if share:
             assert "training seed0/soft-labels" in out.stdout and not row["note"]
-            assert recipe["teacher"]["soft_labels"] == str(out_dir / "seed0" / "soft-labels")
+            manifest = json.loads((folder / "manifest.json").read_text())
+            assert manifest["complete"] and len(manifest["chunks"]) == 2  # the kept chunk, and the one written now
+            assert recipe["teacher"]["soft_labels"] == str(folder)
             assert "seed0/soft-labels (top-4 of 4 classes) answers for the teacher" in log
         else:
             assert recipe["teacher"]["soft_labels"] is None and "answers for the teacher" not in log
     # K = the class count: the stored logits are the teacher's, bit for bit, and so is the student trained on them
     assert tops[True] == tops[False] and weights[True].keys() == weights[False].keys()
     assert all(torch.equal(weights[True][k], weights[False][k]) for k in weights[True])
-
-
-def test_sigterm_during_the_store_pass_stops_the_table_and_the_same_command_finishes_it(image_root, tmp_path):
-    # a teacher slow enough to stop mid-pass: resnet50 at 224 px (about a second a step on one thread)
-    teacher = tmp_path / "teacher.safetensors"
-    save_file(timm.create_model("resnet50", num_classes=4).state_dict(), str(teacher))
-    overrides = {**SMALL, "data.root": str(image_root), "sched.epochs": 2, "teacher.name": "resnet50",
-                 "teacher.weights": str(teacher), "teacher.input_size": 224}
-    path = table_file(tmp_path, image_root, teacher=None, kd="on", seeds=[0], jobs=1, overrides=overrides,
-                      models=["test_resnet"], share_teacher=True)
-    table = subprocess.Popen([sys.executable, "-m", "usi", "table", str(path), "--device", "cpu"], cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    folder = tmp_path / "out" / "seed0" / "soft-labels"
-    wait_for(lambda: any(folder.glob("*.sha256")), [table])  # epoch 1's chunk is written, epoch 2's is not
-    children_before = children(table.pid)
-    table.send_signal(signal.SIGTERM)
-    stdout, stderr = table.communicate(timeout=120)
-    assert table.returncode == 143, stderr[-2000:]
-    assert "every run wrote its checkpoint; the same command resumes them" in stderr and "Traceback" not in stderr
-    assert "stopped by SIGTERM" in (tmp_path / "out" / "seed0" / "soft-labels.log").read_text()
-    kept = sorted(p.name for p in folder.glob("*.sha256"))
-    assert len(kept) == 1 and not json.loads((folder / "manifest.json").read_text()).get("complete")
-    assert not (tmp_path / "out" / "seed0" / "test_resnet-kd").exists()  # the KD row waited for the store
-    assert children_before and not any(Path(f"/proc/{pid}").exists() and
-                                       open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in children_before)
-    again = run_tool("-m", "usi", "table", str(path), "--device", "cpu")
-    assert again.returncode == 0, again.stderr[-2000:]
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["complete"] and len(manifest["chunks"]) == 2  # the kept chunk, and the one written now
-    assert "answers for the teacher" in (tmp_path / "out" / "seed0" / "test_resnet-kd.log").read_text()

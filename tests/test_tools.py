@@ -1,4 +1,5 @@
 """tools/*.py (throughput, gpu_report, loader_bench, kd_cost, topk_error, share_cost) on tiny models, CPU; `usi table` is in test_tables.py."""
+import importlib.util
 import json
 import math
 import shutil
@@ -6,7 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import TINY
+from conftest import REPO, TINY
 from helpers import run_tool, teacher_file
 
 
@@ -81,42 +82,57 @@ def test_kd_cost_bad_arguments_are_one_line(args, message):
 # ---------------------------------------------------------------- tools/topk_error.py, tools/share_cost.py
 
 
-def kd_table(tmp_path, root, *extra):
-    """A 2-row KD table file on the tiny recipe; data.workers=1, so both students' batches (and the store) are
-    the same (with workers=0 the student's dropout draws would move the transforms' random stream)."""
+def kd_table(tmp_path, root, *extra, models=("test_resnet", "test_efficientnet")):
+    """A KD table file on the tiny recipe; data.workers=1, so the students' batches (and the store) are the
+    same (with workers=0 the student's dropout draws would move the transforms' random stream)."""
     teacher = teacher_file(tmp_path / "teacher.safetensors")
     settings = [o for o in TINY if not o.startswith(("model.name", "teacher.name"))] + [
         f"data.root={root}", "data.workers=1", "teacher.name=test_resnet", f"teacher.weights={teacher}", *extra]
     overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in settings)}
     path = tmp_path / "table.yaml"
     path.write_text(json.dumps({"recipe": "quickstart", "overrides": overrides, "kd": "on", "seeds": [0],
-                                "models": ["test_resnet", "test_efficientnet"], "out": str(tmp_path / "unused")}))
+                                "models": list(models), "out": str(tmp_path / "unused")}))
     return path
 
 
+def tool_module(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("fill, stores", [([], 2), (["aug.randaugment_fill=[124, 116, 104]"], 1)])
+def test_topk_error_writes_one_exact_store_per_group_of_matching_facts(image_root, tmp_path, fill, stores):
+    # the two students normalize differently, so RandAugment fills differently: a store each, unless the
+    # fill is a recipe fact
+    topk = tool_module("topk_error")
+    args = topk.parse([str(kd_table(tmp_path, image_root, *fill)), "--out", str(tmp_path / "m")])
+    _, todo = topk.kd_jobs(args)
+    assert [[j.name for j in g] for g in topk.groups(todo)][:stores] == (
+        [["seed0/test_resnet-kd"], ["seed0/test_efficientnet-kd"]] if stores == 2 else
+        [["seed0/test_resnet-kd", "seed0/test_efficientnet-kd"]])
+    assert len(topk.groups(todo)) == stores
+
+
 def test_topk_error_measures_a_cut_store_against_the_exact_one(image_root, tmp_path):
-    table = kd_table(tmp_path, image_root)
-    out = run_tool("tools/topk_error.py", str(table), "--top-k", "4", "2", "--live",
-                   "--out", str(tmp_path / "m"))
+    table = kd_table(tmp_path, image_root, models=["test_resnet"])
+    out = run_tool("tools/topk_error.py", str(table), "--top-k", "4", "2", "--live", "--out", str(tmp_path / "m"))
     assert out.returncode == 0, out.stderr[-3000:]
-    # the two students normalize differently, so RandAugment fills differently: one exact store each (with
-    # aug.randaugment_fill set they would share one); the top-K stores are cut from them, no teacher pass
+    # the top-K stores are cut from the exact one: no second teacher pass
     assert sorted(p.name for p in (tmp_path / "m" / "seed0").glob("*-store-?")) == [
-        "exact-store-0", "exact-store-1", "top2-store-0", "top2-store-1", "top4-store-0", "top4-store-1"]
-    rows = {(r["model"], r["k"]): r for r in json.loads((tmp_path / "m" / "topk-error.json").read_text())["rows"]}
-    assert len(rows) == 4
-    for model in ("test_resnet", "test_efficientnet"):
-        every = rows[(model, 4)]  # K = the class count: the exact store again, so no error and the same run
-        assert every["kd_rel_error_max_pct"] == "0.0" and every["tail_mass_mean_pct"] == "0.00"
-        assert every["top1_diff"] == "0.00" and every["agreement_diff"] == "0.00"
-        cut = rows[(model, 2)]  # half the classes: a tail with mass, so the KD term moves
-        assert float(cut["kd_rel_error_max_pct"]) > 0 and float(cut["tail_mass_mean_pct"]) > 0
-        assert every["max_weight_diff_exact_vs_live"] == 0.0  # the exact store's run is the live run
+        "exact-store-0", "top2-store-0", "top4-store-0"]
+    rows = {r["k"]: r for r in json.loads((tmp_path / "m" / "topk-error.json").read_text())["rows"]}
+    every = rows[4]  # K = the class count: the exact store again, so no error and the same run
+    assert every["kd_rel_error_max_pct"] == "0.0" and every["tail_mass_mean_pct"] == "0.00"
+    assert every["top1_diff"] == "0.00" and every["agreement_diff"] == "0.00"
+    cut = rows[2]  # half the classes: a tail with mass, so the KD term moves
+    assert float(cut["kd_rel_error_max_pct"]) > 0 and float(cut["tail_mass_mean_pct"]) > 0
+    assert every["max_weight_diff_exact_vs_live"] == 0.0  # the exact store's run is the live run
     steps = json.loads((tmp_path / "m" / "seed0" / "test_resnet-top2" / "kd-error.json").read_text())
     assert len(steps["errors"]) == 2 * 8 and all(e >= 0 for e in steps["errors"])  # 2 epochs x 8 steps
     # --live-table: a finished table's KD runs stand for the live runs (its recipe checked); nothing retrains
-    for model in ("test_resnet", "test_efficientnet"):
-        shutil.copytree(tmp_path / "m" / "seed0" / f"{model}-live", tmp_path / "lt" / "seed0" / f"{model}-kd")
+    shutil.copytree(tmp_path / "m" / "seed0" / "test_resnet-live", tmp_path / "lt" / "seed0" / "test_resnet-kd")
     again = run_tool("tools/topk_error.py", str(table), "--top-k", "4", "2", "--live-table", str(tmp_path / "lt"),
                      "--out", str(tmp_path / "m"))
     assert again.returncode == 0 and "training" not in again.stdout, again.stderr[-3000:]
@@ -129,7 +145,9 @@ def test_topk_error_measures_a_cut_store_against_the_exact_one(image_root, tmp_p
 
 
 def test_share_cost_runs_the_table_live_and_shared(image_root, tmp_path):
-    table = kd_table(tmp_path, image_root, "aug.randaugment_fill=[124, 116, 104]")  # both rows share the store
+    # both rows share the store (the fill fixed); one epoch is enough to time
+    table = kd_table(tmp_path, image_root, "aug.randaugment_fill=[124, 116, 104]", "sched.epochs=1",
+                     "sched.warmup_epochs=0")
     out = run_tool("tools/share_cost.py", str(table), "--out", str(tmp_path / "c"))
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     report = json.loads((tmp_path / "c" / "share-cost.json").read_text())
@@ -140,3 +158,21 @@ def test_share_cost_runs_the_table_live_and_shared(image_root, tmp_path):
         assert 0 < row["read_ms_per_step"] < row["step_ms_store"] and row["teacher_share_pct"] is not None
     assert report["walls_s"]["live"] > 0 and report["walls_s"]["shared"] > 0
     assert "B per image per epoch" in report["summary"]
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("topk_error", ["--top-k", "0"], "--top-k 0: each K must be 1..4"),
+    ("topk_error", ["--top-k", "5"], "--top-k 5: each K must be 1..4"),
+    ("share_cost", ["--out", "FILE"], "--out FILE is a file, not a folder"),
+])
+def test_the_soft_label_tools_refuse_bad_arguments_in_one_line_before_any_run(image_root, tmp_path, tool, args,
+                                                                               message):
+    table = kd_table(tmp_path, image_root, models=["test_resnet"])
+    (tmp_path / "FILE").write_text("")
+    args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]
+    out = run_tool(f"tools/{tool}.py", str(table), *args, *([] if "--out" in args else ["--out", str(tmp_path / "o")]))
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and last == f"{tool}: {message}".replace("FILE", str(tmp_path / "FILE"))
+    assert "Traceback" not in out.stderr and not (tmp_path / "o").exists()
+    missing = run_tool(f"tools/{tool}.py", str(tmp_path / "nosuch.yaml"), "--out", str(tmp_path / "o"))
+    assert missing.stderr.strip().splitlines()[-1] == f"{tool}: table file {tmp_path / 'nosuch.yaml'} does not exist"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from usi import recipe as recipe_mod
 from usi.distill import soft_labels as store
+from usi.errors import UsageError
 from usi.studies import jobs, table, tables
 from usi.studies.shared_store import STORE
 
@@ -59,10 +60,13 @@ def steps_of(summary: dict, manifest: dict) -> int:
 
 def report(live_out: Path, shared_out: Path, walls: dict) -> tuple[str, list[dict]]:
     live, shared = kd_runs(live_out), kd_runs(shared_out)
-    stores = sorted(shared_out.glob(f"seed*/{STORE}"))
+    stores = [s for s in sorted(shared_out.glob(f"seed*/{STORE}")) if store.read_manifest(s)]
+    if not stores:
+        raise UsageError(f"the shared table wrote no soft-label store (no KD row's facts let it share: see "
+                         f"{shared_out}/table.md's notes)")
     manifest = store.read_manifest(stores[0])
     rows = []
-    for name in live:
+    for name in sorted(set(live) & set(shared)):  # a row that failed in either table has nothing to compare
         a, b = live[name], shared[name]
         steps = steps_of(b, manifest)
         read = b.get("soft_labels_read_s")  # absent: this row ran with the live teacher (its table note says why)
@@ -78,9 +82,10 @@ def report(live_out: Path, shared_out: Path, walls: dict) -> tuple[str, list[dic
     samples = manifest["facts"]["steps_per_epoch"] * manifest["facts"]["data.batch_size"] * manifest["facts"]["processes"]
     same = sum(r["top1_live"] == r["top1_store"] for r in rows)
     shares = [r["teacher_share_pct"] for r in rows if r["teacher_share_pct"] is not None]
+    saved = 1 - walls["shared"] / walls["live"]
     lines = [
         f"live table {walls['live']:.0f} s, shared table {walls['shared']:.0f} s "
-        f"({100 * (1 - walls['shared'] / walls['live']):.1f}% less), of which the store pass "
+        f"({100 * abs(saved):.1f}% {'less' if saved >= 0 else 'more'}), of which the store pass "
         f"{statistics.fmean(pass_s):.0f} s per seed ({len(stores)} seeds)",
         f"teacher's share of a live KD run's training time: median {statistics.median(shares):.1f}% "
         f"(rows {', '.join(f'{s:.1f}' for s in shares)})" if shares else "no KD row read the store",
@@ -102,6 +107,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder")
     walls = {}
     for kind, share in (("live", False), ("shared", True)):
         path = table_file(args.table, args.out / kind, share)
@@ -117,4 +124,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UsageError as e:
+        sys.exit(f"share_cost: {e}")

@@ -40,6 +40,7 @@ from usi.errors import UsageError
 from usi.studies import jobs, shared_store, table, table_spec, tables
 from usi.studies.aggregate import mean_se
 from usi.studies.launch import slot_envs
+from usi.studies.table_rows import class_count
 from usi.training.checkpoint import BEST
 from usi.training.rundir import RECIPE_FILE, check_same_recipe
 
@@ -240,6 +241,11 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args, start = parse(argv), time.time()
     spec, todo = kd_jobs(args)
+    classes = class_count(recipe_mod.from_tree(todo[0].tree), {}) if todo else None
+    if any(not 1 <= k <= (classes or k) for k in args.top_k):
+        raise UsageError(f"--top-k {' '.join(map(str, args.top_k))}: each K must be 1..{classes or 'the class count'}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder")
     exact_jobs, top_jobs, references = [], [], {}
     for seed in spec.seeds:
         for n, group in enumerate(groups([j for j in todo if j.name.startswith(f"seed{seed}/")])):
@@ -293,5 +299,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except UsageError as e:
+    except (UsageError, jobs.RunFailed) as e:
         sys.exit(f"topk_error: {e}")

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 
@@ -125,6 +126,30 @@ def chunk_name(epoch: int, rank: int, step: int) -> str:
     return f"e{epoch:04d}-r{rank:03d}-s{step:06d}.safetensors"
 
 
+CHUNK = re.compile(r"e\d{4,}-r\d{3,}-s\d{6,}\.safetensors")
+
+
+def damaged(manifest: dict) -> str | None:
+    """What makes a manifest unusable (a hand edit, another tool's file), in words; None when it is sound."""
+    for key in ("classes", "top_k", "steps_per_chunk"):
+        value = manifest.get(key)
+        if type(value) is not int or value < 1:
+            return f"{key} is {short(value)}, not a whole number of 1 or more"
+    if manifest["top_k"] > manifest["classes"]:
+        return f"top_k {manifest['top_k']} exceeds its {manifest['classes']} classes"
+    if not isinstance(manifest.get("facts"), dict):
+        return "it records no facts"
+    if not isinstance(manifest.get("facts", {}).get("data.batch_size"), int):
+        return "its facts hold no batch size"
+    if manifest.get("complete") not in (True, False):
+        return f"complete is {short(manifest.get('complete'))}, not true or false"
+    chunks = manifest.get("chunks", {})
+    if not isinstance(chunks, dict) or not all(isinstance(n, str) and CHUNK.fullmatch(n) and isinstance(d, str)
+                                               for n, d in chunks.items()):
+        return "its chunks are not a list of chunk names and checksums"
+    return None
+
+
 def chunk_starts(steps: int, per_chunk: int) -> list[int]:
     return list(range(0, steps, per_chunk))
 
@@ -172,7 +197,11 @@ def chunk_done(folder: Path, name: str) -> str | None:
 
 
 def read_chunk(folder: Path, name: str, digest: str) -> dict[str, torch.Tensor]:
-    payload = (folder / name).read_bytes()
+    try:
+        payload = (folder / name).read_bytes()
+    except OSError as e:
+        raise UsageError(f"soft-label store {folder}: {name} cannot be read ({e.strerror}); run the same usi "
+                         f"soft-labels again to write it") from None
     if hashlib.sha256(payload).hexdigest() != digest:
         raise UsageError(f"soft-label store {folder}: {name} does not match its checksum (damaged); write the store "
                          f"again with usi soft-labels")
@@ -201,13 +230,20 @@ def open_store(folder: Path, live: dict, *, classes: int, fill_fixed: bool) -> d
     key = f"teacher.soft_labels={folder}"
     if manifest is None:
         raise UsageError(f"{key} holds no readable manifest.json of a soft-label store; write one with usi soft-labels")
-    if not manifest.get("complete"):
+    why = damaged(manifest)
+    if why:
+        raise UsageError(f"{key}: its manifest.json is damaged ({why}); write the store again with usi soft-labels")
+    if manifest["complete"] is not True:
         raise UsageError(f"{key} is incomplete (its writer stopped); run the same usi soft-labels again to finish it")
     if manifest["classes"] != classes:
         raise UsageError(f"{key} stores {manifest['classes']} classes, the dataset has {classes}")
     differ = first_difference(manifest["facts"], live, fill_fixed=fill_fixed)
     if differ:
         raise UsageError(f"{key} was written for other batches or another teacher: {differ}")
+    missing = [n for n in manifest["chunks"] if not (folder / n).is_file()]
+    if missing:  # before any step trains: found mid-run it would stop the run an epoch in
+        raise UsageError(f"{key} lacks {len(missing)} of its {len(manifest['chunks'])} chunks ({missing[0]} first); "
+                         f"run the same usi soft-labels again to write them")
     return manifest
 
 

@@ -79,7 +79,8 @@ def read_yaml(path: Path, kind: str = "recipe") -> dict:
     """A recipe file (or another usi YAML file: kind names it in the errors) as its tree."""
     problem = file_problem(path)
     if problem:
-        raise UsageError(f"{kind} file {shorten(str(path), 200)} {problem}")
+        named = kind if kind.endswith("file") else f"{kind} file"  # "table file", not "table file file"
+        raise UsageError(f"{named} {shorten(str(path), 200)} {problem}")
     if path.stat().st_size > MAX_RECIPE_BYTES:  # not read: a recipe is a few kB
         raise UsageError(f"{kind} {path} is {path.stat().st_size} bytes; a recipe is a few kB")
     try:

@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 from usi import recipe as recipe_mod
+from usi.distill.soft_labels import read_manifest
 from usi.training.rundir import RECIPE_FILE
 
 METRICS = ("top1", "top5", "nll", "ece", "agreement", "kl")
@@ -52,10 +53,21 @@ def recipe_hash(run_dir: Path) -> str | None:
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def soft_labels_of(run_dir: Path) -> dict | None:
+    """The store a run's teacher answered from (teacher.soft_labels): its folder and top-K of C; None: live."""
+    try:
+        folder = (recipe_mod.read_yaml(run_dir / RECIPE_FILE).get("teacher") or {}).get("soft_labels")
+    except Exception:  # no recipe recorded: no store either
+        return None
+    manifest = read_manifest(Path(folder)) if folder else None
+    return {"folder": folder, "top_k": manifest.get("top_k"), "classes": manifest.get("classes")} if manifest else None
+
+
 def provenance(run_dir: Path, summary: dict | None, teacher_sha: str | None) -> dict:
     versions = (summary or {}).get("versions") or {}
     return {"usi": versions.get("usi"), "timm": versions.get("timm"), "torch": versions.get("torch"),
-            "git": versions.get("git"), "recipe_sha256": recipe_hash(run_dir), "teacher_sha256": teacher_sha}
+            "git": versions.get("git"), "recipe_sha256": recipe_hash(run_dir), "teacher_sha256": teacher_sha,
+            "soft_labels": soft_labels_of(run_dir)}
 
 
 def per_kind(runs: list[dict], kd: bool) -> dict:

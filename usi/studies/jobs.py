@@ -111,11 +111,25 @@ def decide(recipe: Recipe, run_dir: Path, rerun: bool) -> str:
     return "reuse" if finished else "resume"
 
 
-def store_done(recipe: Recipe, folder: Path) -> bool:
-    """A soft-label store job is reused when complete and written for this recipe (recorded beside it when
-    it completed); anything else runs `usi soft-labels`, which resumes it or refuses a store of other facts."""
-    saved = store_recipe(folder)
-    if read_manifest(folder) is None or not read_manifest(folder).get("complete") or not saved.is_file():
+def store_top_k(job: Job) -> int | None:
+    """The top-K a store job asks for (its --top-k), None for every class."""
+    args = list(job.args)
+    return int(args[args.index("--top-k") + 1]) if "--top-k" in args else None
+
+
+def other_top_k(manifest: dict | None, job: Job) -> bool:
+    """A complete store of another K than the job asks for."""
+    if not manifest or manifest.get("complete") is not True:
+        return False
+    return manifest.get("top_k") != (store_top_k(job) or manifest.get("classes"))
+
+
+def store_done(recipe: Recipe, folder: Path, job: Job) -> bool:
+    """A soft-label store job is reused when complete, of the K it asks for, and written for this recipe
+    (recorded beside it when it completed); anything else runs `usi soft-labels`, which resumes it or
+    refuses a store of other facts."""
+    saved, manifest = store_recipe(folder), read_manifest(folder)
+    if manifest is None or manifest.get("complete") is not True or not saved.is_file() or other_top_k(manifest, job):
         return False
     try:
         check_same_recipe(recipe, recipe_mod.read_yaml(saved), str(folder))
@@ -132,7 +146,7 @@ def open_run(job: Job, run_dir: Path, rerun: bool) -> tuple[Recipe, str]:
     """(the job's recipe, what to do with its run: decide's answer); a rerun's old directory is removed."""
     recipe = recipe_for(job, run_dir, rerun)
     if job.command != "train":
-        verb = "reuse" if not rerun and store_done(recipe, run_dir) else "train"
+        verb = "reuse" if not rerun and store_done(recipe, run_dir, job) else "train"
     else:
         verb = decide(recipe, run_dir, rerun)
     if rerun and run_dir.exists():

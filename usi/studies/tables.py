@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from usi import recipe as recipe_mod
+from usi.distill.soft_labels import read_manifest
 from usi.errors import UsageError, file_problem, printable
 from usi.recipe.loading import RECIPES
 from usi.runtime import files
@@ -227,7 +228,14 @@ def parse(argv=None) -> argparse.Namespace:
 def refuse_other_recipes(todo: list[jobs.Job], out: Path) -> None:
     """A finished or unfinished run of another recipe in the table's folders stops the table before
     anything runs (one line naming the key that differs): its results are never replaced by notes."""
-    for job in runs_of(todo):
+    for job in todo:
+        if job.command != "train":  # a store of another K: its KD rows trained on other labels
+            manifest = read_manifest(out / job.name)
+            if jobs.other_top_k(manifest, job):
+                raise UsageError(f"{out / job.name} holds a top-{manifest['top_k']} soft-label store, the table asks "
+                                 f"for top-{jobs.store_top_k(job) or manifest['classes']}; pass --rerun to write it and "
+                                 f"train its KD rows again, or give another out")
+            continue
         run_dir = out / job.name
         if not (run_dir / RECIPE_FILE).is_file():
             continue
@@ -298,7 +306,8 @@ def main(argv=None) -> int:
               f"{spec.jobs} at a time x {spec.nproc} processes; top-1 as mean ± standard error over seeds, the gain "
               f"from paired seeds; inference {rows[-1].get('infer_precision') or ''}; {time.time() - start:.0f} s")
     meta = {"spec": {"recipe": spec.recipe, "seeds": spec.seeds, "kd": spec.kd, "jobs": spec.jobs,
-                     "nproc": spec.nproc, "overrides": spec.overrides, "cli_overrides": args.overrides},
+                     "nproc": spec.nproc, "overrides": spec.overrides, "cli_overrides": args.overrides,
+                     "share_teacher": spec.share_teacher, "top_k": spec.top_k},
             "missing": missing}
     paths = table.write(rows, spec.out, "table", title, columns=COLUMNS + CSV_EXTRA, meta=meta)
     shown = table.markdown(table.filled(COLUMNS, rows), cells(rows))

@@ -369,6 +369,12 @@ def plan_lines(t: Training) -> list[str]:
         from usi.distill import features
 
         feature_line = [features.describe(state.wrapped, recipe.features)]
+    labels = state.soft_labels
+    if labels is not None:  # its facts and chunks were checked by now (stored_teacher.attach)
+        m = labels.manifest
+        feature_line.append(f"soft labels: {labels.folder}, top-{m['top_k']} of {m['classes']} classes"
+                            f"{' (exact)' if m['top_k'] == m['classes'] else ''}, {len(m['chunks'])} chunks present; "
+                            f"facts match; the live recompute of stored steps runs at start")
     steps, epochs, accum = t.steps, t.epochs, t.cfg.accum_steps
     from usi.models import forward_macs  # what the dry run alone counts
 

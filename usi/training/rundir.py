@@ -188,9 +188,11 @@ def check_same_recipe(recipe: Recipe, saved_tree: dict, what: str, remedy: str =
                       resuming: bool = False) -> None:
     """The saved recipe (parsed YAML) must equal this one, except for the resume_free fields; `remedy` ends
     the line (what the command that asked lets a user do about it). `resuming` (usi train continuing the
-    run): sched.epochs may differ too, as timm's train.py allows; the ledger checks it against the epochs done."""
+    run): sched.epochs may differ too, as timm's train.py allows (the ledger checks it against the epochs
+    done), and teacher.soft_labels (a store moved, copied to a node's disk, or the live teacher instead: the
+    store's facts are checked against the run's at start)."""
     saved = recipe_mod.from_dict(saved_tree).to_dict()
-    free = recipe_mod.resume_free_keys() | ({("sched", "epochs")} if resuming else set())
+    free = recipe_mod.resume_free_keys() | ({("sched", "epochs"), ("teacher", "soft_labels")} if resuming else set())
     for section, values in recipe.to_dict().items():
         for key, value in values.items():
             if (section, key) not in free and saved.get(section, {}).get(key) != value:

@@ -7,7 +7,9 @@ under torchrun with the world size the students will use); rank 0 writes the man
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import time
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from usi.data.loader import next_batch
 from usi.distill import soft_labels as store
 from usi.errors import UsageError
 from usi.recipe import Recipe
-from usi.runtime import distributed
+from usi.runtime import distributed, files
 from usi.runtime.preempt import SIGNALS, Interrupted
 from usi.runtime.progress import Progress, setup_logging, step_line
 from usi.training.build import Training, build_training
@@ -28,6 +30,7 @@ from usi.training.rundir import check_writable
 from usi.training.stored_teacher import run_facts
 
 log = logging.getLogger("usi")
+LOCK = ".lock"  # in the store's folder: one writer at a time (flock, released when its process ends)
 
 
 # ---------------------------------------------------------------- writing
@@ -48,8 +51,10 @@ def write_store(recipe: Recipe, out: Path, *, top_k: int | None = None, steps_pe
         raise UsageError("--out must name a folder for the store")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out {out} is a symbolic link to nothing ({os.readlink(out)}); give a folder")
     check_writable(out, "--out")  # a file on the way to it: one line
-    dist = distributed.setup(recipe.run.device)
+    dist, lock = distributed.setup(recipe.run.device), None
     try:
         setup_logging(None, dist.main)
         t = build_training(recipe, dist, fresh=True, dry=True)  # no DDP, no compile: the teacher only
@@ -59,8 +64,7 @@ def write_store(recipe: Recipe, out: Path, *, top_k: int | None = None, steps_pe
             raise UsageError(f"--top-k {top_k}: expected 1..{classes} (the class count)")
         manifest = {"format": store.FORMAT, "facts": run_facts(t), "classes": classes, "top_k": k,
                     "steps_per_chunk": steps_per_chunk, "complete": False}
-        if dist.main:
-            prepare(out, manifest)
+        lock = prepare(out, manifest) if dist.main else None  # held to the end: one writer per store
         distributed.barrier()
         if store.read_manifest(out) is None:
             raise UsageError(f"--out {out}: rank {dist.rank} cannot read the manifest rank 0 wrote (a folder every "
@@ -70,10 +74,12 @@ def write_store(recipe: Recipe, out: Path, *, top_k: int | None = None, steps_pe
         distributed.barrier()
         if dist.main:
             manifest = finish(out, manifest, t)
-            log.info(f"soft labels: {out}: {len(manifest['chunks'])} chunks ({written} written now), top-{k} of "
-                     f"{classes} classes, {manifest['bytes'] / 2**20:.1f} MiB")
+            log.info(f"soft labels: {out}: {len(manifest['chunks'])} chunks ({written} written now by rank 0), "
+                     f"top-{k} of {classes} classes, {manifest['bytes'] / 2**20:.1f} MiB")
         return manifest
     finally:
+        if lock is not None:
+            lock.close()
         distributed.cleanup()
 
 
@@ -96,11 +102,35 @@ def stopping_on_signals():
             signal.signal(s, handler)
 
 
-def prepare(out: Path, manifest: dict) -> None:
-    """A new store's manifest, or the same store's (resumed); refuses a folder of anything else."""
-    existing = store.read_manifest(out)
-    if existing is None and out.is_dir() and any(out.iterdir()):
+def prepare(out: Path, manifest: dict):
+    """A new store's manifest, or the same store's (resumed); refuses a folder of anything else, and a store
+    another writer holds. Returns the lock (an open file: the lock lasts while it is open)."""
+    if store.read_manifest(out) is None and out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
         raise UsageError(f"--out {out} is a non-empty folder that holds no soft-label store; give a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot be created ({e.strerror})") from None
+    lock = files.open_own(out / LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UsageError(f"--out {out} is being written by another usi soft-labels; wait for it to end") from None
+    files.remove_stale_temporaries(out)  # a writer killed mid-write left them; none is at work now
+    try:
+        write_or_check(out, manifest)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def write_or_check(out: Path, manifest: dict) -> None:
+    existing = store.read_manifest(out)
+    why = store.damaged(existing) if existing is not None else None
+    if why:
+        raise UsageError(f"--out {out} holds a store whose manifest.json is damaged ({why}); give a new folder")
     if existing is not None:
         for key in ("classes", "top_k", "steps_per_chunk"):
             if existing[key] != manifest[key]:
@@ -110,7 +140,6 @@ def prepare(out: Path, manifest: dict) -> None:
         if differ:
             raise UsageError(f"--out {out} holds a store of other facts ({differ}); give a new folder")
         return  # resumed: chunks already written stay
-    out.mkdir(parents=True, exist_ok=True)
     store.write_manifest(out, manifest)
 
 
