@@ -258,11 +258,11 @@ def test_sigterm_stops_every_run_with_a_checkpoint_and_the_same_command_resumes(
 
 def test_share_teacher_stops_mid_store_pass_resumes_and_trains_kd_rows_with_the_live_teachers_weights(
         image_root, tmp_path):
-    # a teacher slow enough to stop mid-pass: resnet50 at 128 px (a third of a second a step on one thread)
+    # a teacher slow enough to stop mid-pass: resnet50 at 96 px (about half a second a step on one thread)
     teacher = tmp_path / "teacher.safetensors"
     save_file(timm.create_model("resnet50", num_classes=4).state_dict(), str(teacher))
     overrides = {**SMALL, "data.root": str(image_root), "sched.epochs": 2, "teacher.name": "resnet50",
-                 "teacher.weights": str(teacher), "teacher.input_size": 128}
+                 "teacher.weights": str(teacher), "teacher.input_size": 96}
     tables = {}
     for share in (True, False):  # table_file writes table.yaml: each under its own name
         tables[share] = table_file(tmp_path, image_root, teacher=None, kd="on", seeds=[0], jobs=1, overrides=overrides,

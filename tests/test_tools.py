@@ -139,8 +139,8 @@ def test_topk_error_measures_a_cut_store_against_the_exact_one(image_root, tmp_p
     assert [r["top1_diff"] for r in json.loads((tmp_path / "m" / "topk-error.json").read_text())["rows"]] == [
         r["top1_diff"] for r in rows.values()]
     (tmp_path / "lt" / "seed0" / "test_resnet-kd" / "summary.json").unlink()
-    refused = run_tool("tools/topk_error.py", str(table), "--live-table", str(tmp_path / "lt"), "--out",
-                       str(tmp_path / "m"))
+    refused = run_tool("tools/topk_error.py", str(table), "--top-k", "2", "--live-table", str(tmp_path / "lt"),
+                       "--out", str(tmp_path / "m"))
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].endswith("holds no finished run")
 
 
