@@ -59,12 +59,14 @@ def test_the_pool_runs_jobs_after_their_needs_reuses_and_keeps_going(tmp_path, c
         return {"best": {"value": 1.0}, "name": name}
 
     todo = [Job("student", BASE, needs=("teacher",)), Job("teacher", BASE), Job("broken", BASE),
-            Job("bad", jobs.settings(BASE, {"model.name": "no_such_model"}))]
+            Job("bad", jobs.settings(BASE, {"model.name": "no_such_model"})),
+            Job("after-broken", BASE, needs=("broken",))]
     with ThreadPoolExecutor(1) as pool:
         out = jobs.run_all(todo, tmp_path, pool=pool, workers=1, rerun=False, tag="t", start=0.0, work=work,
                            keep_going=True)
     assert out["teacher"].reused and out["teacher"].summary["best"]["value"] == 64.6
-    assert started == ["student", "broken"]
+    assert started == ["student", "broken"]  # what needs a job that failed is not started: it could only fail
+    assert out["after-broken"].failure == "not run: broken did not finish"
     assert out["student"].summary["name"] == "student" and out["broken"].failure == "it broke"
     assert "is not a timm model" in out["bad"].failure
     printed = capsys.readouterr().out

@@ -110,10 +110,26 @@ def test_a_damaged_manifest_is_one_line_naming_what_is_wrong(tmp_path, change, w
 def test_a_missing_chunk_is_refused_before_training_and_an_unreadable_one_is_one_line(tmp_path):
     name = store.chunk_name(0, 0, 0)
     digest = store.write_chunk(tmp_path, name, [store.top_k(teacher_logits(rows=2, classes=4), 4)])
-    store.write_manifest(tmp_path, sound_manifest(chunks={name: digest, store.chunk_name(0, 0, 2): digest}))
+    facts = {"run.seed": 1, "data.batch_size": 2, "epochs": 1, "processes": 1, "steps_per_epoch": 4}
+    both = {name: digest, store.chunk_name(0, 0, 2): digest}
+    # a chunk missing from the list (or a hand-edited steps_per_chunk) does not add up to the facts
+    for change in ({"chunks": {name: digest}}, {"chunks": both, "steps_per_chunk": 3}):
+        store.write_manifest(tmp_path, sound_manifest(facts=facts, **change))
+        with pytest.raises(UsageError, match=r"damaged \(it lists \d chunks where its facts and steps_per_chunk make"):
+            store.open_store(tmp_path, facts, classes=4, fill_fixed=False)
+    store.write_manifest(tmp_path, sound_manifest(facts=facts, chunks=both))
     with pytest.raises(UsageError, match=r"lacks 1 of its 2 chunks \(e0000-r000-s000002.safetensors first\); run the "
                                          r"same usi soft-labels again"):
-        store.open_store(tmp_path, {"run.seed": 1, "data.batch_size": 2}, classes=4, fill_fixed=False)
+        store.open_store(tmp_path, facts, classes=4, fill_fixed=False)
     (tmp_path / name).unlink()
     with pytest.raises(UsageError, match="cannot be read"):
         store.read_chunk(tmp_path, name, digest)
+
+
+def test_a_chunk_of_another_k_than_its_manifest_says_is_one_line(tmp_path):
+    name = store.chunk_name(0, 0, 0)
+    digest = store.write_chunk(tmp_path, name, [store.top_k(teacher_logits(rows=2, classes=4), 4)])
+    manifest = sound_manifest(top_k=2, steps_per_chunk=1, chunks={name: digest})  # top_k edited from 4 to 2
+    labels = store.StoredLabels(tmp_path, manifest, rank=0, teacher=None)
+    with pytest.raises(UsageError, match="does not hold top-2 rows as its manifest.json says"):
+        labels.logits_at(0, 0)

@@ -164,15 +164,21 @@ def test_share_cost_runs_the_table_live_and_shared(image_root, tmp_path):
     ("topk_error", ["--top-k", "0"], "--top-k 0: each K must be 1..4"),
     ("topk_error", ["--top-k", "5"], "--top-k 5: each K must be 1..4"),
     ("share_cost", ["--out", "FILE"], "--out FILE is a file, not a folder"),
+    ("share_cost", ["--out", ""], "--out must name a folder"),
+    ("topk_error", ["--top-k", "2", "--out", "LINK"], "--out LINK is a symbolic link to nothing"),
+    ("topk_error", ["--top-k", "2", "--out", "FILE/x"], "--out FILE/x cannot be created: FILE is not a writable"),
 ])
 def test_the_soft_label_tools_refuse_bad_arguments_in_one_line_before_any_run(image_root, tmp_path, tool, args,
                                                                                message):
     table = kd_table(tmp_path, image_root, models=["test_resnet"])
     (tmp_path / "FILE").write_text("")
-    args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]
+    (tmp_path / "LINK").symlink_to(tmp_path / "nowhere")
+    paths = {"FILE": str(tmp_path / "FILE"), "LINK": str(tmp_path / "LINK")}
+    args = [a.replace(a.split("/")[0], paths[a.split("/")[0]]) if a.split("/")[0] in paths else a for a in args]
     out = run_tool(f"tools/{tool}.py", str(table), *args, *([] if "--out" in args else ["--out", str(tmp_path / "o")]))
     last = out.stderr.strip().splitlines()[-1]
-    assert out.returncode == 1 and last == f"{tool}: {message}".replace("FILE", str(tmp_path / "FILE"))
+    assert out.returncode == 1 and last.startswith(f"{tool}: {message}".replace("FILE", paths["FILE"]).replace(
+        "LINK", paths["LINK"])), last
     assert "Traceback" not in out.stderr and not (tmp_path / "o").exists()
     missing = run_tool(f"tools/{tool}.py", str(tmp_path / "nosuch.yaml"), "--out", str(tmp_path / "o"))
     assert missing.stderr.strip().splitlines()[-1] == f"{tool}: table file {tmp_path / 'nosuch.yaml'} does not exist"

@@ -25,6 +25,7 @@ from usi.distill import soft_labels as store
 from usi.errors import UsageError
 from usi.studies import jobs, table, tables
 from usi.studies.shared_store import STORE
+from usi.training.rundir import check_out
 
 
 def table_file(source: str, out: Path, share: bool) -> Path:
@@ -107,8 +108,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a file, not a folder")
+    check_out(args.out)
     walls = {}
     for kind, share in (("live", False), ("shared", True)):
         path = table_file(args.table, args.out / kind, share)

@@ -37,12 +37,13 @@ from safetensors.torch import load_file
 from usi import recipe as recipe_mod
 from usi.distill import soft_labels as store
 from usi.errors import UsageError
+from usi.runtime.preempt import Interrupted
 from usi.studies import jobs, shared_store, table, table_spec, tables
 from usi.studies.aggregate import mean_se
 from usi.studies.launch import slot_envs
 from usi.studies.table_rows import class_count
 from usi.training.checkpoint import BEST
-from usi.training.rundir import RECIPE_FILE, check_same_recipe
+from usi.training.rundir import RECIPE_FILE, check_out, check_same_recipe
 
 ERRORS = "kd-error.json"  # beside a top-K run's files: its per-step figures
 
@@ -244,8 +245,7 @@ def main(argv=None) -> int:
     classes = class_count(recipe_mod.from_tree(todo[0].tree), {}) if todo else None
     if any(not 1 <= k <= (classes or k) for k in args.top_k):
         raise UsageError(f"--top-k {' '.join(map(str, args.top_k))}: each K must be 1..{classes or 'the class count'}")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} is a file, not a folder")
+    check_out(args.out)
     exact_jobs, top_jobs, references = [], [], {}
     for seed in spec.seeds:
         for n, group in enumerate(groups([j for j in todo if j.name.startswith(f"seed{seed}/")])):
@@ -301,3 +301,6 @@ if __name__ == "__main__":
         sys.exit(main())
     except (UsageError, jobs.RunFailed) as e:
         sys.exit(f"topk_error: {e}")
+    except Interrupted as e:  # SIGTERM/Ctrl-C: every run checkpointed; the same command goes on
+        print(f"topk_error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

@@ -127,6 +127,7 @@ def chunk_name(epoch: int, rank: int, step: int) -> str:
 
 
 CHUNK = re.compile(r"e\d{4,}-r\d{3,}-s\d{6,}\.safetensors")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def damaged(manifest: dict) -> str | None:
@@ -145,9 +146,21 @@ def damaged(manifest: dict) -> str | None:
         return f"complete is {short(manifest.get('complete'))}, not true or false"
     chunks = manifest.get("chunks", {})
     if not isinstance(chunks, dict) or not all(isinstance(n, str) and CHUNK.fullmatch(n) and isinstance(d, str)
-                                               for n, d in chunks.items()):
+                                               and SHA256.fullmatch(d) for n, d in chunks.items()):
         return "its chunks are not a list of chunk names and checksums"
+    if manifest["complete"] is True and set(chunks) != expected_chunks(manifest):
+        return f"it lists {len(chunks)} chunks where its facts and steps_per_chunk make {len(expected_chunks(manifest))}"
     return None
+
+
+def expected_chunks(manifest: dict) -> set[str]:
+    """Every chunk a complete store of these facts holds: epochs x processes x chunk starts."""
+    f = manifest["facts"]
+    epochs, world, steps = f.get("epochs"), f.get("processes"), f.get("steps_per_epoch")
+    if not all(type(v) is int and v >= 1 for v in (epochs, world, steps)):
+        return set()
+    return {chunk_name(e, r, s) for e in range(epochs) for r in range(world)
+            for s in chunk_starts(steps, manifest["steps_per_chunk"])}
 
 
 def chunk_starts(steps: int, per_chunk: int) -> list[int]:
@@ -275,7 +288,11 @@ class StoredLabels:
             digest = self.manifest["chunks"].get(name)
             if digest is None:
                 raise UsageError(f"soft-label store {self.folder} has no {name}")
-            self.chunk, self.loaded = read_chunk(self.folder, name, digest), name
+            chunk = read_chunk(self.folder, name, digest)
+            if chunk.get("values") is None or chunk["values"].shape[1:] != (self.manifest["top_k"],):
+                raise UsageError(f"soft-label store {self.folder}: {name} does not hold top-{self.manifest['top_k']} "
+                                 f"rows as its manifest.json says (a hand edit); write the store again")
+            self.chunk, self.loaded = chunk, name
         rows = self.manifest["facts"]["data.batch_size"]  # every training step is a full batch
         at = (step - first) * rows
         c = self.chunk

@@ -118,8 +118,8 @@ def store_top_k(job: Job) -> int | None:
 
 
 def other_top_k(manifest: dict | None, job: Job) -> bool:
-    """A complete store of another K than the job asks for."""
-    if not manifest or manifest.get("complete") is not True:
+    """A store (complete or stopped part-way) of another K than the job asks for."""
+    if not manifest:
         return False
     return manifest.get("top_k") != (store_top_k(job) or manifest.get("classes"))
 
@@ -288,6 +288,11 @@ def run_all(jobs: list[Job], runs: Path, *, pool: Executor, workers: int, rerun:
             if job is None:
                 return
             queued.remove(job)
+            failed = next((n for n in job.needs if outcomes[n].failure), None)
+            if failed is not None and keep_going:  # its teacher or store is not there: it would only fail
+                outcomes[job.name] = Outcome(None, failure=f"not run: {failed} did not finish")
+                say(f"{job.name} not run: {failed} did not finish")
+                continue
             begin(job)
 
     start_ready()

@@ -184,6 +184,17 @@ def check_writable(run_dir: Path, what: str = "run directory") -> None:
         raise UsageError(f"{what} {run_dir} cannot be created: {parent} is not a writable directory")
 
 
+def check_out(out: Path, what: str = "--out") -> None:
+    """A folder a command writes into (a tool's --out): one line for what can never be one."""
+    if not str(out) or str(out) == ".":
+        raise UsageError(f"{what} must name a folder")
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"{what} {out} is a symbolic link to nothing ({os.readlink(out)})")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{what} {out} is a file, not a folder")
+    check_writable(out, what)
+
+
 def check_same_recipe(recipe: Recipe, saved_tree: dict, what: str, remedy: str = "use another run.dir",
                       resuming: bool = False) -> None:
     """The saved recipe (parsed YAML) must equal this one, except for the resume_free fields; `remedy` ends
