@@ -148,8 +148,9 @@ def damaged(manifest: dict) -> str | None:
     if not isinstance(chunks, dict) or not all(isinstance(n, str) and CHUNK.fullmatch(n) and isinstance(d, str)
                                                and SHA256.fullmatch(d) for n, d in chunks.items()):
         return "its chunks are not a list of chunk names and checksums"
-    if manifest["complete"] is True and set(chunks) != expected_chunks(manifest):
-        return f"it lists {len(chunks)} chunks where its facts and steps_per_chunk make {len(expected_chunks(manifest))}"
+    expected = expected_chunks(manifest)
+    if manifest["complete"] is True and set(chunks) != expected:
+        return f"it lists {len(chunks)} chunks where its facts and steps_per_chunk make {len(expected)}"
     return None
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import signal
 import time
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from usi.runtime.preempt import SIGNALS, Interrupted
 from usi.runtime.progress import Progress, setup_logging, step_line
 from usi.training.build import Training, build_training
 from usi.training.engine import prepare_batch
-from usi.training.rundir import check_writable
+from usi.training.rundir import check_out
 from usi.training.stored_teacher import run_facts
 
 log = logging.getLogger("usi")
@@ -47,13 +46,7 @@ def write_store(recipe: Recipe, out: Path, *, top_k: int | None = None, steps_pe
         raise UsageError(f"--steps-per-chunk={steps_per_chunk}: expected 1 or more")
     if top_k is not None and top_k < 1:
         raise UsageError(f"--top-k {top_k}: expected 1 or more (at most the class count)")
-    if not str(out) or str(out) == ".":
-        raise UsageError("--out must name a folder for the store")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    if out.is_symlink() and not out.exists():
-        raise UsageError(f"--out {out} is a symbolic link to nothing ({os.readlink(out)}); give a folder")
-    check_writable(out, "--out")  # a file on the way to it: one line
+    check_out(out)  # empty, a file, a link to nothing, a file on the way to it: one line each
     dist, lock = distributed.setup(recipe.run.device), None
     try:
         setup_logging(None, dist.main)
